@@ -1,0 +1,163 @@
+"""Convert a Hugging Face Llama folder (safetensors or .bin, single or sharded) into our checkpoint folder:
+model.pth (our state dict) + config.json + tokenizer files.
+
+    python convert_hf_checkpoint.py --checkpoint_dir checkpoints/meta-llama/Llama-3.2-1B
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model import ModelArgs, Transformer
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json", "chat_template.jinja"]
+
+# HF name (with {} for the layer index) -> our name
+WEIGHT_MAP = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+    # FlexiDepth router and adapter (routed layers only)
+    "model.layers.{}.router.router_enc.weight": "layers.{}.router.enc.weight",
+    "model.layers.{}.router.router_norm.weight": "layers.{}.router.norm.weight",
+    "model.layers.{}.router.router_dec.weight": "layers.{}.router.dec.weight",
+    "model.layers.{}.router.router_head.weight": "layers.{}.router.head.weight",
+    "model.layers.{}.router_proj.gate_proj.weight": "layers.{}.adapter.gate_proj.weight",
+    "model.layers.{}.router_proj.down_proj.weight": "layers.{}.adapter.down_proj.weight",
+    "model.layers.{}.router_proj.up_proj.weight": "layers.{}.adapter.up_proj.weight",
+}
+IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def save_atomic(obj, path: Path):
+    """torch.save to a temporary name beside `path`, then rename: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def our_name(hf_name: str):
+    m = re.match(r"model\.layers\.(\d+)\.(.*)", hf_name)
+    if m:
+        pattern = f"model.layers.{{}}.{m.group(2)}"
+        return WEIGHT_MAP[pattern].format(m.group(1)) if pattern in WEIGHT_MAP else None
+    return WEIGHT_MAP.get(hf_name)
+
+
+def weight_files(folder: Path) -> list:
+    for index_name, single in [("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")]:
+        index = folder / index_name
+        if index.exists():
+            shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [s for s in shard_names if not (folder / s).exists()]
+            if missing:
+                raise FileNotFoundError(f"{index} names shards that are missing: {', '.join(missing)}")
+            return [folder / s for s in shard_names]
+        if (folder / single).exists():
+            return [folder / single]
+    found = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if found:
+        return found
+    raise FileNotFoundError(f"no weights in {folder}: expected model.safetensors(.index.json) or pytorch_model.bin")
+
+
+def read_weights(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # truncated or corrupt files raise a zoo of types; all mean the same to the user
+        raise ValueError(f"cannot read weights from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}")
+
+
+def convert(checkpoint_dir: Path, output_dir: Path = None) -> Path:
+    checkpoint_dir = Path(checkpoint_dir)
+    output_dir = Path(output_dir or checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {checkpoint_dir} not found")
+    config = read_config(checkpoint_dir)
+    args = ModelArgs.from_hf_config(config)
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    if args.tie_embeddings:
+        expected.pop("output.weight")
+
+    state_dict = {}
+    for path in tqdm(weight_files(checkpoint_dir), desc="converting", unit="file"):
+        for hf_name, tensor in read_weights(path).items():
+            name = our_name(hf_name)
+            if name is None:
+                if IGNORED.match(hf_name):
+                    continue
+                raise ValueError(f"{path.name}: unexpected weight {hf_name}")
+            if name == "output.weight" and args.tie_embeddings:
+                continue
+            if name not in expected:
+                raise ValueError(f"{path.name}: {hf_name} does not belong to this config "
+                                 f"(a router or adapter on a layer outside routing_layers?)")
+            if tuple(tensor.shape) != tuple(expected[name]):
+                raise ValueError(f"{hf_name} has shape {tuple(tensor.shape)}, config.json implies "
+                                 f"{tuple(expected[name])}")
+            state_dict[name] = tensor.contiguous()
+    missing = sorted(set(expected) - set(state_dict))
+    if missing:
+        raise ValueError(f"{len(missing)} weights missing from {checkpoint_dir}, e.g. {missing[0]}")
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in ["config.json"] + TOKENIZER_FILES:
+        src = checkpoint_dir / name
+        if src.exists() and src.resolve() != (output_dir / name).resolve():
+            shutil.copy(src, output_dir / name)
+    save_atomic(state_dict, output_dir / "model.pth")
+    return output_dir / "model.pth"
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Convert a Hugging Face Llama folder to model.pth")
+    parser.add_argument("--checkpoint_dir", type=Path, required=True, help="HF folder (config.json + weights)")
+    parser.add_argument("--output_dir", type=Path, default=None, help="where model.pth goes (default: the same)")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("error: conversion interrupted"))
+    try:
+        out = convert(args.checkpoint_dir, args.output_dir)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("error: conversion interrupted")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

