@@ -2,9 +2,12 @@
 
     python generate.py --compile --prompt "What is the capital of France?" --chat
     python generate.py --compile --self_speculative --early_exit 4 --speculate_k 2
+    python generate.py --compile --checkpoint_path checkpoints/xuan-luo/FlexiDepth-Llama-3-8B-Instruct/model.pth \
+        --show_depth --depth_html depth.html     # FlexiDepth: routed layers really skipped at decode
 """
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -15,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+import tp
 from model import ModelArgs, Transformer
 from tokenizer import load_tokenizer
 
@@ -39,7 +43,7 @@ def default_precision(device: str) -> torch.dtype:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
-def load_model(checkpoint_path, device="cpu", precision=torch.float32) -> Transformer:
+def load_model(checkpoint_path, device="cpu", precision=torch.float32, tensor_parallel=False) -> Transformer:
     checkpoint_path = Path(checkpoint_path)
     folder = checkpoint_path.parent
     if not folder.is_dir():
@@ -63,20 +67,25 @@ def load_model(checkpoint_path, device="cpu", precision=torch.float32) -> Transf
     if quantization is not None:
         from quantize import prepare_quantized_model
         model = prepare_quantized_model(model, quantization)
-    if args.tie_embeddings and "tok_embeddings.weight" in state_dict:
+    # tied: the head shares the embedding, unless a quantized file gave the head its own quantized copy
+    tied = args.tie_embeddings and "output.weight" not in state_dict
+    if tied and "tok_embeddings.weight" in state_dict:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
     try:
         model.load_state_dict(state_dict, assign=True, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise ValueError(f"{checkpoint_path} does not match {config_path}: {first}")
+    if tensor_parallel:
+        # this rank's shard, cut while the weights are still on the host and int4 is not yet packed
+        tp.apply_tp(model)
     model = model.to(device=device)
     # Cast floating weights only: quantized integer tensors keep their dtype.
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if p.is_floating_point() and p.dtype != precision:
                 setattr(module, name, torch.nn.Parameter(p.to(precision), requires_grad=False))
-    if args.tie_embeddings:
+    if tied:
         model.output.weight = model.tok_embeddings.weight
     if quantization is not None:
         from quantize import pack_for_device
@@ -87,11 +96,12 @@ def load_model(checkpoint_path, device="cpu", precision=torch.float32) -> Transf
 def weight_bytes(model: torch.nn.Module, n_layers: Optional[int] = None) -> int:
     """Bytes of weights read per decoded token (each tensor once; the embedding row is negligible)."""
     seen, total = set(), 0
+    head_shares_table = model.tok_embeddings.weight is getattr(model.output, "weight", None)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if id(t) in seen or "kv_cache" in name or name in ("rope", "causal_mask"):
             continue
-        if name.startswith("tok_embeddings") and not model.args.tie_embeddings:
-            continue
+        if name.startswith("tok_embeddings") and not head_shares_table:
+            continue  # one row is read per token, unless the head is the same table
         if n_layers is not None and name.startswith("layers.") and int(name.split(".")[1]) >= n_layers:
             continue
         seen.add(id(t))
@@ -163,11 +173,14 @@ def draft_step(model: Transformer, x: Tensor, input_pos: Tensor, early_exit: int
     return model.head(h)[:, -1], h
 
 
-def verify_step(model: Transformer, last_draft: Tensor, kept_hidden: Tensor, input_pos: Tensor, early_exit: int):
-    """Verify k drafts at positions input_pos (k+1 of them). Only the last draft still needs layers [0, E):
-    the first k rows' layer-E inputs were kept by the draft steps, and their K/V below E are in the cache."""
-    h_last = model.run_layers(model.embed(last_draft), input_pos[-1:], 0, early_exit)
-    h = torch.cat([kept_hidden, h_last], dim=1)
+def verify_step(model: Transformer, last_draft: Tensor, last_index: Tensor, kept_hidden: Tensor,
+                input_pos: Tensor, early_exit: int):
+    """Verify drafts at positions input_pos. Only the last draft (row last_index) still needs layers [0, E): the
+    rows before it hold the layer-E inputs the draft steps kept, and their K/V below E are already in the cache.
+    Rows after it are padding, so that one compiled shape serves every k; they write K/V past the accepted
+    length, which the position mask hides until real tokens overwrite them."""
+    h_last = model.run_layers(model.embed(last_draft), input_pos[last_index], 0, early_exit)
+    h = kept_hidden.index_copy(1, last_index, h_last)
     return model.head(model.run_layers(h, input_pos, early_exit, model.args.n_layers))[0]
 
 
@@ -185,17 +198,29 @@ class Steps:
     verify_full: Callable = verify_full
 
 
-def compile_steps(device: str, compile_prefill: bool) -> Steps:
-    import torch._inductor.config as inductor_config
+def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.dtype] = None) -> Steps:
+    """precision: the weights' dtype, when known; on CPU fp32 weights get inductor's own GEMM kernels (below)."""
     if device.startswith("cuda"):
         options = dict(mode="reduce-overhead", fullgraph=True)
+        prefill_options = dict(fullgraph=True, dynamic=True)
     else:
-        # On CPU, CUDA-graph mode only adds overhead; freezing lets inductor prepack the weights (~5x faster).
+        import torch._inductor.config as inductor_config
+        # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead; freezing lets inductor prepack the weights
+        # (~5x); concatenating the linears that share an input (wq/wk/wv, w1/w3) saves 3 of 7 matmul calls per layer.
+        # Set process-wide: passed as torch.compile(options=...) they did not take effect (measured no faster).
         inductor_config.freezing = True
+        inductor_config.cpp.enable_concat_linear = True
+        inductor_config.autotune_num_choices_displayed = 0  # no autotune tables on stderr
+        inductor_config.max_autotune_report_choices_stats = False
         options = dict(fullgraph=True)
+        prefill_options = dict(fullgraph=True, dynamic=True)
+        # max-autotune: inductor's CPP GEMM templates beat MKL's batch-1 fp32 GEMV (~1.9x decode) but not oneDNN's
+        # bf16 one, and cost ~2.5x the compile time; so fp32 only, and only when the caller says fp32 (tests don't).
+        if precision == torch.float32:
+            options["mode"] = "max-autotune-no-cudagraphs"
     torch._dynamo.config.cache_size_limit = 64
     return Steps(
-        prefill=torch.compile(forward_last, fullgraph=True, dynamic=True) if compile_prefill else forward_last,
+        prefill=torch.compile(forward_last, **prefill_options) if compile_prefill else forward_last,
         decode=torch.compile(forward_last, **options),
         draft=torch.compile(draft_step, **options),
         verify=torch.compile(verify_step, **options),
@@ -221,6 +246,40 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         # decode throughput: tokens after the first (which prefill produces) over the decode time
         return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    # ---- speculation figures
+    @property
+    def mean_accepted(self) -> float:
+        return sum(self.accepted) / len(self.accepted)
+
+    def acceptance_histogram(self) -> list:
+        """Fraction of steps that accepted n drafts, n = 0..k (the LayerSkip branch's "acceptance probs")."""
+        counts = [0] * (max(self.speculate_k) + 1)
+        for n in self.accepted:
+            counts[n] += 1
+        return [c / len(self.accepted) for c in counts]
+
+    def acceptance_by_position(self) -> list:
+        """P(draft i accepted | drafts before it accepted), for i = 1..k."""
+        rates = []
+        for i in range(1, max(self.speculate_k) + 1):
+            reached = sum(1 for n, k in zip(self.accepted, self.speculate_k) if k >= i and n >= i - 1)
+            rates.append(sum(1 for n in self.accepted if n >= i) / reached if reached else float("nan"))
+        return rates
+
+    @property
+    def draft_step_seconds(self) -> float:
+        return self.draft_seconds / sum(self.speculate_k)
+
+    @property
+    def verify_step_seconds(self) -> float:
+        return self.verify_seconds / len(self.accepted)
+
+    @property
+    def ideal_tokens_per_second(self) -> float:
+        """What the measured acceptance allows if a step cost only its draft and verify forwards."""
+        mean_k = sum(self.speculate_k) / len(self.speculate_k)
+        return (self.mean_accepted + 1) / (mean_k * self.draft_step_seconds + self.verify_step_seconds)
 
 
 def cache_length_needed(prompt_len: int, max_new_tokens: int, speculate_k: int) -> int:
@@ -258,8 +317,15 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, tempera
     check_fits(model, T, max_new_tokens, speculate_k)
     if draft_model is not None:
         check_fits(draft_model, T, max_new_tokens, speculate_k)
+    if speculating and (model.args.routing_layers or (draft_model is not None and draft_model.args.routing_layers)):
+        raise ValueError("speculative decoding with a FlexiDepth checkpoint is not supported; decode it without "
+                         "--self_speculative / --draft_checkpoint_path")
     stats = GenerationStats(prompt_tokens=T)
-    sample = lambda logits: sample_from(logits_to_probs(logits, temperature, top_k, top_p), generator)
+
+    def sample(logits):
+        if temperature <= 0:  # greedy: the argmax itself, not a draw from its one-hot
+            return logits.argmax(-1)
+        return sample_from(logits_to_probs(logits, temperature, top_k, top_p), generator)
 
     synchronize(device)
     t0 = time.perf_counter()
@@ -271,36 +337,39 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, *, tempera
     stats.prefill_seconds = time.perf_counter() - t0
 
     out = [int(token)]
-    if callback:
-        callback(out)
+    stop = bool(callback(out)) if callback else False  # a callback that returns True ends generation (stop strings)
     pos = T  # position of `token`, which is not in the cache yet
     k = speculate_k
     t0 = time.perf_counter()
-    while len(out) < max_new_tokens and out[-1] not in eos_ids:
+    while not stop and len(out) < max_new_tokens and out[-1] not in eos_ids:
         if not speculating:
             logits = steps.decode(model, token.view(1, 1), torch.tensor([pos], device=device))
             token = sample(logits)[0]
             new = [int(token)]
             pos += 1
         else:
-            k = min(k, max_new_tokens - len(out))  # never draft past the end
-            n, token, drafts = speculate_once(model, draft_model, steps, token, pos, k, early_exit, temperature,
-                                              top_k, top_p, generator, stats)
+            k_step = min(k, max_new_tokens - len(out))  # never draft past the end
+            n, token, drafts = speculate_once(model, draft_model, steps, token, pos, k_step, speculate_k,
+                                              early_exit, temperature, top_k, top_p, generator, stats)
             new = drafts[:n] + [int(token)]
             pos += n + 1
             stats.accepted.append(n)
-            stats.speculate_k.append(k)
+            stats.speculate_k.append(k_step)
             if adaptive_k:
-                k = next_k(k, n, speculate_k)
+                k = next_k(k_step, n, speculate_k)
         for t in new:
             if len(out) >= max_new_tokens or out[-1] in eos_ids:
                 break
             out.append(t)
         if callback:
-            callback(out)
+            stop = bool(callback(out))
     synchronize(device)
     stats.decode_seconds = time.perf_counter() - t0
     stats.new_tokens = len(out)
+    if model.args.routing_layers:
+        # generated token j came out of the forward at position T-1+j; one read at the end, no sync per token
+        ran = model.layers_ran(torch.arange(T - 1, T - 1 + len(out), device=device)).cpu()
+        stats.layers_used = [row.nonzero().flatten().tolist() for row in ran]
     return torch.tensor(out, device=device), stats
 
 
@@ -309,33 +378,35 @@ def next_k(k: int, accepted: int, k_max: int) -> int:
     return min(k + 1, k_max) if accepted == k else max(1, accepted + 1)
 
 
-def speculate_once(model, draft_model, steps, token, pos, k, early_exit, temperature, top_k, top_p, generator,
-                   stats):
+def speculate_once(model, draft_model, steps, token, pos, k, k_max, early_exit, temperature, top_k, top_p,
+                   generator, stats):
+    """One draft-then-verify step from `token` at position pos: k drafts, verified in k_max + 1 rows."""
     device = token.device
     t0 = time.perf_counter()
-    draft_tokens, draft_probs, kept_hidden = [], [], []
+    draft_tokens, draft_probs = [], []
+    kept_hidden = torch.zeros(1, k_max + 1, model.args.dim, device=device, dtype=model.norm.weight.dtype)
     x = token
     for i in range(k):
         input_pos = torch.tensor([pos + i], device=device)
         if draft_model is None:
             logits, hidden = steps.draft(model, x.view(1, 1), input_pos, early_exit)
-            kept_hidden.append(hidden.clone())  # clone: a CUDA-graph replay reuses its output buffer
+            kept_hidden[:, i] = hidden[:, 0]
         else:
             logits = steps.decode(draft_model, x.view(1, 1), input_pos)
         probs = logits_to_probs(logits[0], temperature, top_k, top_p)
-        x = sample_from(probs, generator)
+        x = logits[0].argmax(-1) if temperature <= 0 else sample_from(probs, generator)
         draft_tokens.append(x)
         draft_probs.append(probs)
     synchronize(device)
     t1 = time.perf_counter()
-    verify_pos = torch.arange(pos, pos + k + 1, device=device)
-    candidates = torch.stack([token] + draft_tokens)
+    verify_pos = torch.arange(pos, pos + k_max + 1, device=device)
+    candidates = torch.stack([token] + draft_tokens + [x] * (k_max - k))  # padded to the fixed shape
     if draft_model is None:
-        logits = steps.verify(model, candidates[-1:].view(1, 1), torch.cat(kept_hidden, dim=1), verify_pos,
-                              early_exit)
+        last_index = torch.tensor([k], device=device)
+        logits = steps.verify(model, x.view(1, 1), last_index, kept_hidden, verify_pos, early_exit)
     else:
         logits = steps.verify_full(model, candidates.view(1, -1), verify_pos)
-    target_probs = logits_to_probs(logits, temperature, top_k, top_p)
+    target_probs = logits_to_probs(logits[:k + 1], temperature, top_k, top_p)
     n, next_token = speculative_accept(torch.stack(draft_tokens), torch.stack(draft_probs), target_probs, generator)
     if draft_model is not None and n == k:
         # the draft model never saw its own last draft; give it that token so its cache has no hole
@@ -354,23 +425,97 @@ def peak_memory_gb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
 
 
+# ---------------------------------------------------------------- FlexiDepth depth display
+
+def depth_rgb(used: int, n_layers: int, fewest: int) -> tuple:
+    """Green for the fewest layers a token can use, through yellow, to red for all of them."""
+    t = (used - fewest) / max(n_layers - fewest, 1)
+    return round(255 * min(1.0, 2 * t)), round(200 * min(1.0, 2 - 2 * t)), 60
+
+
+def ansi_depth(text: str, used: int, n_layers: int, fewest: int) -> str:
+    r, g, b = depth_rgb(used, n_layers, fewest)
+    return f"\x1b[30;48;2;{r};{g};{b}m{text}\x1b[0m\x1b[2m{used}\x1b[0m"
+
+
+def token_texts(tokenizer, tokens: list) -> list:
+    """The text each token adds to the decoded string (so multi-token characters land on their last token)."""
+    texts, before = [], ""
+    for j in range(len(tokens)):
+        now = tokenizer.decode(tokens[:j + 1])
+        if j < len(tokens) - 1:  # a partial UTF-8 character decodes as U+FFFD until its last byte arrives
+            now = now.rstrip("\ufffd")
+        texts.append(now[len(os.path.commonprefix([before, now])):])
+        before = now
+    return texts
+
+
+def write_depth_html(path: Path, texts: list, layers_used: list, n_layers: int, fewest: int, title: str):
+    """A self-contained page: the text coloured by depth, and a tokens x layers grid (a filled cell: the layer ran).
+    Hovering a token or a column shows the token and its count of layers. Written to a temporary name, then renamed."""
+    import html
+    cells, spans = [], []
+    for j, (text, used) in enumerate(zip(texts, layers_used)):
+        r, g, b = depth_rgb(len(used), n_layers, fewest)
+        tip = html.escape(f"token {j}: {text!r}, {len(used)}/{n_layers} layers", quote=True)
+        spans.append(f'<span style="background:rgb({r},{g},{b})" title="{tip}">{html.escape(text)}</span>')
+        ran = set(used)
+        column = "".join(f'<i class="{"on" if layer in ran else "off"}"></i>' for layer in reversed(range(n_layers)))
+        cells.append(f'<div class="col" title="{tip}" style="--c:rgb({r},{g},{b})">{column}'
+                     f'<b>{len(used)}</b></div>')
+    mean = sum(len(u) for u in layers_used) / max(len(layers_used), 1)
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)} depth map</title>
+<style>
+body {{ font-family: sans-serif; margin: 16px; background: #fafafa; }}
+.text {{ white-space: pre-wrap; line-height: 1.7; font-family: monospace; font-size: 15px; max-width: 70em; }}
+.text span {{ padding: 1px 0; }}
+.grid {{ display: flex; align-items: flex-end; overflow-x: auto; padding: 8px 0; gap: 1px; }}
+.col {{ display: flex; flex-direction: column; gap: 1px; }}
+.col i {{ display: block; width: 9px; height: 9px; }}
+.col i.on {{ background: var(--c); }}
+.col i.off {{ background: #ddd; }}
+.col b {{ font-size: 7px; font-weight: normal; text-align: center; }}
+.col:hover i.on {{ background: #000; }}
+</style></head><body>
+<h3>{html.escape(title)}: layers used per generated token</h3>
+<p>{len(layers_used)} tokens, mean {mean:.2f} of {n_layers} layers (green {fewest}, red {n_layers}).
+Columns are tokens, rows are layers (layer 0 at the bottom); a coloured cell is a layer the token ran.</p>
+<div class="grid">{"".join(cells)}</div>
+<div class="text">{"".join(spans)}</div>
+</body></html>
+"""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def print_stats(stats: GenerationStats, model: Transformer, args, device):
     bytes_per_token = weight_bytes(model)
     tps = stats.tokens_per_second
     print(f"\nprompt {stats.prompt_tokens} tokens, prefill {stats.prefill_seconds * 1000:.1f} ms; "
           f"generated {stats.new_tokens} tokens")
     if stats.accepted:
-        k_max = max(stats.speculate_k)
-        hist = torch.bincount(torch.tensor(stats.accepted), minlength=k_max + 1).float()
-        probs = (hist / hist.sum()).tolist()
-        mean_accepted = sum(stats.accepted) / len(stats.accepted)
-        print(f"acceptance probs: {[round(p, 3) for p in probs]}")
-        print(f"mean accepted: {mean_accepted:.3f} (tokens per step {mean_accepted + 1:.3f}, "
-              f"{len(stats.accepted)} steps, k={'auto' if args.speculate_k == 'auto' else k_max})")
+        print(f"acceptance probs: {[round(p, 3) for p in stats.acceptance_histogram()]}")
+        print(f"acceptance by draft position: {[round(p, 3) for p in stats.acceptance_by_position()]}")
+        print(f"mean accepted: {stats.mean_accepted:.3f} (tokens per step {stats.mean_accepted + 1:.3f}, "
+              f"{len(stats.accepted)} steps, k={'auto' if args.speculate_k == 'auto' else max(stats.speculate_k)})")
+        print(f"draft step {stats.draft_step_seconds * 1000:.2f} ms, verify step {stats.verify_step_seconds * 1000:.2f} "
+              f"ms: ideal {stats.ideal_tokens_per_second:.2f} tok/s, achieved/ideal {tps / stats.ideal_tokens_per_second:.2f}")
     print(f"decode: {tps:.2f} tok/s")
     print(f"bandwidth achieved: {bytes_per_token * tps / 1e9:.2f} GB/s (model {bytes_per_token / 1e9:.3f} GB read "
           f"per full-depth token)")
     print(f"peak memory: {peak_memory_gb(device):.2f} GB")
+    if stats.layers_used:
+        routed = model.args.routing_layers
+        mean = sum(len(u) for u in stats.layers_used) / len(stats.layers_used)
+        routed_ran = sum(len(set(u) & set(routed)) for u in stats.layers_used) / (len(stats.layers_used) * len(routed))
+        print(f"layers used: mean {mean:.2f} of {model.args.n_layers} per token "
+              f"(routed layers run {routed_ran:.1%}, skip threshold {model.skip_threshold})")
 
 
 def parse_args(argv=None):
@@ -392,12 +537,21 @@ def parse_args(argv=None):
     p.add_argument("--early_exit", type=int, default=None, help="draft layers E for --self_speculative")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=list(PRECISIONS), default=None)
-    p.add_argument("--show_depth", action="store_true", help="FlexiDepth: show layers used per token")
+    p.add_argument("--show_depth", action="store_true",
+                   help="FlexiDepth: stream each token coloured by its depth, with its count of layers used")
+    p.add_argument("--depth_html", type=Path, default=None,
+                   help="FlexiDepth: write an HTML depth map (tokens x layers) of the last sample to this file")
+    p.add_argument("--skip_threshold", type=float, default=None,
+                   help="FlexiDepth extension: a token runs a routed layer iff its gate exceeds this "
+                        "(default 0.5, the checkpoint's own rule; 0 runs every layer, 1 skips every routed one)")
     return p.parse_args(argv)
 
 
 def run(args):
     device = resolve_device(args.device)
+    world = tp.maybe_init_dist(device)  # > 1 under torchrun: this process holds one shard of every layer
+    if tp.rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints
     if args.speculate_k == "auto":
         adaptive_k, speculate_k = True, 8
     else:
@@ -412,6 +566,12 @@ def run(args):
         raise ValueError("choose one of --self_speculative and --draft_checkpoint_path")
     if args.max_new_tokens < 1:
         raise ValueError("--max_new_tokens must be at least 1")
+    if args.num_samples < 1:
+        raise ValueError("--num_samples must be at least 1")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top_k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {args.top_p}")
     speculating = args.self_speculative or args.draft_checkpoint_path is not None
     if not speculating:
         speculate_k = 0
@@ -422,27 +582,35 @@ def run(args):
 
     precision = PRECISIONS[args.precision] if args.precision else default_precision(device)
     t0 = time.perf_counter()
-    model = load_model(args.checkpoint_path, device, precision)
+    model = load_model(args.checkpoint_path, device, precision, tensor_parallel=world > 1)
     L = model.args.n_layers
     if args.self_speculative and not (args.early_exit is not None and 1 <= args.early_exit < L):
         raise ValueError(f"--early_exit must be in 1..{L - 1} for this {L}-layer model, got {args.early_exit}")
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     draft_model = None
     if args.draft_checkpoint_path:
-        draft_model = load_model(args.draft_checkpoint_path, device, precision)
+        draft_model = load_model(args.draft_checkpoint_path, device, precision, tensor_parallel=world > 1)
         if draft_model.args.vocab_size != model.args.vocab_size:
             raise ValueError(f"draft model vocabulary ({draft_model.args.vocab_size}) differs from the model's "
                              f"({model.args.vocab_size})")
+    if world > 1:
+        tp.check_all_ranks_ready()  # a rank that failed above is reported here, and every rank stops
+        generator.manual_seed(tp.broadcast_seed(generator.initial_seed()))
     quant = getattr(model, "quantization", None)
     print(f"{args.checkpoint_path.parent.name}: {L} layers, dim {model.args.dim}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
           f"{args.precision or str(precision).replace('torch.', '') + ' (default on ' + device + ')'}"
-          f"{', ' + quant['mode'] if quant else ''}, {device}, loaded in {time.perf_counter() - t0:.2f}s")
+          f"{', ' + quant['mode'] if quant else ''}"
+          f"{' g' + str(quant['groupsize']) if quant and 'groupsize' in quant else ''}, {device}"
+          f"{f', tensor parallel over {world} ranks (params per rank)' if world > 1 else ''}"
+          f", loaded in {time.perf_counter() - t0:.2f}s")
 
     text = args.prompt
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
     prompt_ids = tokenizer.encode(text, add_special_tokens=not args.chat)
+    if not prompt_ids:
+        raise ValueError("the prompt is empty (and the tokenizer adds no BOS token): give --prompt some text")
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     need = cache_length_needed(len(prompt_ids), args.max_new_tokens, speculate_k)
     if need > model.args.max_position_embeddings:
@@ -451,7 +619,23 @@ def run(args):
     for m in (model, draft_model):
         if m is not None:
             m.setup_caches(1, need)
-    steps = compile_steps(device, args.compile_prefill) if args.compile else Steps()
+    routed = model.args.routing_layers
+    if (args.show_depth or args.depth_html or args.skip_threshold is not None) and not routed:
+        raise ValueError("--show_depth, --depth_html and --skip_threshold need a FlexiDepth checkpoint "
+                         "(config.json with routing_layers)")
+    if routed:
+        if args.skip_threshold is not None:
+            if not 0.0 <= args.skip_threshold <= 1.0:
+                raise ValueError(f"--skip_threshold must be in [0, 1], got {args.skip_threshold}")
+            model.skip_threshold = args.skip_threshold
+        if args.depth_html and not args.depth_html.resolve().parent.is_dir():
+            raise ValueError(f"--depth_html: folder {args.depth_html.resolve().parent} does not exist")
+        if speculating:
+            raise ValueError("speculative decoding with a FlexiDepth checkpoint is not supported; drop "
+                             "--self_speculative / --draft_checkpoint_path")
+        print(f"FlexiDepth: routers on {len(routed)} of {L} layers ({routed[0]}..{routed[-1]}); a token runs a "
+              f"routed layer iff its gate > {model.skip_threshold}")
+    steps = compile_steps(device, args.compile_prefill, precision) if args.compile else Steps()
 
     temperature = args.temperature
     for i in range(args.num_samples):
@@ -459,7 +643,12 @@ def run(args):
 
         def stream(tokens):
             text = tokenizer.decode([t for t in tokens if t not in tokenizer.eos_ids])
-            print(text[printed[0]:], end="", flush=True)
+            if args.show_depth:  # plain decoding: one new token per call, produced at position prompt_len-1+j
+                used = int(model.layers_ran(torch.tensor([len(prompt_ids) - 2 + len(tokens)], device=device)).sum())
+                fewest = L - len(routed)
+                print(ansi_depth(text[printed[0]:], used, L, fewest), end="", flush=True)
+            else:
+                print(text[printed[0]:], end="", flush=True)
             printed[0] = len(text)
 
         if i == 0 or args.num_samples > 1:
@@ -470,6 +659,10 @@ def run(args):
                                  eos_ids=tokenizer.eos_ids, callback=stream)
         print()
     print_stats(stats, model, args, device)
+    if args.depth_html:
+        write_depth_html(args.depth_html, token_texts(tokenizer, tokens.tolist()), stats.layers_used, L, L - len(routed),
+                         args.checkpoint_path.parent.name)
+        print(f"depth map: {args.depth_html}")
 
 
 def main(argv=None):
@@ -477,9 +670,12 @@ def main(argv=None):
     try:
         run(args)
     except (ValueError, FileNotFoundError) as e:
+        if tp.launched_by_torchrun():
+            tp.exit_with_error(e)  # one line from rank 0, every rank exits non-zero, none waits forever
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted")
+    tp.shutdown()
 
 
 if __name__ == "__main__":

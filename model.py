@@ -35,9 +35,15 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, config: dict) -> "ModelArgs":
+        if not isinstance(config, dict):
+            raise ValueError("config.json does not hold a JSON object")
         model_type = config.get("model_type")
         if model_type not in ("llama", "ddllama"):
             raise ValueError(f"config.json describes a {model_type!r} model; only Llama-family models are supported")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in config]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
         n_heads = config["num_attention_heads"]
         dim = config["hidden_size"]
         # transformers >= 5 writes rope_parameters; hub checkpoints carry rope_theta and rope_scaling.
@@ -46,8 +52,10 @@ class ModelArgs:
         rope_scaling = config.get("rope_scaling") or rope_params
         rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default")) if rope_scaling else "default"
         if rope_type == "llama3":
-            rope_scaling = {k: rope_scaling[k] for k in
-                            ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+            llama3_keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            if not all(k in rope_scaling for k in llama3_keys):
+                raise ValueError(f"llama3 rope scaling needs {', '.join(llama3_keys)}; config.json has {rope_scaling}")
+            rope_scaling = {k: rope_scaling[k] for k in llama3_keys}
         elif rope_type == "default":
             rope_scaling = None
         else:
@@ -155,12 +163,16 @@ class Attention(nn.Module):
         k = apply_rope(k, rope)
         return self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def attend(self, x: Tensor, rope: Tensor, mask: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Queries of x against the cache k, v (already holding this step's keys and values)."""
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
-        k, v = self.write_kv(x, rope, input_pos)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+        k, v = self.write_kv(x, rope, input_pos)
+        return self.attend(x, rope, mask, k, v)
 
 
 class FeedForward(nn.Module):
@@ -187,12 +199,84 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class Router(nn.Module):
+    """FlexiDepth router: a bottleneck MLP on the layer's normed input, one logit per token."""
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.enc = nn.Linear(args.dim, args.router_dim, bias=False)
+        self.norm = RMSNorm(args.router_dim, args.norm_eps)
+        self.dec = nn.Linear(args.router_dim, args.dim, bias=False)
+        self.head = nn.Linear(args.dim, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.dec(torch.tanh(self.norm(self.enc(x)))))
+
+
+class Adapter(nn.Module):
+    """The small MLP a skipped token goes through. The checkpoint's names are swapped relative to a Llama MLP:
+    down_proj widens like the gate, up_proj brings the result back to dim."""
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.adapter_dim, bias=False)
+        self.down_proj = nn.Linear(args.dim, args.adapter_dim, bias=False)
+        self.up_proj = nn.Linear(args.adapter_dim, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up_proj(F.silu(self.gate_proj(x)) * self.down_proj(x))
+
+
+class FlexiDepthBlock(TransformerBlock):
+    """A routed layer. Every token writes its K/V; a token whose gate is closed skips attention and MLP and
+    goes through the adapter instead. The rule is gate() + run_branch() + skip_branch(), shared by both forms:
+    masking (all tokens through both branches, select per token: prefill, batches, the test reference) and
+    real skip (one token: only the chosen branch runs)."""
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        self.router = Router(args)
+        self.adapter = Adapter(args)
+        # [max_batch, max_seq] bool, made by setup_caches: did the token at each position run this layer
+        self.register_buffer("ran", None, persistent=False)
+
+    def gate(self, normed: Tensor, threshold: float):
+        w = torch.sigmoid(self.router(normed))  # [B, T, 1]
+        return w, w > threshold
+
+    def run_branch(self, x, normed, w, rope, mask, k, v):
+        h = x + self.attention.attend(normed, rope, mask, k, v)
+        return h + w * self.feed_forward(self.ffn_norm(h))
+
+    def skip_branch(self, x, normed, w, rope, mask, k, v):
+        return x + (1 - w) * self.adapter(self.ffn_norm(x))
+
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, threshold: float = 0.5,
+                real_skip: bool = False) -> Tensor:
+        B = x.shape[0]
+        normed = self.attention_norm(x)
+        w, run = self.gate(normed, threshold)
+        k, v = self.attention.write_kv(normed, rope, input_pos)
+        operands = (x, normed, w, rope, mask, k, v)
+        if not real_skip:
+            out = torch.where(run, self.run_branch(*operands), self.skip_branch(*operands))
+        elif torch.compiler.is_compiling():
+            # Inside a compiled graph: a device-side branch, so no host sync and one graph for every skip pattern.
+            out = torch.cond(run.view(()), self.run_branch, self.skip_branch, operands)
+        else:
+            out = self.run_branch(*operands) if bool(run) else self.skip_branch(*operands)
+        self.ran[:B].index_copy_(1, input_pos, run[..., 0])
+        return out
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(FlexiDepthBlock(args) if i in args.routing_layers else TransformerBlock(args)
+                                    for i in range(args.n_layers))
+        # FlexiDepth: a token runs a routed layer iff its gate exceeds skip_threshold (0.5 is the checkpoint's rule).
+        # One-token steps skip for real unless masking_reference is set (tests compare the two forms).
+        self.skip_threshold = 0.5
+        self.masking_reference = False
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
@@ -206,8 +290,13 @@ class Transformer(nn.Module):
         dtype = self.norm.weight.dtype
         device = self.norm.weight.device
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, self.args.n_kv_heads,
+            # the layer's own count: under tensor parallelism it holds only this rank's KV heads
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, layer.attention.n_kv_heads,
                                                self.args.head_dim, dtype).to(device)
+        for layer in self.layers:
+            if isinstance(layer, FlexiDepthBlock):
+                layer.register_buffer("ran", torch.ones(max_batch_size, max_seq_length, dtype=torch.bool,
+                                                        device=device), persistent=False)
         self.register_buffer("rope", rope_cache(self.args, max_seq_length).to(device), persistent=False)
         causal = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", causal, persistent=False)
@@ -220,9 +309,20 @@ class Transformer(nn.Module):
         """Layers [start, end) on hidden states x at positions input_pos (each writes its K/V there)."""
         rope = self.rope[input_pos]
         mask = self.causal_mask[None, None, input_pos]  # position t sees every slot <= t, never a stale one
+        real_skip = x.shape[0] == 1 and x.shape[1] == 1 and not self.masking_reference
         for layer in self.layers[start:end]:
-            x = layer(x, rope, mask, input_pos)
+            if isinstance(layer, FlexiDepthBlock):
+                x = layer(x, rope, mask, input_pos, self.skip_threshold, real_skip)
+            else:
+                x = layer(x, rope, mask, input_pos)
         return x
+
+    def layers_ran(self, positions: Tensor) -> Tensor:
+        """FlexiDepth record, [len(positions), n_layers] bool: which layers the token at each position (batch row 0)
+        ran, as written by the last forward over that position. Plain layers always run."""
+        rows = [layer.ran[0, positions] if isinstance(layer, FlexiDepthBlock)
+                else torch.ones(len(positions), dtype=torch.bool, device=positions.device) for layer in self.layers]
+        return torch.stack(rows, dim=1)
 
     def head(self, x: Tensor) -> Tensor:
         return self.output(self.norm(x))

@@ -119,14 +119,23 @@ class TiktokenTokenizer(Tokenizer):
     def __init__(self, folder: Path):
         import tiktoken
         super().__init__(folder)
+        path = folder / "tokenizer.model"
+        not_ranks = f"{path} is neither a sentencepiece model nor a tiktoken ranks file ('base64-token rank' lines)"
+        try:
+            lines = path.read_text().splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(not_ranks) from None
         ranks = {}
-        for n, line in enumerate((folder / "tokenizer.model").read_text().splitlines()):
+        for n, line in enumerate(lines):
             if not line.strip():
                 continue
             parts = line.split()
-            if len(parts) != 2:
-                raise ValueError(f"{folder / 'tokenizer.model'} line {n + 1} is not 'base64-token rank'")
-            ranks[base64.b64decode(parts[0])] = int(parts[1])
+            try:
+                if len(parts) != 2:
+                    raise ValueError
+                ranks[base64.b64decode(parts[0], validate=True)] = int(parts[1])
+            except ValueError:  # binascii.Error is one too
+                raise ValueError(f"{not_ranks}: line {n + 1} is {line[:40]!r}") from None
         special = {}
         for token_id, entry in self.config.get("added_tokens_decoder", {}).items():
             if int(token_id) >= len(ranks):
