@@ -1,0 +1,184 @@
+"""Our Llama against Hugging Face's LlamaForCausalLM, for every variant DESIGN.md lists, through the real converter
+and generate.load_model; plus the config dialects and the weight-file layouts the converter reads."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import generate
+from conftest import TINY_BASE, VARIANTS, make_converted_llama, make_hf_llama
+from convert_hf_checkpoint import convert
+from model import ModelArgs
+
+# Long enough that the rope-scaling variants (original_max_position_embeddings 32 and 16) run well past it.
+SEQ_LEN = 160
+PREFILL_LEN = 100
+DECODE_STEPS = 8
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory):
+    """(our model, HF model, token ids [1, SEQ_LEN]) for one variant."""
+    from transformers import LlamaForCausalLM
+    folder = tmp_path_factory.mktemp(request.param)
+    checkpoint = make_converted_llama(folder, **VARIANTS[request.param])
+    ours = generate.load_model(checkpoint, "cpu", torch.float32)
+    ours.setup_caches(1, TINY_BASE["max_position_embeddings"])
+    hf = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert SEQ_LEN > (VARIANTS[request.param].get("rope_scaling") or {}).get("original_max_position_embeddings", 0)
+    tokens = torch.randint(0, TINY_BASE["vocab_size"], (1, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hf_logits = hf(tokens).logits
+    return ours, hf_logits, tokens
+
+
+def test_full_sequence_logits_match_hf(variant):
+    ours, hf_logits, tokens = variant
+    with torch.no_grad():
+        logits = ours(tokens, torch.arange(SEQ_LEN))
+    assert logits.shape == hf_logits.shape
+    assert hf_logits.abs().max() > 1.0  # the comparison means something only if logits are not all tiny
+    assert (logits - hf_logits).abs().max().item() <= TOLERANCE
+
+
+def test_prefill_then_decode_matches_hf(variant):
+    """Prefill a prompt, then decode one token at a time through the static cache (teacher-forced)."""
+    ours, hf_logits, tokens = variant
+    with torch.no_grad():
+        prefill = ours(tokens[:, :PREFILL_LEN], torch.arange(PREFILL_LEN))
+        assert (prefill - hf_logits[:, :PREFILL_LEN]).abs().max().item() <= TOLERANCE
+        for pos in range(PREFILL_LEN, PREFILL_LEN + DECODE_STEPS):
+            step = ours(tokens[:, pos:pos + 1], torch.tensor([pos]))
+            assert (step[:, 0] - hf_logits[:, pos]).abs().max().item() <= TOLERANCE, f"position {pos}"
+
+
+def test_stale_cache_entries_are_masked(variant):
+    """Write garbage tokens past a position, move back, decode again: the result ignores the stale slots."""
+    ours, hf_logits, tokens = variant
+    pos = PREFILL_LEN
+    with torch.no_grad():
+        ours(tokens[:, :pos], torch.arange(pos))
+        ours(torch.zeros(1, 5, dtype=torch.long), torch.arange(pos, pos + 5))  # rejected drafts, say
+        step = ours(tokens[:, pos:pos + 1], torch.tensor([pos]))
+    assert (step[:, 0] - hf_logits[:, pos]).abs().max().item() <= TOLERANCE
+
+
+# ---------------------------------------------------------------- config dialects
+
+LLAMA3_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+BASE_CONFIG = dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                   num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                   max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("dialect", [
+    dict(rope_parameters=dict(rope_theta=500000.0, rope_type="llama3", **LLAMA3_SCALING)),  # transformers >= 5
+    dict(rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", **LLAMA3_SCALING)),  # hub
+    dict(rope_theta=500000.0, rope_scaling=dict(type="llama3", **LLAMA3_SCALING)),  # older hub
+])
+def test_config_dialects_read_alike(dialect):
+    args = ModelArgs.from_hf_config(dict(BASE_CONFIG, **dialect))
+    assert args == ModelArgs(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+                             intermediate_size=8192, norm_eps=1e-5, rope_base=500000.0, rope_scaling=LLAMA3_SCALING,
+                             tie_embeddings=True, max_position_embeddings=131072)
+
+
+@pytest.mark.parametrize("dialect", [
+    dict(rope_parameters=dict(rope_theta=100000.0, rope_type="default")),
+    dict(rope_theta=100000.0),
+    dict(rope_theta=100000.0, rope_scaling=None),
+])
+def test_config_dialects_without_scaling(dialect):
+    args = ModelArgs.from_hf_config(dict(BASE_CONFIG, **dialect))
+    assert args.rope_base == 100000.0 and args.rope_scaling is None
+
+
+def test_config_defaults_follow_hf():
+    """Fields HF fills in when absent: KV heads = heads, head_dim = hidden / heads, no tying."""
+    config = {k: v for k, v in BASE_CONFIG.items()
+              if k not in ("num_key_value_heads", "head_dim", "tie_word_embeddings")}
+    args = ModelArgs.from_hf_config(config)
+    assert (args.n_kv_heads, args.head_dim, args.tie_embeddings, args.rope_base) == (32, 64, False, 10000.0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(model_type="gpt2"), "gpt2"),
+    (dict(rope_theta=1e4, rope_scaling=dict(type="linear", factor=2.0)), "linear"),
+    (dict(rope_parameters=dict(rope_theta=1e4, rope_type="yarn", factor=4.0)), "yarn"),
+    (dict(attention_bias=True), "bias"),
+    (dict(num_key_value_heads=5), "multiple"),
+    (dict(hidden_size=None), "lacks hidden_size"),
+    (dict(rope_theta=1e4, rope_scaling=dict(rope_type="llama3", factor=8.0)), "llama3 rope scaling needs"),
+])
+def test_config_refuses_what_it_cannot_run(bad, message):
+    config = {k: v for k, v in dict(BASE_CONFIG, **bad).items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        ModelArgs.from_hf_config(config)
+    with pytest.raises(ValueError, match="JSON object"):
+        ModelArgs.from_hf_config([config])
+
+
+def test_saved_config_reads_like_its_hub_form(tmp_path):
+    """The transformers-5 config.json of a real save and its hand-written hub form give the same ModelArgs."""
+    make_hf_llama(tmp_path, **VARIANTS["llama3.1_rope_scaling"])
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_parameters" in saved
+    hub = copy.deepcopy(saved)
+    params = hub.pop("rope_parameters")
+    hub["rope_theta"] = params.pop("rope_theta")
+    hub["rope_scaling"] = params
+    assert ModelArgs.from_hf_config(saved) == ModelArgs.from_hf_config(hub)
+    assert ModelArgs.from_hf_config(saved).rope_scaling["original_max_position_embeddings"] == 32
+
+
+# ---------------------------------------------------------------- weight-file layouts
+
+@pytest.fixture(scope="module")
+def reference_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("single")
+    checkpoint = make_converted_llama(folder, **VARIANTS["llama3_gqa"])
+    return folder, torch.load(checkpoint, weights_only=True)
+
+
+def assert_same_state_dict(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_sharded_safetensors_convert_alike(reference_folder, tmp_path):
+    from transformers import LlamaForCausalLM
+    folder, reference = reference_folder
+    LlamaForCausalLM.from_pretrained(folder).save_pretrained(tmp_path, max_shard_size="40KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    assert_same_state_dict(torch.load(convert(tmp_path), weights_only=True), reference)
+
+
+def test_bin_files_convert_alike(reference_folder, tmp_path):
+    """pytorch_model.bin, single and sharded with its index (transformers 5 no longer writes them; the hub has many)."""
+    folder, reference = reference_folder
+    hf_weights = load_file(str(folder / "model.safetensors"))
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    for out in (single, sharded):
+        out.mkdir()
+        (out / "config.json").write_text((folder / "config.json").read_text())
+    torch.save(hf_weights, single / "pytorch_model.bin")
+    names = sorted(hf_weights)
+    weight_map = {}
+    for i, part in enumerate((names[:len(names) // 2], names[len(names) // 2:])):
+        shard = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({n: hf_weights[n] for n in part}, sharded / shard)
+        weight_map.update({n: shard for n in part})
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert_same_state_dict(torch.load(convert(single), weights_only=True), reference)
+    assert_same_state_dict(torch.load(convert(sharded), weights_only=True), reference)
+
+
+def test_converter_writes_to_another_folder(reference_folder, tmp_path):
+    folder, reference = reference_folder
+    out = convert(folder, tmp_path / "out")
+    assert out == tmp_path / "out" / "model.pth" and (tmp_path / "out" / "config.json").exists()
+    assert_same_state_dict(torch.load(out, weights_only=True), reference)
