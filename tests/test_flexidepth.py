@@ -1,0 +1,262 @@
+"""FlexiDepth: tiny random checkpoints saved with the real HF tensor names (model_type "ddllama", routing_layers),
+converted with our converter. The masking form (both branches for every token, select per token) is the reference
+for the real-skip decode path."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import DEFAULT_CHECKPOINT, ROOT, make_hf_llama
+from convert_hf_checkpoint import convert
+from generate import Steps, compile_steps, forward_last, generate, load_model
+from model import FlexiDepthBlock
+
+ROUTING_LAYERS = [1, 2, 3]
+STEPS = 32
+
+
+def add_routers(folder, routing_layers, seed=1):
+    """Turn a saved HF Llama folder into a FlexiDepth one: config fields + router and adapter tensors. The router
+    head is scaled so that the gate's logit spreads around 0: about half the tokens skip each routed layer."""
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "ddllama"
+    config["routing_layers"] = routing_layers
+    (folder / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(folder / "model.safetensors"))
+    dim, ffn = config["hidden_size"], config["intermediate_size"]
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) / shape[-1] ** 0.5
+    for i in routing_layers:
+        p = f"model.layers.{i}."
+        weights[p + "router.router_enc.weight"] = rand(dim // 16, dim)
+        weights[p + "router.router_norm.weight"] = 1 + 0.1 * torch.randn(dim // 16, generator=g)
+        weights[p + "router.router_dec.weight"] = rand(dim, dim // 16)
+        weights[p + "router.router_head.weight"] = 4 * rand(1, dim)
+        weights[p + "router_proj.gate_proj.weight"] = rand(ffn // 16, dim)
+        weights[p + "router_proj.down_proj.weight"] = rand(ffn // 16, dim)
+        weights[p + "router_proj.up_proj.weight"] = rand(dim, ffn // 16)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def make_flexidepth(folder, routing_layers=ROUTING_LAYERS, **overrides):
+    make_hf_llama(folder, num_key_value_heads=2, **overrides)
+    return add_routers(folder, routing_layers)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return convert(make_flexidepth(tmp_path_factory.mktemp("flexidepth")))
+
+
+def fresh_model(checkpoint, max_seq_length=64):
+    model = load_model(checkpoint, "cpu", torch.float32)
+    model.setup_caches(1, max_seq_length)
+    return model
+
+
+PROMPT = torch.tensor([5, 17, 99, 3, 250, 42, 7, 128])
+
+
+def decode_logits(model, tokens, step=forward_last):
+    """Prefill PROMPT, then feed `tokens` one at a time; the logits of every step ([len(tokens) + 1, V])."""
+    T = len(PROMPT)
+    rows = [forward_last(model, PROMPT[None], torch.arange(T))]
+    for j, token in enumerate(tokens):
+        rows.append(step(model, token.view(1, 1), torch.tensor([T + j])))
+    return torch.cat(rows)
+
+
+def greedy_tokens(model):
+    tokens, _ = generate(model, PROMPT, STEPS + 1)
+    return tokens[:STEPS]
+
+
+def test_config_widths():
+    from model import ModelArgs
+    args = ModelArgs.from_hf_config(dict(model_type="ddllama", vocab_size=128256, hidden_size=4096,
+                                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                                         num_key_value_heads=8, routing_layers=list(range(16, 32))))
+    assert (args.router_dim, args.adapter_dim) == (256, 896)  # the released checkpoint's router and adapter widths
+
+
+def test_real_skip_matches_masking(checkpoint):
+    real, reference = fresh_model(checkpoint), fresh_model(checkpoint)
+    reference.masking_reference = True
+    tokens = greedy_tokens(real)
+    # count the big matmuls that really ran: a skipped layer must not touch wq or the MLP
+    calls = {"wq": 0, "mlp": 0}
+    for layer in real.layers:
+        layer.attention.wq.register_forward_hook(lambda *_: calls.__setitem__("wq", calls["wq"] + 1))
+        layer.feed_forward.register_forward_hook(lambda *_: calls.__setitem__("mlp", calls["mlp"] + 1))
+    got = decode_logits(real, tokens)
+    want = decode_logits(reference, tokens)
+    assert (got - want).abs().max() <= 1e-5
+    positions = torch.arange(len(PROMPT) - 1, len(PROMPT) + STEPS)
+    ran = real.layers_ran(positions)
+    assert torch.equal(ran, reference.layers_ran(positions))
+    routed = ran[1:, ROUTING_LAYERS].float().mean()  # decode steps only
+    assert 0.25 <= routed <= 0.75, f"routers should skip about half the tokens, ran {routed:.2f}"
+    layer_runs_in_decode = int(ran[1:].sum())
+    prefill_calls = len(real.layers)  # prefill runs both branches (masking form) in every layer
+    assert calls["wq"] == calls["mlp"] == prefill_calls + layer_runs_in_decode
+
+
+def test_skipped_token_kv_is_written(checkpoint):
+    model = fresh_model(checkpoint)
+    tokens = greedy_tokens(model)
+    T = len(PROMPT)
+    ran = model.layers_ran(torch.arange(T, T + STEPS))  # decisions of the decode steps, position T + j
+    j, layer_index = next((j, i) for j in range(STEPS) for i in ROUTING_LAYERS if not ran[j, i])
+    cache = model.layers[layer_index].attention.kv_cache
+    assert cache.k_cache[0, :, T + j].abs().sum() > 0 and cache.v_cache[0, :, T + j].abs().sum() > 0
+
+    model.skip_threshold = 0.0  # the probe token runs every layer, so it attends to the skipped token's K/V
+    probe = lambda: forward_last(model, tokens[-1].view(1, 1), torch.tensor([T + STEPS]))
+    before = probe()
+    cache.v_cache[0, :, T + j] += 1.0
+    after = probe()
+    assert (after - before).abs().max() > 1e-3
+
+
+def test_layers_used_match_router_decisions(checkpoint):
+    model = fresh_model(checkpoint)
+    gates = {i: [] for i in ROUTING_LAYERS}
+    for i in ROUTING_LAYERS:
+        model.layers[i].router.register_forward_hook(
+            lambda m, inp, out, i=i: gates[i].append(torch.sigmoid(out)[0, -1, 0].item()))
+    tokens, stats = generate(model, PROMPT, STEPS)
+    assert len(stats.layers_used) == len(tokens) == STEPS
+    for j, used in enumerate(stats.layers_used):  # token j came from forward call j (the prefill's last row first)
+        want = [i for i in range(len(model.layers)) if i not in ROUTING_LAYERS or gates[i][j] > 0.5]
+        assert used == want
+    counts = {len(u) for u in stats.layers_used}
+    assert len(counts) > 1  # the depth varies from token to token
+
+
+def test_compiled_decode_agrees_and_does_not_recompile(checkpoint, monkeypatch):
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(inductor_config, "freezing", inductor_config.freezing)  # compile_steps sets it; restore
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)
+    torch._dynamo.reset()
+    eager, compiled = fresh_model(checkpoint), fresh_model(checkpoint)
+    tokens = greedy_tokens(eager)
+    want = decode_logits(eager, tokens)
+    graphs_before = counters["stats"]["unique_graphs"]
+    decode = compile_steps("cpu", compile_prefill=False).decode
+    got = decode_logits(compiled, tokens, step=decode)
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1  # one graph for every skip pattern
+    assert (got - want).abs().max() <= 1e-4
+    positions = torch.arange(len(PROMPT), len(PROMPT) + STEPS)
+    ran = compiled.layers_ran(positions)
+    assert torch.equal(ran, eager.layers_ran(positions))
+    assert len({tuple(row.tolist()) for row in ran}) >= 3  # several skip patterns went through that graph
+    torch._dynamo.reset()
+
+
+def test_speculation_is_refused(checkpoint):
+    model = fresh_model(checkpoint)
+    with pytest.raises(ValueError, match="FlexiDepth"):
+        generate(model, PROMPT, 8, speculate_k=2, early_exit=2)
+
+
+# ---------------------------------------------------------------- CLIs
+
+TQDM_LINE = re.compile(r"^[^:]*:\s*\d+%\|")
+
+
+def run_cli(script, *args):
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def assert_one_line_error(result, pattern):
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not TQDM_LINE.match(line)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture(scope="module")
+def hf_flexidepth(tmp_path_factory):
+    return make_flexidepth(tmp_path_factory.mktemp("hf_flexidepth"))
+
+
+def routing_outside_range(folder):
+    config = json.loads((folder / "config.json").read_text())
+    config["routing_layers"] = [2, 3, 4]
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def drop_tensor(name):
+    def damage(folder):
+        weights = load_file(str(folder / "model.safetensors"))
+        del weights[name]
+        save_file(weights, str(folder / "model.safetensors"))
+    damage.__name__ = f"drop_{name.split('.', 3)[-1]}"
+    return damage
+
+
+def wrong_adapter_shape(folder):
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.2.router_proj.up_proj.weight"] = torch.zeros(64, 5)
+    save_file(weights, str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("damage, pattern", [
+    (routing_outside_range, r"routing_layers \[4\] are outside the model's 4 layers"),
+    (drop_tensor("model.layers.1.router.router_head.weight"), "missing .*layers.1.router.head.weight"),
+    (drop_tensor("model.layers.3.router_proj.gate_proj.weight"), "missing .*layers.3.adapter.gate_proj.weight"),
+    (wrong_adapter_shape, r"router_proj.up_proj.weight has shape \(64, 5\)"),
+], ids=lambda v: v.__name__ if callable(v) else "")
+def test_convert_refuses_bad_flexidepth(hf_flexidepth, tmp_path, damage, pattern):
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_flexidepth, folder)
+    damage(folder)
+    assert_one_line_error(run_cli("convert_hf_checkpoint.py", "--checkpoint_dir", folder), pattern)
+    assert not (folder / "model.pth").exists()
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory):
+    """A tiny FlexiDepth model with SmolLM2's vocabulary and tokenizer, for the generate CLI."""
+    folder = make_flexidepth(tmp_path_factory.mktemp("cli"), vocab_size=49152, tie_word_embeddings=True)
+    checkpoint = convert(folder)
+    for name in ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:
+        shutil.copy(DEFAULT_CHECKPOINT.parent / name, folder / name)
+    return checkpoint
+
+
+def run_generate(checkpoint, *args):
+    return run_cli("generate.py", "--checkpoint_path", checkpoint, "--device", "cpu", "--precision", "fp32",
+                   "--prompt", "Hello there", "--temperature", "0", "--max_new_tokens", 24, *args)
+
+
+def test_cli_show_depth_and_html(cli_checkpoint, tmp_path):
+    html_path = tmp_path / "depth.html"
+    result = run_generate(cli_checkpoint, "--show_depth", "--depth_html", html_path)
+    assert result.returncode == 0, result.stderr
+    counts = [int(c) for c in re.findall(r"\x1b\[0m\x1b\[2m(\d+)\x1b\[0m", result.stdout)]
+    assert len(counts) == 24 and set(counts) <= {1, 2, 3, 4} and len(set(counts)) > 1
+    mean = float(re.search(r"layers used: mean ([\d.]+) of 4", result.stdout).group(1))
+    assert mean == pytest.approx(sum(counts) / len(counts), abs=0.01)
+    page = html_path.read_text()
+    titles = re.findall(r'<div class="col" title="token (\d+): .*?, (\d)/4 layers"', page)
+    assert [int(c) for _, c in titles] == counts  # the map shows the same depths as the stream
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("flags, pattern", [
+    (["--skip_threshold", "1.5"], r"--skip_threshold must be in \[0, 1\]"),
+    (["--self_speculative", "--early_exit", "2"], "speculative decoding with a FlexiDepth checkpoint"),
+    (["--depth_html", "/nonexistent/dir/depth.html"], "does not exist"),
+])
+def test_cli_refuses(cli_checkpoint, flags, pattern):
+    assert_one_line_error(run_generate(cli_checkpoint, *flags), pattern)
