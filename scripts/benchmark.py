@@ -1,0 +1,262 @@
+"""Decode speed on this machine, one table: FlexFast eager and compiled against Hugging Face transformers (eager, and
+its static-cache compiled path) and, when llama-cpp-python is importable, llama.cpp. Every row runs in this one process
+on the same weights, thread count and precision: batch 1, greedy, the same prompt, --max_new_tokens new tokens.
+
+    python scripts/benchmark.py                          # fp32 and bf16, 128 new tokens, 2 threads
+    python scripts/benchmark.py --precision bf16 --max_new_tokens 32 --skip_hf
+
+tok/s is decode throughput (tokens after the first, over the time after the first), the best of --repeats runs.
+GB/s is that rate times the weight bytes read per token. The machine's read bandwidth is measured here too (the best
+of several sums over a 1 GiB tensor on the same threads), and limit = read bandwidth / weight bytes per token.
+"by CPU time" divides by this process's CPU time instead of the wall clock: on a machine shared with other jobs it
+counts the work a row does, not the time it waited for a core (with several threads it includes OpenMP spin-waiting).
+Progress goes to stderr, the markdown table to stdout.
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import generate as ff  # noqa: E402
+from tokenizer import load_tokenizer  # noqa: E402
+
+DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def log(msg):
+    tqdm.write(msg, file=sys.stderr)
+
+
+def measure_bandwidth(repeats: int = 7) -> tuple:
+    """(read GB/s, copy GB/s) of this machine on the current torch threads: best of `repeats` over 1 GiB."""
+    x = torch.ones(1 << 28)
+    y = torch.empty_like(x)
+    nbytes = x.numel() * x.element_size()
+    read = copy = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        t1 = time.perf_counter()
+        y.copy_(x)
+        t2 = time.perf_counter()
+        read, copy = min(read, t1 - t0), min(copy, t2 - t1)
+    return nbytes / read / 1e9, 2 * nbytes / copy / 1e9
+
+
+class TokenClock:
+    """Stamps wall and CPU time at every token; also a transformers streamer (its first put is the prompt)."""
+
+    def __init__(self):
+        self.stamps, self.cpu_stamps, self.tokens = [], [], []
+
+    def put(self, value):
+        self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())
+        self.tokens.extend(value.flatten().tolist())
+
+    def end(self):
+        pass
+
+    def rates(self, skip: int = 0):
+        """(tok/s by wall clock, tok/s by this process's CPU time) after the first token."""
+        stamps, cpu, n = self.stamps[skip:], self.cpu_stamps[skip:], len(self.stamps) - skip
+        return (n - 1) / (stamps[-1] - stamps[0]), (n - 1) / (cpu[-1] - cpu[0])
+
+
+def flexfast_runner(model, prompt, steps):
+    def run(n):
+        clock = TokenClock()
+        tokens, stats = ff.generate(model, prompt, n, temperature=0.0, steps=steps,
+                                    callback=lambda out: clock.put(torch.tensor(out[-1:])))
+        return clock.rates(), tokens.tolist()
+    return run
+
+
+def hf_runner(hf_model, prompt, **generate_kwargs):
+    import torch._inductor.config as inductor_config
+    input_ids = prompt[None]
+
+    def run(n):
+        clock = TokenClock()
+        # inductor as transformers gets it: without the process-wide settings compile_steps makes for our model
+        with inductor_config.patch(freezing=False, **{"cpp.enable_concat_linear": False}):
+            hf_model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, streamer=clock, **generate_kwargs)
+        return clock.rates(skip=1), clock.tokens[input_ids.shape[1]:]
+    return run
+
+
+def llama_cpp_runner(gguf_path, prompt_ids, threads):
+    from llama_cpp import Llama
+    llm = Llama(str(gguf_path), n_threads=threads, n_ctx=len(prompt_ids) + 512, verbose=False)
+
+    def run(n):
+        llm.reset()
+        clock = TokenClock()
+        for token in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+            clock.put(torch.tensor([token]))
+            if len(clock.tokens) == n:
+                break
+        return clock.rates(), clock.tokens
+    return run
+
+
+def timed(run, n, repeats):
+    """Warm up with the same length (compilation happens here; a static cache sized for another length would
+    recompile), then the best of `repeats` runs. Returns ((wall tok/s, CPU-time tok/s), tokens, warm-up seconds)."""
+    t0 = time.perf_counter()
+    run(n)
+    warmup = time.perf_counter() - t0
+    best, best_cpu, tokens = 0.0, 0.0, None
+    for _ in range(repeats):
+        (rate, cpu_rate), tokens = run(n)
+        best, best_cpu = max(best, rate), max(best_cpu, cpu_rate)
+    return (best, best_cpu), tokens, warmup
+
+
+def benchmark_precision(args, name, prompt, bytes_per_token_holder, rows, progress):
+    dtype = ff.PRECISIONS[name]
+    n = args.max_new_tokens
+    model = ff.load_model(args.checkpoint_path, "cpu", dtype)
+    model.setup_caches(1, prompt.shape[0] + n)
+    bytes_per_token = ff.weight_bytes(model)
+    bytes_per_token_holder[name] = bytes_per_token
+    reference = None
+
+    def add(label, make_run, note=""):
+        nonlocal reference
+        progress.set_description(f"{name} {label}")
+        try:
+            (rate, cpu_rate), tokens, warmup = timed(make_run(), n, args.repeats)
+        except Exception as e:  # a row that cannot run is reported, not fatal
+            rows.append(dict(precision=name, what=label, note=f"failed: {type(e).__name__}: "
+                                                          f"{str(e).splitlines()[0][:120] if str(e) else ''}"))
+            log(f"{name} {label}: failed ({type(e).__name__})")
+        else:
+            if reference is None:
+                reference = tokens
+            same = tokens[:len(reference)] == reference[:len(tokens)]
+            rows.append(dict(precision=name, what=label, rate=rate, cpu_rate=cpu_rate, bytes=bytes_per_token,
+                             warmup=warmup, same=same, note=note))
+            log(f"{name} {label}: {rate:.1f} tok/s, by CPU time {cpu_rate:.1f} (warm-up {warmup:.1f}s, "
+                f"load {os.getloadavg()[0]:.1f})")
+        progress.update()
+
+    add("FlexFast eager", lambda: flexfast_runner(model, prompt, ff.Steps()))
+    add("FlexFast compiled", lambda: flexfast_runner(model, prompt, ff.compile_steps("cpu", False, dtype)),
+        "generate.compile_steps")
+    if not args.skip_hf:
+        from transformers import AutoModelForCausalLM, CompileConfig
+        hf_model = AutoModelForCausalLM.from_pretrained(args.checkpoint_path.parent, dtype=dtype).eval()
+        add("HF transformers eager", lambda: hf_runner(hf_model, prompt))
+        compile_config = CompileConfig(mode="default")
+        compile_config._compile_all_devices = True  # transformers compiles on CUDA only unless asked
+        add("HF static cache + torch.compile",
+            lambda: hf_runner(hf_model, prompt, cache_implementation="static", compile_config=compile_config),
+            'cache_implementation="static", CompileConfig(mode="default")')
+        del hf_model
+    else:
+        progress.update(2)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        llama_cpp = None
+    if llama_cpp is not None and args.gguf is not None:
+        add("llama.cpp (llama-cpp-python)", lambda: llama_cpp_runner(args.gguf, prompt.tolist(), args.threads),
+            f"{args.gguf.name}: its own weights and precision, bytes per token differ")
+    else:
+        why = "llama-cpp-python is not installed" if llama_cpp is None else "no --gguf given"
+        rows.append(dict(precision=name, what="llama.cpp (llama-cpp-python)", note=f"not measured: {why}"))
+        progress.update()
+    del model
+
+
+def markdown_table(rows, read_bw, copy_bw, bytes_per_token):
+    lines = ["| precision | what | tok/s | GB/s | % of read bandwidth | × HF eager | tok/s by CPU time | "
+             "× HF eager by CPU time | warm-up s | tokens = first row | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, nbytes in bytes_per_token.items():
+        lines.append(f"| {name} | **limit** (read bandwidth / {nbytes / 1e6:.0f} MB per token) | "
+                     f"{read_bw * 1e9 / nbytes:.1f} | {read_bw:.1f} | 100% | | | | | | |")
+        hf = next((r for r in rows if r["precision"] == name and r["what"] == "HF transformers eager"
+                   and "rate" in r), None)
+        for r in rows:
+            if r["precision"] != name:
+                continue
+            if "rate" not in r:
+                lines.append(f"| {name} | {r['what']} | – | – | – | – | – | – | – | – | {r['note']} |")
+                continue
+            gbs = r["rate"] * r["bytes"] / 1e9
+            ratio = f"{r['rate'] / hf['rate']:.2f}" if hf else "–"
+            cpu_ratio = f"{r['cpu_rate'] / hf['cpu_rate']:.2f}" if hf else "–"
+            lines.append(f"| {name} | {r['what']} | {r['rate']:.1f} | {gbs:.1f} | {100 * gbs / read_bw:.0f}% | "
+                         f"{ratio} | {r['cpu_rate']:.1f} | {cpu_ratio} | {r['warmup']:.1f} | "
+                         f"{'yes' if r['same'] else 'no'} | {r['note']} |")
+    lines.append("")
+    lines.append(f"Read bandwidth {read_bw:.1f} GB/s, copy bandwidth {copy_bw:.1f} GB/s (measured here, "
+                 f"{torch.get_num_threads()} threads).")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark decode speed against HF transformers (and llama.cpp).")
+    p.add_argument("--checkpoint_path", type=Path, default=ff.DEFAULT_CHECKPOINT)
+    p.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per row after the warm-up; the best counts")
+    p.add_argument("--prompt", type=str, default=DEFAULT_PROMPT)
+    p.add_argument("--skip_hf", action="store_true", help="only the FlexFast rows")
+    p.add_argument("--gguf", type=Path, default=None, help="GGUF file of the same model, for the llama.cpp row")
+    return p.parse_args(argv)
+
+
+def run(args):
+    if args.max_new_tokens < 2:
+        raise ValueError("--max_new_tokens must be at least 2 (decode speed is measured after the first token)")
+    if args.threads < 1 or args.repeats < 1:
+        raise ValueError("--threads and --repeats must be at least 1")
+    if not args.checkpoint_path.exists():
+        raise FileNotFoundError(f"{args.checkpoint_path} not found (run ./scripts/prepare.sh first)")
+    if args.gguf is not None and not args.gguf.exists():
+        raise FileNotFoundError(f"{args.gguf} not found")
+    torch.set_num_threads(args.threads)
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    tokenizer = load_tokenizer(args.checkpoint_path.parent)
+    prompt = torch.tensor(tokenizer.encode(args.prompt, add_special_tokens=True), dtype=torch.long)
+    log(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
+        f"load average {os.getloadavg()[0]:.1f}")
+    read_bw, copy_bw = measure_bandwidth()
+    log(f"read bandwidth {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s")
+    rows, bytes_per_token = [], {}
+    with tqdm(total=5 * len(precisions), file=sys.stderr, unit="row") as progress:
+        for name in precisions:
+            benchmark_precision(args, name, prompt, bytes_per_token, rows, progress)
+    # measure again at the end and keep the best: the machine may be shared
+    read_again, copy_again = measure_bandwidth()
+    read_bw, copy_bw = max(read_bw, read_again), max(copy_bw, copy_again)
+    print(f"{args.checkpoint_path.parent.name}, batch 1, greedy, {args.max_new_tokens} new tokens, prompt "
+          f"{prompt.shape[0]} tokens, {args.threads} threads, torch {torch.__version__}, load average at the end "
+          f"{os.getloadavg()[0]:.1f}\n")
+    print(markdown_table(rows, read_bw, copy_bw, bytes_per_token))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""scripts/benchmark.py: the table arithmetic and the CLI's error handling (the timed runs themselves are not tested:
+they take minutes on the real model)."""
+import subprocess
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import benchmark  # noqa: E402
+
+
+def test_table_figures():
+    rows = [dict(precision="fp32", what="FlexFast compiled", rate=40.0, cpu_rate=60.0, bytes=500e6, warmup=90.0,
+                 same=True, note=""),
+            dict(precision="fp32", what="HF transformers eager", rate=20.0, cpu_rate=20.0, bytes=500e6, warmup=1.0,
+                 same=False, note=""),
+            dict(precision="fp32", what="llama.cpp (llama-cpp-python)", note="not measured: not installed")]
+    table = benchmark.markdown_table(rows, read_bw=25.0, copy_bw=30.0, bytes_per_token={"fp32": 500e6})
+    lines = table.splitlines()
+    limit = next(line for line in lines if "**limit**" in line)
+    assert "| 50.0 | 25.0 | 100% |" in limit  # 25 GB/s / 0.5 GB per token
+    assert all(line.count("|") == lines[0].count("|") for line in lines[:5])
+    ours = next(line for line in lines if "FlexFast compiled" in line)
+    assert "| 40.0 | 20.0 | 80% | 2.00 | 60.0 | 3.00 | 90.0 | yes |" in ours  # 40 tok/s x 0.5 GB; twice HF eager
+    hf = next(line for line in lines if "HF transformers eager" in line)
+    assert "| 1.00 |" in hf and "| no |" in hf
+    assert "not measured: not installed" in next(line for line in lines if "llama.cpp" in line)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts/benchmark.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_bad_arguments_give_one_error_line(tmp_path):
+    for args, message in [(["--max_new_tokens", "1"], "--max_new_tokens"),
+                          (["--checkpoint_path", str(tmp_path / "missing/model.pth")], "not found")]:
+        result = run_cli(*args)
+        assert result.returncode != 0
+        assert result.stderr.strip().startswith("error:") and message in result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert result.stdout == ""
+
+
+def test_flexfast_row_times_the_tokens_generate_returns(tmp_path):
+    import torch
+    import generate
+    from conftest import make_converted_llama
+    model = generate.load_model(make_converted_llama(tmp_path / "tiny"), "cpu", torch.float32)
+    model.setup_caches(1, 32)
+    prompt = torch.tensor([1, 2, 3])
+    (rate, cpu_rate), tokens = benchmark.flexfast_runner(model, prompt, generate.Steps())(8)
+    assert tokens == generate.generate(model, prompt, 8, temperature=0.0)[0].tolist() and len(tokens) == 8
+    assert rate > 0 and cpu_rate > 0
