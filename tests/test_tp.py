@@ -12,7 +12,6 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import generate as gen
 import tp
@@ -70,25 +69,9 @@ def error_lines(stderr: str) -> list:
 def write_flexidepth(folder, seed=0):
     """A tiny FlexiDepth checkpoint: a tiny Llama plus random routers and adapters on layers 1..3, with the
     router head scaled so that some tokens run a routed layer and some skip it."""
+    from test_flexidepth import add_routers
     make_hf_llama(folder, seed, **TINY)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(model_type="ddllama", routing_layers=[1, 2, 3])
-    (folder / "config.json").write_text(json.dumps(config))
-    weights = load_file(str(folder / "model.safetensors"))
-    dim, ffn = config["hidden_size"], config["intermediate_size"]
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g) / shape[-1] ** 0.5
-    for i in config["routing_layers"]:
-        p = f"model.layers.{i}."
-        weights[p + "router.router_enc.weight"] = rand(dim // 16, dim)
-        weights[p + "router.router_norm.weight"] = torch.ones(dim // 16)
-        weights[p + "router.router_dec.weight"] = rand(dim, dim // 16)
-        weights[p + "router.router_head.weight"] = 4 * rand(1, dim)
-        weights[p + "router_proj.gate_proj.weight"] = rand(ffn // 16, dim)
-        weights[p + "router_proj.down_proj.weight"] = rand(ffn // 16, dim)
-        weights[p + "router_proj.up_proj.weight"] = rand(dim, ffn // 16)
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return convert(folder)
+    return convert(add_routers(folder, [1, 2, 3], seed=seed))
 
 
 @pytest.fixture(scope="module")
