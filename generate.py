@@ -238,7 +238,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     accepted: list = field(default_factory=list)  # tokens accepted per speculation step (n, of k)
     speculate_k: list = field(default_factory=list)  # k used at each speculation step
-    draft_seconds: float = 0.0  # time spent in draft steps / verify steps (speculation only)
+    draft_seconds: float = 0.0  # time in draft / verify forwards alone (speculation only)
     verify_seconds: float = 0.0
     layers_used: list = field(default_factory=list)  # FlexiDepth: per generated token, the layers that ran
 
@@ -277,7 +277,8 @@ class GenerationStats:
 
     @property
     def ideal_tokens_per_second(self) -> float:
-        """What the measured acceptance allows if a step cost only its draft and verify forwards."""
+        """What the measured acceptance allows if a step cost only its draft and verify forwards (their measured
+        times): the rest of the loop (sampling, acceptance, bookkeeping) is what achieved/ideal shows."""
         mean_k = sum(self.speculate_k) / len(self.speculate_k)
         return (self.mean_accepted + 1) / (mean_k * self.draft_step_seconds + self.verify_step_seconds)
 
@@ -380,40 +381,42 @@ def next_k(k: int, accepted: int, k_max: int) -> int:
 
 def speculate_once(model, draft_model, steps, token, pos, k, k_max, early_exit, temperature, top_k, top_p,
                    generator, stats):
-    """One draft-then-verify step from `token` at position pos: k drafts, verified in k_max + 1 rows."""
+    """One draft-then-verify step from `token` at position pos: k drafts, verified in k_max + 1 rows.
+    stats gets the time of the draft and verify forwards alone (no sampling, no acceptance), so that the ideal
+    they allow can be set against the achieved rate."""
     device = token.device
-    t0 = time.perf_counter()
     draft_tokens, draft_probs = [], []
     kept_hidden = torch.zeros(1, k_max + 1, model.args.dim, device=device, dtype=model.norm.weight.dtype)
     x = token
     for i in range(k):
         input_pos = torch.tensor([pos + i], device=device)
+        t0 = time.perf_counter()
         if draft_model is None:
             logits, hidden = steps.draft(model, x.view(1, 1), input_pos, early_exit)
             kept_hidden[:, i] = hidden[:, 0]
         else:
             logits = steps.decode(draft_model, x.view(1, 1), input_pos)
+        synchronize(device)
+        stats.draft_seconds += time.perf_counter() - t0
         probs = logits_to_probs(logits[0], temperature, top_k, top_p)
         x = logits[0].argmax(-1) if temperature <= 0 else sample_from(probs, generator)
         draft_tokens.append(x)
         draft_probs.append(probs)
-    synchronize(device)
-    t1 = time.perf_counter()
     verify_pos = torch.arange(pos, pos + k_max + 1, device=device)
     candidates = torch.stack([token] + draft_tokens + [x] * (k_max - k))  # padded to the fixed shape
+    t0 = time.perf_counter()
     if draft_model is None:
         last_index = torch.tensor([k], device=device)
         logits = steps.verify(model, x.view(1, 1), last_index, kept_hidden, verify_pos, early_exit)
     else:
         logits = steps.verify_full(model, candidates.view(1, -1), verify_pos)
+    synchronize(device)
+    stats.verify_seconds += time.perf_counter() - t0
     target_probs = logits_to_probs(logits[:k + 1], temperature, top_k, top_p)
     n, next_token = speculative_accept(torch.stack(draft_tokens), torch.stack(draft_probs), target_probs, generator)
     if draft_model is not None and n == k:
         # the draft model never saw its own last draft; give it that token so its cache has no hole
         steps.decode(draft_model, draft_tokens[-1].view(1, 1), torch.tensor([pos + k], device=device))
-    synchronize(device)
-    stats.draft_seconds += t1 - t0
-    stats.verify_seconds += time.perf_counter() - t1
     return n, next_token, [int(t) for t in draft_tokens]
 
 
