@@ -1,5 +1,7 @@
 """Shared test helpers: tiny random Llama variants saved the way Hugging Face saves them, run through our real
 converter; and the real offline default model (prepared by ./scripts/prepare.sh)."""
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -57,3 +59,21 @@ def default_checkpoint() -> Path:
     if not DEFAULT_CHECKPOINT.exists():
         pytest.fail(f"{DEFAULT_CHECKPOINT} is missing: run ./scripts/prepare.sh first")
     return DEFAULT_CHECKPOINT
+
+
+TQDM_LINE = re.compile(r"^[^:]*:\s*\d+%\|")  # a progress bar may precede the error on stderr
+
+
+def run_cli(script, *args, **kwargs):
+    """Run one of the project's scripts (path relative to the repo root) as a user would."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, **kwargs)
+
+
+def assert_one_line_error(result, pattern):
+    """Bad input: non-zero exit, no traceback, exactly one 'error: ...' line on stderr, matching pattern."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not TQDM_LINE.match(line)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(pattern, lines[0]), lines[0]

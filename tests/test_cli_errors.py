@@ -3,7 +3,6 @@ Each case breaks one thing in an otherwise good folder and runs the real script:
 each kind (a fresh interpreter costs ~1.5 s of CPU here), the rest through the script's main() in this process,
 which fails the same way on a traceback (the exception reaches pytest) and on anything but sys.exit("error: ...")."""
 import json
-import re
 import shutil
 import signal
 import subprocess
@@ -13,16 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import DEFAULT_CHECKPOINT, ROOT, make_converted_llama, make_hf_llama
+from conftest import DEFAULT_CHECKPOINT, ROOT, assert_one_line_error, make_converted_llama, make_hf_llama, run_cli
 
 SMOLLM2_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
 CONTEXT = 64
-TQDM_LINE = re.compile(r"^[^:]*:\s*\d+%\|")  # a progress bar may precede the error on stderr
-
-
-def run_cli(script, *args, **kwargs):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, **kwargs)
 
 
 def run_main(script, argv, capfd, monkeypatch):
@@ -44,14 +37,6 @@ def run_main(script, argv, capfd, monkeypatch):
 
 def run_either(in_subprocess, script, argv, capfd, monkeypatch):
     return run_cli(script, *argv) if in_subprocess else run_main(script, argv, capfd, monkeypatch)
-
-
-def assert_one_line_error(result, pattern):
-    assert result.returncode != 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not TQDM_LINE.match(line)]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 def assert_no_partial_file(folder):

@@ -4,17 +4,14 @@ for the real-skip decode path."""
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import DEFAULT_CHECKPOINT, ROOT, make_hf_llama
+from conftest import DEFAULT_CHECKPOINT, assert_one_line_error, make_hf_llama, run_cli
 from convert_hf_checkpoint import convert
-from generate import Steps, compile_steps, forward_last, generate, load_model
-from model import FlexiDepthBlock
+from generate import compile_steps, forward_last, generate, load_model
 
 ROUTING_LAYERS = [1, 2, 3]
 STEPS = 32
@@ -168,20 +165,6 @@ def test_speculation_is_refused(checkpoint):
 
 # ---------------------------------------------------------------- CLIs
 
-TQDM_LINE = re.compile(r"^[^:]*:\s*\d+%\|")
-
-
-def run_cli(script, *args):
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
-
-
-def assert_one_line_error(result, pattern):
-    assert result.returncode != 0, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not TQDM_LINE.match(line)]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 @pytest.fixture(scope="module")

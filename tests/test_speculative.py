@@ -1,12 +1,11 @@
 """Self-speculative (LayerSkip early exit) and draft-model speculative decoding against plain decoding."""
-import subprocess
-import sys
+import re
 
 import pytest
 import torch
 
 import generate as g
-from conftest import ROOT, make_converted_llama
+from conftest import assert_one_line_error, make_converted_llama, run_cli
 
 
 def greedy(model, prompt, n, steps=None, **kw):
@@ -176,11 +175,6 @@ def test_draft_model_bf16_copy_equals_greedy_default_model(default_model, defaul
     assert sum(stats.accepted) / len(stats.accepted) > 1.5  # a bf16 copy agrees with fp32 almost always
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "generate.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--self_speculative", "--early_exit", "0"], "--early_exit must be in 1..29"),
     (["--self_speculative", "--early_exit", "30"], "--early_exit must be in 1..29"),
@@ -190,16 +184,12 @@ def run_cli(*args):
     (["--self_speculative", "--early_exit", "4", "--max_new_tokens", "8190"], "context is 8192"),
 ])
 def test_bad_speculation_flags(default_checkpoint, flags, message):
-    result = run_cli("--checkpoint_path", str(default_checkpoint), "--temperature", "0", *flags)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    result = run_cli("generate.py", "--checkpoint_path", default_checkpoint, "--temperature", "0", *flags)
+    assert_one_line_error(result, re.escape(message))
 
 
 def test_draft_model_with_other_vocabulary_refused(default_checkpoint, tmp_path):
     draft = make_converted_llama(tmp_path, vocab_size=256)
-    result = run_cli("--checkpoint_path", str(default_checkpoint), "--draft_checkpoint_path", str(draft),
+    result = run_cli("generate.py", "--checkpoint_path", default_checkpoint, "--draft_checkpoint_path", draft,
                      "--max_new_tokens", "4")
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "vocabulary" in lines[0], result.stderr
+    assert_one_line_error(result, "vocabulary")
