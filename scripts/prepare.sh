@@ -16,7 +16,7 @@ if [ "${1:-}" = "--flexidepth" ]; then
   fi
   bash scripts/prepare.sh  # the plain default first
   "$PYTHON" scripts/train_router.py --checkpoint_path "$base/model.pth" --out_dir "$out" \
-    --routing_layers 15-29 --distill --penalty 7e-2 --steps 40 --seq_len 64 --batch_size 4 --lr 3e-3 --eval_windows 16
+    --routing_layers 15-29 --penalty 1e-1 --steps 200 --seq_len 64 --batch_size 4 --lr 3e-3 --eval_windows 16
   exit 0
 fi
 

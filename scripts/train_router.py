@@ -6,13 +6,14 @@
 Writes an HF-style FlexiDepth folder (config.json with model_type "ddllama" and routing_layers, model.safetensors
 with the HF tensor names, tokenizer files) and converts it, so model.pth is there too; generate.py loads it.
 
-How the router learns through a hard threshold. Training uses the model's own masking forward (FlexiDepthBlock,
-real_skip=False): each token takes the branch its gate picks (w > 0.5), and the gate weight w scales that branch's
-contribution, w * mlp(...) when it runs and (1 - w) * adapter(...) when it skips. The choice itself has no
-gradient, but dLoss/dw does, for every token, through whichever branch it took; no straight-through estimator is
-needed. The skip penalty is FlexiDepth's: P times the sum of w over the routed layers, averaged over tokens. It
-pushes w down; a token starts skipping a layer when w falls below 0.5 and keeps skipping it while the adapter path
-serves the loss at least as well as the penalty costs.
+How the router learns through a hard threshold. Training uses the layer's masking form: each token takes the
+branch its gate picks (w > 0.5), and w scales that branch, w * mlp(...) when it runs and (1 - w) * adapter(...)
+when it skips. That scaling alone gives w a gradient, but only "scale the branch you are on": a token that runs is
+pushed to run harder and one that skips to skip harder, so the skip penalty (P times the sum of w over the routed
+layers, averaged over tokens, FlexiDepth's) tips whole layers over at once and decisions are never revisited (a
+cliff: see BENCHMARKS.md). So w also gets a straight-through gradient towards the other branch,
+dLoss/dout . (run_out - skip_out) (routed_layer; --no-compare turns it off), which pushes a token back to running
+when running serves the loss better. With it the layers used fall smoothly as the penalty grows.
 Initial state: the router is an odd function of its input (no biases, tanh), so no data-free initialisation makes
 every token run. We aim its encoder at the mean direction of that layer's normed inputs on the first batch (hidden
 states share a dominant direction), so training starts with almost every token running at w ~ 0.95 (near the
@@ -111,24 +112,39 @@ def fresh_caches(model: Transformer, batch: int, seq_len: int):
         layer.attention.kv_cache = KVCache(batch, seq_len, layer.attention.n_kv_heads, a.head_dim, dtype)
 
 
-def forward_hidden(model: Transformer, x, start: int, end: int, full_depth: bool, gates: list = None):
-    """Layers [start, end) on x at positions 0..T-1. Routed layers use their masking forward (the checkpoint's
-    rule, threshold model.skip_threshold) unless full_depth, which runs every layer as a plain block (the teacher).
-    Appends each routed layer's gate weights [B, T] to `gates`."""
+def routed_layer(layer: FlexiDepthBlock, x, rope, mask, pos, threshold: float, compare: bool):
+    """The layer's masking forward (its own gate / run_branch / skip_branch, so the checkpoint's rule), returning
+    (output, gate weights [B, T, 1]). With compare, w also gets the gradient of moving the token towards the other
+    branch, dLoss/dout . (run_out - skip_out): a straight-through estimate of what switching branches would do.
+    Without it w only learns to scale the branch it is on, so a decision, once made, is never revisited."""
+    normed = layer.attention_norm(x)
+    w, run = layer.gate(normed, threshold)
+    k, v = layer.attention.write_kv(normed, rope, pos)
+    operands = (x, normed, w, rope, mask, k, v)
+    run_out, skip_out = layer.run_branch(*operands), layer.skip_branch(*operands)
+    out = torch.where(run, run_out, skip_out)
+    if compare:
+        out = out + (w - w.detach()) * (run_out - skip_out).detach()  # adds 0 to the value
+    return out, w
+
+
+def forward_hidden(model: Transformer, x, start: int, end: int, full_depth: bool, gates: list = None,
+                   compare: bool = False):
+    """Layers [start, end) on x at positions 0..T-1. Routed layers use routed_layer unless full_depth, which runs
+    every layer as a plain block (the teacher). Appends each routed layer's gate weights [B, T] to `gates`."""
     T = x.shape[1]
     pos = torch.arange(T)
     rope, mask = model.rope[:T], model.causal_mask[None, None, :T, :T]
     for layer in model.layers[start:end]:
         if isinstance(layer, FlexiDepthBlock) and not full_depth:
-            hook = layer.router.register_forward_hook(lambda m, i, o: gates.append(torch.sigmoid(o)[..., 0]))
-            x = layer(x, rope, mask, pos, model.skip_threshold, False)
-            hook.remove()
+            x, w = routed_layer(layer, x, rope, mask, pos, model.skip_threshold, compare)
+            gates.append(w[..., 0])
         else:
             x = TransformerBlock.forward(layer, x, rope, mask, pos)
     return x
 
 
-def student_and_teacher(model: Transformer, idx, need_teacher: bool):
+def student_and_teacher(model: Transformer, idx, need_teacher: bool, compare: bool = False):
     """Shared frozen prefix (layers below the first routed one), then the full-depth teacher (no grad) if asked,
     then the routed student. Returns student logits, gates [n_routed, B, T], teacher logits or None."""
     B, T = idx.shape
@@ -140,7 +156,7 @@ def student_and_teacher(model: Transformer, idx, need_teacher: bool):
         teacher = model.head(forward_hidden(model, prefix, first, L, True)) if need_teacher else None
     fresh_caches(model, B, T)
     gates = []
-    logits = model.head(forward_hidden(model, prefix, first, L, False, gates))
+    logits = model.head(forward_hidden(model, prefix, first, L, False, gates, compare))
     return logits, torch.stack(gates), teacher
 
 
@@ -299,7 +315,7 @@ def train(a) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     run_settings = dict(checkpoint=str(checkpoint_path), routing_layers=model.args.routing_layers, penalty=a.penalty,
-                        distill=a.distill, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr)
+                        distill=a.distill, compare=a.compare, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr)
     step = 0
     state_path = out_dir / STATE_FILE
     if a.resume:
@@ -328,7 +344,7 @@ def train(a) -> dict:
             group["lr"] = a.lr * min(1.0, (step + 1) / 10)
         batch = batch_at(train_windows, step, a.batch_size)
         idx, target = batch[:, :-1], batch[:, 1:]
-        logits, gates, teacher = student_and_teacher(model, idx, a.distill)
+        logits, gates, teacher = student_and_teacher(model, idx, a.distill, a.compare)
         if a.distill:
             task = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(teacher, -1).flatten(0, 1),
                             log_target=True, reduction="batchmean")
@@ -371,6 +387,8 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--distill", action="store_true", help="KL to the frozen full-depth model instead of the LM loss")
+    p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
+                   help="straight-through gradient between the two branches (see routed_layer)")
     p.add_argument("--out_dir", type=Path, default=None, help="default: <checkpoint folder>-FlexiDepth beside it")
     p.add_argument("--resume", action="store_true", help=f"continue from <out_dir>/{STATE_FILE}")
     p.add_argument("--eval_windows", type=int, default=32, help="held-out windows of seq_len tokens")

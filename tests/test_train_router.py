@@ -111,3 +111,34 @@ def test_refuses_other_routing_layers_on_flexidepth(runs, tmp_path):
     with pytest.raises(SystemExit, match="already FlexiDepth"):
         train_router.main(["--checkpoint_path", str(out / "model.pth"), "--out_dir", str(tmp_path / "o"),
                            "--routing_layers", "1-3", "--steps", "1"])
+
+
+def test_compare_adds_the_branch_difference_to_the_gate_gradient(runs):
+    """routed_layer: the value is the checkpoint's rule (the model's own masking forward); compare only adds
+    dLoss/dout . (run_out - skip_out) to dLoss/dw, which is what lets a token move back across the threshold."""
+    _, out = runs[1.0]
+    model = load_model(out / "model.pth", "cpu", torch.float32)
+    model.setup_caches(2, 16)
+    layer = model.layers[2]
+    layer.router.requires_grad_(True)
+    x = torch.randn(2, 16, model.args.dim)
+    rope, mask, pos = model.rope[:16], model.causal_mask[None, None, :16, :16], torch.arange(16)
+    with torch.no_grad():
+        reference = layer(x, rope, mask, pos, 0.5, False)
+    results = {}
+    for compare in (False, True):
+        train_router.fresh_caches(model, 2, 16)
+        y, w = train_router.routed_layer(layer, x, rope, mask, pos, 0.5, compare)
+        upstream = torch.randn_like(y, generator=torch.Generator().manual_seed(1))
+        results[compare] = y, torch.autograd.grad((y * upstream).sum(), w)[0], upstream
+    torch.testing.assert_close(results[True][0], reference)
+    torch.testing.assert_close(results[False][0], reference)
+    normed = layer.attention_norm(x)
+    with torch.no_grad():
+        w, _ = layer.gate(normed, 0.5)
+        train_router.fresh_caches(model, 2, 16)
+        k, v = layer.attention.write_kv(normed, rope, pos)
+        ops = (x, normed, w, rope, mask, k, v)
+        difference = layer.run_branch(*ops) - layer.skip_branch(*ops)
+    upstream = results[True][2]
+    torch.testing.assert_close(results[True][1] - results[False][1], (upstream * difference).sum(-1, keepdim=True))
