@@ -53,3 +53,31 @@ def test_flexfast_row_times_the_tokens_generate_returns(tmp_path):
     (rate, cpu_rate), tokens = benchmark.flexfast_runner(model, prompt, generate.Steps())(8)
     assert tokens == generate.generate(model, prompt, 8, temperature=0.0)[0].tolist() and len(tokens) == 8
     assert rate > 0 and cpu_rate > 0
+
+
+def test_random_checkpoint_matches_transformers(tmp_path):
+    """scripts/random_checkpoint.py (what bench_gpu.sh builds on the GPU machine): the shape asked for, converted by
+    our converter, with the tokenizer of --like, and the same logits as transformers on the saved weights."""
+    import torch
+    from conftest import make_hf_llama, run_cli
+    from generate import load_model
+    from transformers import AutoModelForCausalLM
+    like = make_hf_llama(tmp_path / "like")
+    (like / "tokenizer_config.json").write_text("{}")
+    result = run_cli("scripts/random_checkpoint.py", "--like", like, "--out", tmp_path / "r", "--hidden_size", 96,
+                     "--num_hidden_layers", 3, "--num_attention_heads", 6, "--num_key_value_heads", 2)
+    assert result.returncode == 0, result.stderr
+    model = load_model(tmp_path / "r/model.pth", "cpu", torch.float32)
+    assert (model.args.dim, model.args.n_layers, model.args.n_heads, model.args.head_dim) == (96, 3, 6, 16)
+    assert (tmp_path / "r/tokenizer_config.json").exists()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "r").eval()
+    idx = torch.randint(0, 256, (1, 12))
+    model.setup_caches(1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, torch.arange(12)), hf(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_random_checkpoint_bad_like(tmp_path):
+    from conftest import assert_one_line_error, run_cli
+    assert_one_line_error(run_cli("scripts/random_checkpoint.py", "--like", tmp_path, "--out", tmp_path / "r"),
+                          "config.json not found")
