@@ -29,6 +29,25 @@ from model import FlexiDepthBlock  # noqa: E402
 DEFAULT_SOURCE = ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
+def random_router_weights(config: dict, routing_layers: list, seed: int) -> dict:
+    """A random router and adapter per routed layer, HF tensor names. The router head is scaled so that the gate's
+    logit spreads around 0: about half the tokens skip each routed layer."""
+    dim, ffn = config["hidden_size"], config["intermediate_size"]
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) / shape[-1] ** 0.5
+    weights = {}
+    for i in routing_layers:
+        p = f"model.layers.{i}."
+        weights[p + "router.router_enc.weight"] = rand(dim // 16, dim)
+        weights[p + "router.router_norm.weight"] = 1 + 0.1 * torch.randn(dim // 16, generator=g)
+        weights[p + "router.router_dec.weight"] = rand(dim, dim // 16)
+        weights[p + "router.router_head.weight"] = 4 * rand(1, dim)
+        weights[p + "router_proj.gate_proj.weight"] = rand(ffn // 16, dim)
+        weights[p + "router_proj.down_proj.weight"] = rand(ffn // 16, dim)
+        weights[p + "router_proj.up_proj.weight"] = rand(dim, ffn // 16)
+    return weights
+
+
 def write_flexidepth_folder(source: Path, out: Path, routing_layers: list, seed: int = 0) -> Path:
     """An HF folder: the source weights unchanged plus a random router and adapter on each routed layer."""
     from safetensors.torch import load_file, save_file
@@ -36,18 +55,7 @@ def write_flexidepth_folder(source: Path, out: Path, routing_layers: list, seed:
     config["model_type"] = "ddllama"
     config["routing_layers"] = routing_layers
     weights = load_file(str(source / "model.safetensors"))
-    dim, ffn = config["hidden_size"], config["intermediate_size"]
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g) / shape[-1] ** 0.5
-    for i in routing_layers:
-        p = f"model.layers.{i}."
-        weights[p + "router.router_enc.weight"] = rand(dim // 16, dim)
-        weights[p + "router.router_norm.weight"] = torch.ones(dim // 16)
-        weights[p + "router.router_dec.weight"] = rand(dim, dim // 16)
-        weights[p + "router.router_head.weight"] = 4 * rand(1, dim)
-        weights[p + "router_proj.gate_proj.weight"] = rand(ffn // 16, dim)
-        weights[p + "router_proj.down_proj.weight"] = rand(ffn // 16, dim)
-        weights[p + "router_proj.up_proj.weight"] = 0.1 * rand(dim, ffn // 16)
+    weights.update(random_router_weights(config, routing_layers, seed))
     out.mkdir(parents=True, exist_ok=True)
     for name in ["tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"]:
         if (source / name).exists():

@@ -4,39 +4,32 @@ for the real-skip decode path."""
 import json
 import re
 import shutil
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import DEFAULT_CHECKPOINT, assert_one_line_error, make_hf_llama, run_cli
+from conftest import DEFAULT_CHECKPOINT, ROOT, assert_one_line_error, make_hf_llama, run_cli
 from convert_hf_checkpoint import convert
 from generate import compile_steps, forward_last, generate, load_model
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_flexidepth import random_router_weights  # noqa: E402
 
 ROUTING_LAYERS = [1, 2, 3]
 STEPS = 32
 
 
 def add_routers(folder, routing_layers, seed=1):
-    """Turn a saved HF Llama folder into a FlexiDepth one: config fields + router and adapter tensors. The router
-    head is scaled so that the gate's logit spreads around 0: about half the tokens skip each routed layer."""
+    """Turn a saved HF Llama folder into a FlexiDepth one: config fields + random router and adapter tensors
+    (about half the tokens skip each routed layer)."""
     config = json.loads((folder / "config.json").read_text())
     config["model_type"] = "ddllama"
     config["routing_layers"] = routing_layers
     (folder / "config.json").write_text(json.dumps(config))
     weights = load_file(str(folder / "model.safetensors"))
-    dim, ffn = config["hidden_size"], config["intermediate_size"]
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape: torch.randn(*shape, generator=g) / shape[-1] ** 0.5
-    for i in routing_layers:
-        p = f"model.layers.{i}."
-        weights[p + "router.router_enc.weight"] = rand(dim // 16, dim)
-        weights[p + "router.router_norm.weight"] = 1 + 0.1 * torch.randn(dim // 16, generator=g)
-        weights[p + "router.router_dec.weight"] = rand(dim, dim // 16)
-        weights[p + "router.router_head.weight"] = 4 * rand(1, dim)
-        weights[p + "router_proj.gate_proj.weight"] = rand(ffn // 16, dim)
-        weights[p + "router_proj.down_proj.weight"] = rand(ffn // 16, dim)
-        weights[p + "router_proj.up_proj.weight"] = rand(dim, ffn // 16)
+    weights.update(random_router_weights(config, routing_layers, seed))
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
