@@ -205,8 +205,9 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         prefill_options = dict(fullgraph=True, dynamic=True)
     else:
         import torch._inductor.config as inductor_config
-        # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead; freezing lets inductor prepack the weights
-        # (~5x); concatenating the linears that share an input (wq/wk/wv, w1/w3) saves 3 of 7 matmul calls per layer.
+        # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead. For the multi-token steps (verify, prefill)
+        # freezing lets inductor prepack the weights, and concatenating the linears that share an input (wq/wk/wv,
+        # w1/w3) saves 3 of 7 matmul calls per layer.
         # Set process-wide: passed as torch.compile(options=...) they did not take effect (measured no faster).
         inductor_config.freezing = True
         inductor_config.cpp.enable_concat_linear = True
@@ -214,8 +215,9 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         inductor_config.max_autotune_report_choices_stats = False
         options = dict(fullgraph=True)
         prefill_options = dict(fullgraph=True, dynamic=True)
-        # max-autotune: inductor's CPP GEMM templates beat MKL's batch-1 fp32 GEMV (~1.9x decode) but not oneDNN's
-        # bf16 one, and cost ~2.5x the compile time; so fp32 only, and only when the caller says fp32 (tests don't).
+        # max-autotune: inductor's CPP GEMM templates beat MKL's fp32 GEMMs but not oneDNN's bf16 ones, and cost
+        # ~2.5x the compile time; so fp32 only, and only when the caller says fp32 (tests don't). One-token steps
+        # have no GEMM left to tune: model.Linear writes them as a GEMV that inductor generates itself.
         if precision == torch.float32:
             options["mode"] = "max-autotune-no-cudagraphs"
     torch._dynamo.config.cache_size_limit = 64

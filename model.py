@@ -115,6 +115,20 @@ class RMSNorm(nn.Module):
         return self.weight * normed.type_as(x)
 
 
+class Linear(nn.Linear):
+    """A bias-free nn.Linear. For one token on CPU under torch.compile it is written as multiply-and-sum, which
+    inductor turns into a GEMV kernel that streams the weight once. F.linear there lowers to oneDNN, which reorders
+    an unpacked bf16 weight at every call, and freezing prepacks only the weights of the main graph, never those
+    read inside a torch.cond branch (FlexiDepth's run/skip branches). BENCHMARKS.md has the figures."""
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
+            return (x.unsqueeze(-2) * self.weight).sum(-1, dtype=torch.float32).to(x.dtype)
+        return F.linear(x, self.weight)
+
+
 def rope_frequencies(args: ModelArgs) -> Tensor:
     inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
     if args.rope_scaling is not None:
@@ -149,10 +163,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         self.kv_cache: Optional[KVCache] = None
 
     def write_kv(self, x: Tensor, rope: Tensor, input_pos: Tensor):
@@ -178,9 +192,9 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(args.dim, args.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)  # down
+        self.w1 = Linear(args.dim, args.intermediate_size)  # gate
+        self.w3 = Linear(args.dim, args.intermediate_size)  # up
+        self.w2 = Linear(args.intermediate_size, args.dim)  # down
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -203,10 +217,10 @@ class Router(nn.Module):
     """FlexiDepth router: a bottleneck MLP on the layer's normed input, one logit per token."""
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.enc = nn.Linear(args.dim, args.router_dim, bias=False)
+        self.enc = Linear(args.dim, args.router_dim)
         self.norm = RMSNorm(args.router_dim, args.norm_eps)
-        self.dec = nn.Linear(args.router_dim, args.dim, bias=False)
-        self.head = nn.Linear(args.dim, 1, bias=False)
+        self.dec = Linear(args.router_dim, args.dim)
+        self.head = Linear(args.dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.dec(torch.tanh(self.norm(self.enc(x)))))
@@ -217,9 +231,9 @@ class Adapter(nn.Module):
     down_proj widens like the gate, up_proj brings the result back to dim."""
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.adapter_dim, bias=False)
-        self.down_proj = nn.Linear(args.dim, args.adapter_dim, bias=False)
-        self.up_proj = nn.Linear(args.adapter_dim, args.dim, bias=False)
+        self.gate_proj = Linear(args.dim, args.adapter_dim)
+        self.down_proj = Linear(args.dim, args.adapter_dim)
+        self.up_proj = Linear(args.adapter_dim, args.dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.up_proj(F.silu(self.gate_proj(x)) * self.down_proj(x))
@@ -278,7 +292,7 @@ class Transformer(nn.Module):
         self.skip_threshold = 0.5
         self.masking_reference = False
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = -1

@@ -182,3 +182,20 @@ def test_converter_writes_to_another_folder(reference_folder, tmp_path):
     out = convert(folder, tmp_path / "out")
     assert out == tmp_path / "out" / "model.pth" and (tmp_path / "out" / "config.json").exists()
     assert_same_state_dict(torch.load(out, weights_only=True), reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_one_token_linear_matches_f_linear(dtype):
+    # model.Linear is multiply-and-sum for one token under torch.compile on CPU (a GEMV kernel); same numbers as
+    # F.linear to accumulation order, for one token (that form) and for several (F.linear itself)
+    from model import Linear
+    torch.manual_seed(0)
+    linear = Linear(96, 40).to(dtype)
+    compiled = torch.compile(linear, fullgraph=True)
+    for shape in [(1, 1, 96), (1, 5, 96), (3, 1, 96)]:
+        x = torch.randn(shape, dtype=dtype)
+        want = torch.nn.functional.linear(x.double(), linear.weight.double())
+        got = compiled(x)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert (got.double() - want).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2)
+    torch._dynamo.reset()

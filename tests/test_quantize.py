@@ -190,7 +190,7 @@ def test_int8_draft_for_float_verifier(tiny):
 
 
 def test_flexidepth_routers_and_adapters_stay_float(tmp_path):
-    from model import FlexiDepthBlock
+    from model import FlexiDepthBlock, Linear
     from test_flexidepth import PROMPT, make_flexidepth
     from convert_hf_checkpoint import convert
     path = quantize(convert(make_flexidepth(tmp_path)), "int8")
@@ -200,7 +200,7 @@ def test_flexidepth_routers_and_adapters_stay_float(tmp_path):
     for layer in routed:
         for linear in (layer.router.enc, layer.router.dec, layer.router.head, layer.adapter.gate_proj,
                        layer.adapter.down_proj, layer.adapter.up_proj):
-            assert type(linear) is torch.nn.Linear and linear.weight.dtype == torch.float32
+            assert type(linear) is Linear and linear.weight.dtype == torch.float32
     # the one-token real-skip path and the masking form agree on the quantized model too
     model.setup_caches(1, 64)
     real_skip, stats = generate.generate(model, PROMPT, 16)
