@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import DEFAULT_CHECKPOINT, ROOT, assert_one_line_error, make_hf_llama, run_cli
+from conftest import DEFAULT_CHECKPOINT, ROOT, assert_one_line_error, make_converted_llama, make_hf_llama, run_cli
 from convert_hf_checkpoint import convert
 from generate import compile_steps, forward_last, generate, load_model
 
@@ -236,3 +236,20 @@ def test_cli_show_depth_and_html(cli_checkpoint, tmp_path):
 ])
 def test_cli_refuses(cli_checkpoint, flags, pattern):
     assert_one_line_error(run_generate(cli_checkpoint, *flags), pattern)
+
+
+def test_bench_trained_routers_table(cli_checkpoint, tmp_path):
+    # the full model the routers sit on: the same weights (same seed and shape), no routers
+    base = make_converted_llama(tmp_path / "base", num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True)
+    for name in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(DEFAULT_CHECKPOINT.parent / name, base.parent / name)
+    result = run_cli("scripts/bench_trained_routers.py", "--base", base, "--routed", cli_checkpoint, "--prompts", 2,
+                     "--max_new_tokens", 12, "--rounds", 1, "--precision", "fp32", "--threads", 1)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if "|" in line}
+    full, routed = rows[base.parent.name], rows[cli_checkpoint.parent.name]
+    assert float(full[1]) == 4.0 and 2.0 < float(routed[1]) < 4.0  # mean layers used: routers skip some
+    assert float(routed[2]) < float(full[2])  # MB read per token
+    assert float(routed[-1]) > 1.0 == float(full[-1])  # the bytes ideal, relative to the full model
+    assert_one_line_error(run_cli("scripts/bench_trained_routers.py", "--base", base, "--routed", base),
+                          "has no routed layers")
