@@ -40,6 +40,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    if min(args.prompts, args.max_new_tokens, args.rounds, args.threads or 1) < 1:
+        sys.exit("error: --prompts, --max_new_tokens, --rounds and --threads must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     precision = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
@@ -49,9 +51,16 @@ def main():
         prompts = [torch.tensor(tokenizer.encode(text)) for text in humaneval_prompts(args.prompts)]
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+    is_routed = lambda model: any(isinstance(layer, FlexiDepthBlock) for layer in model.layers)
+    if is_routed(models[args.base]):
+        sys.exit(f"error: --base {args.base} has routed layers; give the full model the routers were trained on")
+    shape = lambda model: (model.args.vocab_size, model.args.dim, model.args.n_layers)
     for path in args.routed:
-        if not any(isinstance(layer, FlexiDepthBlock) for layer in models[path].layers):
+        if not is_routed(models[path]):
             sys.exit(f"error: {path} has no routed layers")
+        if shape(models[path]) != shape(models[args.base]):
+            sys.exit(f"error: {path} (vocab, dim, layers {shape(models[path])}) was not trained on --base "
+                     f"{shape(models[args.base])}")
     longest = max(len(prompt) for prompt in prompts) + args.max_new_tokens + 1
     for model in models.values():
         model.setup_caches(1, longest)

@@ -250,6 +250,20 @@ def test_bench_trained_routers_table(cli_checkpoint, tmp_path):
     full, routed = rows[base.parent.name], rows[cli_checkpoint.parent.name]
     assert float(full[1]) == 4.0 and 2.0 < float(routed[1]) < 4.0  # mean layers used: routers skip some
     assert float(routed[2]) < float(full[2])  # MB read per token
-    assert float(routed[-1]) > 1.0 == float(full[-1])  # the bytes ideal, relative to the full model
-    assert_one_line_error(run_cli("scripts/bench_trained_routers.py", "--base", base, "--routed", base),
-                          "has no routed layers")
+    assert float(full[-1]) == 1.0 and float(routed[-1]) > 1.0  # the bytes ideal, relative to the full model
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("plain as routed", "has no routed layers"),
+    ("routed as base", "has routed layers"),
+    ("other shape", "was not trained on --base"),
+    ("zero rounds", "must be at least 1"),
+])
+def test_bench_trained_routers_refuses(cli_checkpoint, tmp_path, case, pattern):
+    other = make_converted_llama(tmp_path / "other", num_key_value_heads=2)  # SmolLM2-sized vocabulary it lacks
+    base, routed, extra = {"plain as routed": (other, other, []), "routed as base": (cli_checkpoint, cli_checkpoint, []),
+                           "other shape": (other, cli_checkpoint, []),
+                           "zero rounds": (other, cli_checkpoint, ["--rounds", 0])}[case]
+    shutil.copy(DEFAULT_CHECKPOINT.parent / "tokenizer.json", other.parent / "tokenizer.json")
+    assert_one_line_error(run_cli("scripts/bench_trained_routers.py", "--base", base, "--routed", routed, *extra),
+                          pattern)

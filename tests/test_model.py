@@ -185,17 +185,21 @@ def test_converter_writes_to_another_folder(reference_folder, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_one_token_linear_matches_f_linear(dtype):
-    # model.Linear is multiply-and-sum for one token under torch.compile on CPU (a GEMV kernel); same numbers as
-    # F.linear to accumulation order, for one token (that form) and for several (F.linear itself)
+def test_compiled_one_token_linear_is_a_gemv(dtype):
+    # model.Linear: one token under torch.compile on CPU is multiply-and-sum (inductor's own GEMV kernel, no mm);
+    # several tokens stay F.linear. Same numbers as F.linear to accumulation order either way.
+    from torch._inductor.utils import run_and_get_code
     from model import Linear
     torch.manual_seed(0)
     linear = Linear(96, 40).to(dtype)
-    compiled = torch.compile(linear, fullgraph=True)
-    for shape in [(1, 1, 96), (1, 5, 96), (3, 1, 96)]:
-        x = torch.randn(shape, dtype=dtype)
-        want = torch.nn.functional.linear(x.double(), linear.weight.double())
-        got = compiled(x)
-        assert got.shape == want.shape and got.dtype == dtype
-        assert (got.double() - want).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2)
-    torch._dynamo.reset()
+    try:
+        for shape, one_token in [((1, 1, 96), True), ((1, 5, 96), False), ((3, 1, 96), False)]:
+            torch._dynamo.reset()
+            x = torch.randn(shape, dtype=dtype)
+            got, code = run_and_get_code(torch.compile(linear, fullgraph=True), x)
+            assert ("extern_kernels.mm" in "".join(code)) != one_token
+            want = torch.nn.functional.linear(x.double(), linear.weight.double())
+            assert got.shape == want.shape and got.dtype == dtype
+            assert (got.double() - want).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2)
+    finally:
+        torch._dynamo.reset()
