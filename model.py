@@ -124,7 +124,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.shape[:-1].numel() == 1 and torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
             return (x.unsqueeze(-2) * self.weight).sum(-1, dtype=torch.float32).to(x.dtype)
         return F.linear(x, self.weight)
 
