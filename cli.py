@@ -1,0 +1,58 @@
+"""What every entry point shares: files that are never half-written, and bad input or an interrupt reported as one
+`error:` line with a non-zero exit. Imports nothing heavy, so any module can use it.
+"""
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+
+def write_atomic(path, write: Callable[[Path], None]) -> Path:
+    """write(tmp) fills a temporary file beside path; only a complete file replaces path. On any error or interrupt
+    the temporary file is removed and the previous path is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_atomic(obj, path) -> Path:
+    import torch
+    return write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_text_atomic(path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def copy_atomic(src, dst) -> Path:
+    return write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def catch_interrupts():
+    """SIGINT and SIGTERM both raise KeyboardInterrupt, whatever the parent left them as: a background job of a
+    non-interactive shell starts with SIGINT ignored, and Python then installs no handler of its own."""
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def main_guard(run: Callable, what: str = "run"):
+    """Call run() as a command-line entry point: bad input (ValueError, FileNotFoundError, OSError) and interrupts
+    end in one `error:` line and exit status 1, never a traceback. Returns run()'s result."""
+    catch_interrupts()
+    try:
+        return run()
+    except KeyboardInterrupt:
+        sys.exit(f"error: {what} interrupted")
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")
