@@ -41,9 +41,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import cli
-from generate import DEFAULT_CHECKPOINT, PRECISIONS, Steps, compile_steps, default_precision, load_model
-from generate_api import Sampling, StreamDecoder, depth_rgb, run_generate
-from tokenizer import load_tokenizer
+from depth_view import depth_rgb
+from generate import (DEFAULT_CHECKPOINT, PRECISIONS, Steps, compile_steps, default_precision, generate, load_model,
+                      warm_up)
+from sampling import Sampling
+from tokenizer import StreamDecoder, load_tokenizer
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
@@ -187,48 +189,59 @@ class Engine:
         if len(stop) > 4:
             raise APIError(400, "stop takes at most 4 strings", "stop")
         sampling = Sampling(temperature=body.temperature, top_k=body.top_k,
-                            top_p=body.top_p if body.top_p < 1 else None, seed=body.seed)
+                            top_p=body.top_p if body.top_p < 1 else None, seed=body.seed,
+                            device=str(self.model.norm.weight.device))
         return Job(prompt_ids, max_tokens or free, sampling, stop)
 
     def run(self, job: Job, emit, cancelled: threading.Event) -> dict:
         """In the worker thread: generate, emit(pieces) as text becomes final; returns finish_reason and usage.
         cancelled (the client went away) stops generation after the current step."""
-        model, T = self.model, len(job.prompt_ids)
-        pieces = TokenPieces(self.tokenizer, job.stop, self.tokenizer.eos_ids)
+        model, T, eos_ids = self.model, len(job.prompt_ids), self.tokenizer.eos_ids
+        pieces = TokenPieces(self.tokenizer, job.stop, eos_ids)
         routed = bool(model.args.routing_layers)
         seen = [0]
 
-        def callback(tokens: list) -> bool:
-            new = tokens[seen[0]:]
-            info = [dict(draft=bool(self.speculate_k) and i < len(new) - 1) for i in range(len(new))]
-            if routed:  # generated token j came out of the forward at position T-1+j
-                positions = torch.arange(T - 1 + seen[0], T - 1 + len(tokens), device=job_device(model))
-                for extra, used in zip(info, model.layers_ran(positions).sum(1).tolist()):
-                    extra.update(layers=used, rgb=depth_rgb(used, self.info["n_layers"], self.info["fewest_layers"]))
-            seen[0] = len(tokens)
-            released = pieces.push(new, info)
+        def push(tokens: list, drafts: list, layers: list):
+            info = [dict(draft=d) for d in drafts]
+            for extra, used in zip(info, layers):
+                extra.update(layers=used, rgb=depth_rgb(used, self.info["n_layers"], self.info["fewest_layers"]))
+            seen[0] += len(tokens)
+            released = pieces.push(tokens, info)
             if released:
                 emit(released)
+
+        def callback(tokens: list) -> bool:
+            if len(tokens) >= job.max_tokens or tokens[-1] in eos_ids:
+                return False  # the last step may be cut short: its figures come from the stats below
+            new = tokens[seen[0]:]
+            # a step gives its accepted drafts, then the verifier's own token
+            drafts = [bool(self.speculate_k) and i < len(new) - 1 for i in range(len(new))]
+            layers = []
+            if routed:  # generated token j came out of the forward at position T-1+j
+                positions = torch.arange(T - 1 + seen[0], T - 1 + len(tokens), device=model.norm.weight.device)
+                layers = model.layers_ran(positions).sum(1).tolist()
+            push(new, drafts, layers)
             return pieces.stopped or cancelled.is_set()
 
-        prompt = torch.tensor(job.prompt_ids, dtype=torch.long, device=job_device(model))
-        tokens, stats = run_generate(model, prompt, job.max_tokens, job.sampling, steps=self.steps,
-                                     early_exit=self.early_exit, speculate_k=self.speculate_k,
-                                     eos_ids=self.tokenizer.eos_ids, callback=callback)
+        prompt = torch.tensor(job.prompt_ids, dtype=torch.long, device=model.norm.weight.device)
+        tokens, stats = generate(model, prompt, job.max_tokens, job.sampling, steps=self.steps,
+                                 early_exit=self.early_exit, speculate_k=self.speculate_k, eos_ids=eos_ids,
+                                 callback=callback)
+        tokens, done = tokens.tolist(), seen[0]
+        push(tokens[done:], stats.from_draft[done:], [len(u) for u in stats.layers_used[done:]])
         self.counts["served"] += 1
         self.counts["cancelled"] += cancelled.is_set()
         rest = pieces.finish()
         if rest:
             emit(rest)
-        tokens = tokens.tolist()
-        finish = "stop" if pieces.stopped or (tokens and tokens[-1] in self.tokenizer.eos_ids) else "length"
+        finish = "stop" if pieces.stopped or (tokens and tokens[-1] in eos_ids) else "length"
         usage = dict(prompt_tokens=T, completion_tokens=len(tokens), total_tokens=T + len(tokens),
                      tokens_per_second=round(stats.tokens_per_second, 2) if len(tokens) > 1 else None,
                      prefill_seconds=round(stats.prefill_seconds, 4))
         if stats.accepted:
-            usage["mean_accepted"] = round(sum(stats.accepted) / len(stats.accepted), 3)
-        if routed and pieces.info:
-            usage["mean_layers_used"] = round(sum(i["layers"] for i in pieces.info) / len(pieces.info), 2)
+            usage["mean_accepted"] = round(stats.mean_accepted, 3)
+        if routed and stats.layers_used:
+            usage["mean_layers_used"] = round(sum(map(len, stats.layers_used)) / len(stats.layers_used), 2)
         return dict(finish_reason=finish, usage=usage, cancelled=cancelled.is_set())
 
     async def events(self, job: Job):
@@ -265,10 +278,6 @@ class Engine:
                     return
         finally:
             cancelled.set()
-
-
-def job_device(model) -> torch.device:
-    return model.norm.weight.device
 
 
 # ---------------------------------------------------------------- HTTP
@@ -463,11 +472,8 @@ def build_engine(args) -> Engine:
           + (f", FlexiDepth routers on {len(model.args.routing_layers)} layers" if model.args.routing_layers else ""),
           flush=True)
     if args.compile:  # compile now, so that the first request does not wait for it
-        t0 = time.perf_counter()
-        warm = Job(tokenizer.encode("Hello", add_special_tokens=True) or [0], 2 * (speculate_k + 2), Sampling())
-        engine.run(warm, lambda pieces: None, threading.Event())
-        engine.counts.update(served=0, cancelled=0)
-        print(f"compiled in {time.perf_counter() - t0:.1f}s", flush=True)
+        seconds = warm_up(model, steps, 16, speculate_k=speculate_k, early_exit=engine.early_exit)
+        print(f"compiled in {seconds:.1f}s", flush=True)
     return engine
 
 

@@ -23,9 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from figures import weight_bytes  # noqa: E402
 from generate import (DEFAULT_CHECKPOINT, PRECISIONS, Steps, compile_steps, default_precision,  # noqa: E402
-                      load_model, weight_bytes)
-from generate_api import Sampling, run_generate  # noqa: E402
+                      generate, load_model)
 from server import spawn  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -68,7 +68,7 @@ def main():
 
     def direct():
         stamps = []
-        tokens, stats = run_generate(model, torch.tensor(prompt_ids), args.max_new_tokens, Sampling(), steps=steps,
+        tokens, stats = generate(model, torch.tensor(prompt_ids), args.max_new_tokens, steps=steps,
                                      eos_ids=tokenizer.eos_ids,
                                      callback=lambda out: stamps.append((time.perf_counter(), 1)) and False)
         return decode_rate(stamps), None, tokens.tolist()

@@ -14,8 +14,8 @@ import torch
 
 from conftest import make_hf_llama
 from convert_hf_checkpoint import TOKENIZER_FILES, convert
-from generate import load_model
-from generate_api import Sampling, depth_rgb, run_generate
+from depth_view import depth_rgb
+from generate import generate, load_model
 from server import spawn
 from test_flexidepth import add_routers
 from tokenizer import load_tokenizer
@@ -59,7 +59,7 @@ def reference(default_checkpoint):
     for question in QUESTIONS:
         text = tokenizer.apply_chat_template([{"role": "user", "content": question}])
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-        tokens, _ = run_generate(model, torch.tensor(prompt_ids), MAX_TOKENS, Sampling(), eos_ids=tokenizer.eos_ids)
+        tokens, _ = generate(model, torch.tensor(prompt_ids), MAX_TOKENS, eos_ids=tokenizer.eos_ids)
         tokens = tokens.tolist()
         answers[question] = dict(text=tokenizer.decode([t for t in tokens if t not in tokenizer.eos_ids]),
                                  prompt_tokens=len(prompt_ids), completion_tokens=len(tokens))
