@@ -377,7 +377,11 @@ def speculate_once(model, draft_model, steps, token, pos, k, k_max, early_exit, 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate text with a converted Llama checkpoint.")
     p.add_argument("--prompt", type=str, default=None, help="default: 'Hello, my name is'")
-    p.add_argument("--chat", action="store_true", help="format the prompt with the checkpoint's chat template")
+    p.add_argument("--chat", action="store_true", help="format the prompt with the checkpoint's chat template; "
+                   "without --prompt: an interactive conversation")
+    p.add_argument("--interactive", action="store_true", help="multi-turn chat from stdin (/reset, /exit, Ctrl-D)")
+    p.add_argument("--max_seq_length", type=int, default=None,
+                   help="interactive chat: tokens of context the conversation keeps (default 2048, or the model's)")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens (benchmarks)")
@@ -432,6 +436,13 @@ def check_args(args):
         raise ValueError(f"--depth_html: folder {args.depth_html.resolve().parent} does not exist")
     if args.depth_html and not os.access(args.depth_html.resolve().parent, os.W_OK):
         raise ValueError(f"--depth_html: folder {args.depth_html.resolve().parent} is not writable")
+    interactive = args.interactive or (args.chat and args.prompt is None)
+    if interactive and (args.prompt is not None or args.num_samples > 1 or args.depth_html or args.ignore_eos):
+        raise ValueError("interactive chat takes its turns from the input: drop --prompt, --num_samples, "
+                         "--depth_html and --ignore_eos")
+    if args.max_seq_length is not None and (not interactive or args.max_seq_length < 2):
+        raise ValueError("--max_seq_length is the interactive chat's context: at least 2, and only with --chat "
+                         "without --prompt, or --interactive")
     if not speculating:
         return 0, False
     if args.speculate_k == "auto":
@@ -485,6 +496,24 @@ def run(args):
     sampling = Sampling(args.temperature, args.top_k, args.top_p, seed, device)
     print(summary_line(args, model, precision, device, world, time.perf_counter() - t0))
 
+    routed = model.args.routing_layers
+    skip_threshold = 0.5 if args.skip_threshold is None else args.skip_threshold
+    if routed:
+        print(f"FlexiDepth: routers on {len(routed)} of {model.args.n_layers} layers ({routed[0]}..{routed[-1]}); "
+              f"a token runs a routed layer iff its gate > {skip_threshold}")
+    steps = compile_steps(device, args.compile_prefill, precision) if args.compile else Steps()
+    spec = dict(steps=steps, early_exit=args.early_exit, speculate_k=speculate_k, draft_model=draft_model,
+                skip_threshold=skip_threshold)
+    if args.interactive or (args.chat and args.prompt is None):
+        from chat import chat_loop  # imported here: chat.py imports this module
+        context = min(args.max_seq_length or 2048, model.args.max_position_embeddings)
+        for m in (model, draft_model):
+            if m is not None:
+                m.setup_caches(1, context)
+        if args.compile:
+            print(f"compiled in {warm_up(model, prompt_len=16, **spec):.1f} s", flush=True)
+        return chat_loop(model, tokenizer, sampling, spec, args.max_new_tokens, args.show_depth)
+
     text = args.prompt if args.prompt is not None else "Hello, my name is"
     if args.chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}])
@@ -499,14 +528,6 @@ def run(args):
     for m in (model, draft_model):
         if m is not None:
             m.setup_caches(1, need)
-    routed = model.args.routing_layers
-    skip_threshold = 0.5 if args.skip_threshold is None else args.skip_threshold
-    if routed:
-        print(f"FlexiDepth: routers on {len(routed)} of {model.args.n_layers} layers ({routed[0]}..{routed[-1]}); "
-              f"a token runs a routed layer iff its gate > {skip_threshold}")
-    steps = compile_steps(device, args.compile_prefill, precision) if args.compile else Steps()
-    spec = dict(steps=steps, early_exit=args.early_exit, speculate_k=speculate_k, draft_model=draft_model,
-                skip_threshold=skip_threshold)
     if args.compile:
         print("compiling (first run only; cached afterwards)...", flush=True)
         compile_seconds = warm_up(model, prompt_len=len(prompt_ids), **spec)
