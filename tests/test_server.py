@@ -184,15 +184,23 @@ def test_malformed_requests_get_4xx(server, client):
     assert client.chat.completions.create(**dict(ask("Hi"), max_tokens=2)).usage.completion_tokens == 2
 
 
-def test_api_key(default_checkpoint):
-    proc, url, _ = spawn(["--checkpoint_path", default_checkpoint, "--max_seq_length", 64, "--api_key", "s3cret"])
+def test_api_key_and_self_speculation(default_checkpoint, reference):
+    proc, url, _ = spawn(["--checkpoint_path", default_checkpoint, "--precision", "fp32", "--max_seq_length", CONTEXT,
+                          "--api_key", "s3cret", "--self_speculative", "--early_exit", 20, "--speculate_k", 2])
     try:
         wrong = openai.OpenAI(base_url=url + "/v1", api_key="wrong", timeout=60, max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
         assert http("POST", url + "/v1/completions", {"prompt": "hi"})[0] == 401  # no header at all
         right = openai.OpenAI(base_url=url + "/v1", api_key="s3cret", timeout=60, max_retries=0)
-        assert right.completions.create(model="any", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+        # greedy self-speculation gives the plain answer; the tokens of accepted drafts are marked as such
+        chunks = list(right.chat.completions.create(**ask(QUESTIONS[0]), stream=True,
+                                                    stream_options={"include_usage": True}))
+        tokens = [t for c in chunks for t in c.model_extra.get("flexfast", {}).get("tokens", [])]
+        assert "".join(t["text"] for t in tokens) == reference[QUESTIONS[0]]["text"]
+        assert chunks[-1].usage.model_extra["mean_accepted"] > 0
+        flags = "".join("d" if t["draft"] else "v" for t in tokens)  # v: prefill's or a verifier's own token
+        assert "d" in flags and flags[0] == "v" and "ddd" not in flags, flags  # k=2: at most 2 drafts in a row
     finally:
         stop_server(proc)
 
