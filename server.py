@@ -149,10 +149,6 @@ class TokenPieces:
         self.released = max(self.released, release_to)
         return out
 
-    @property
-    def text(self) -> str:
-        return "".join(self.texts[:self.released])
-
 
 # ---------------------------------------------------------------- the engine: one model, one request at a time
 
@@ -516,11 +512,11 @@ def main(argv=None):
 
     def serve():
         sock = open_socket(args.host, args.port)
-        engine = build_engine(args)
-        host, port = sock.getsockname()[:2]
         if not is_loopback(args.host):
             print(f"warning: listening on {args.host}, not on loopback: anyone who can reach this machine can use "
                   f"the model{'' if args.api_key else ' (no --api_key set)'}", file=sys.stderr, flush=True)
+        engine = build_engine(args)
+        host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"serving on http://{shown}:{port}/ (OpenAI base_url http://{shown}:{port}/v1)", flush=True)
         config = uvicorn.Config(make_app(engine, args.api_key), log_level="warning", timeout_graceful_shutdown=5)

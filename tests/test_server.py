@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from conftest import make_hf_llama
+from conftest import assert_one_line_error, make_hf_llama, run_cli
 from convert_hf_checkpoint import TOKENIZER_FILES, convert
 from depth_view import depth_rgb
 from generate import generate, load_model
@@ -203,6 +203,11 @@ def test_api_key_and_self_speculation(default_checkpoint, reference):
         assert "d" in flags and flags[0] == "v" and "ddd" not in flags, flags  # k=2: at most 2 drafts in a row
     finally:
         stop_server(proc)
+
+
+def test_bad_command_line_is_one_error_line():
+    assert_one_line_error(run_cli("server.py", "--port", "99999"), "cannot listen on 127.0.0.1:99999")
+    assert_one_line_error(run_cli("server.py", "--checkpoint_path", "/nonexistent/model.pth"), "not found")
 
 
 @pytest.fixture(scope="module")
