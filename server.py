@@ -53,26 +53,29 @@ PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 # ---------------------------------------------------------------- request bodies (OpenAI's shapes)
 
 class Body(BaseModel):
-    # fields we do not know are ignored, as OpenAI-compatible servers do; known fields are type-checked
-    model_config = ConfigDict(extra="ignore")
+    # fields we do not know are ignored, as OpenAI-compatible servers do; known fields are type-checked strictly
+    # ("5" is not a number, true is not a count)
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: Optional[int] = Field(None, ge=1)  # not OpenAI's, but llama.cpp and vLLM take it
     stop: Union[None, str, List[str]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2 ** 63, lt=2 ** 64)  # what a torch.Generator takes
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: Optional[dict] = None
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: Union[str, List[TextPart]]
 

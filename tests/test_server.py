@@ -22,7 +22,7 @@ from tokenizer import load_tokenizer
 
 CONTEXT = 384
 QUESTIONS = ["What is the capital of France?", "Name three colours.", "Write a haiku about the sea."]
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 
 
 def stop_server(proc):
@@ -172,6 +172,8 @@ MALFORMED = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 10 * CONTEXT}),
     ("/v1/completions", {"prompt": [10 ** 9]}),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": True}),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}),
 ]
 
 
