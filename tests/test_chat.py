@@ -12,7 +12,7 @@ from generate import generate, load_model
 from tokenizer import load_tokenizer
 
 CONTEXT = 160
-MAX_NEW = 12
+MAX_NEW = 8
 TURNS = ["What is the capital of France?", "And of Germany?", "word " * 200, "/reset", "Name a colour."]
 FIGURES = re.compile(r"^\[(\d+) tokens, .*prefilled (\d+) new tokens \((\d+) cached\), .*context (\d+)/(\d+)\]",
                      re.MULTILINE)
