@@ -102,9 +102,6 @@ def load_model(checkpoint_path, device="cpu", precision=torch.float32, tensor_pa
                 setattr(module, name, torch.nn.Parameter(p.to(precision), requires_grad=False))
     if tied:
         model.output.weight = model.tok_embeddings.weight
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise ValueError(f"{checkpoint_path}: {name} holds NaN or Inf values (a corrupt or diverged checkpoint)")
     if quantization is not None:
         from quantize import pack_for_device
         pack_for_device(model, device)
@@ -280,7 +277,10 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, sampling: 
     synchronize(device)
     t0 = time.perf_counter()
     input_pos = torch.arange(start_pos, start_pos + T, device=device)
-    token = sampling.sample(steps.prefill(model, prompt[None], input_pos, skip_threshold))[0]
+    logits = steps.prefill(model, prompt[None], input_pos, skip_threshold)
+    if not torch.isfinite(logits).all():  # a scan of every weight at load would cost seconds on a large model
+        raise ValueError("the model computed NaN or Inf logits for the prompt: its weights are corrupt or diverged")
+    token = sampling.sample(logits)[0]
     if draft_model is not None:
         steps.prefill(draft_model, prompt[None], input_pos)
     synchronize(device)
