@@ -16,7 +16,6 @@ device, so load_model packs at load time (pack_for_device). The file carries its
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from convert_hf_checkpoint import save_atomic
+from cli import main_guard, save_atomic
 from model import ModelArgs, Transformer
 
 MODES = ("int8", "int4")
@@ -250,18 +249,14 @@ def main(argv=None):
     parser.add_argument("--mode", type=str, default="int8", help="int8 or int4")
     parser.add_argument("--groupsize", type=str, default=None, help="int4 group size: 32, 64, 128 or 256")
     args = parser.parse_args(argv)
-    try:
-        groupsize = None
-        if args.groupsize is not None:
-            if not args.groupsize.isdigit():
-                raise ValueError(f"--groupsize must be one of {', '.join(map(str, GROUPSIZES))}, "
-                                 f"got {args.groupsize!r}")
-            groupsize = int(args.groupsize)
-        path = quantize(args.checkpoint_path, args.mode, groupsize)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("error: quantization interrupted")
+
+    def run():
+        if args.groupsize is not None and not args.groupsize.isdigit():
+            raise ValueError(f"--groupsize must be one of {', '.join(map(str, GROUPSIZES))}, got {args.groupsize!r}")
+        groupsize = None if args.groupsize is None else int(args.groupsize)
+        return quantize(args.checkpoint_path, args.mode, groupsize)
+
+    path = main_guard(run, "quantization")
     print(f"wrote {path}")
 
 
