@@ -85,8 +85,16 @@ def read_config(folder: Path) -> dict:
         raise FileNotFoundError(f"{path} not found")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path} is not valid JSON: {e}")
+
+
+def read_model_args(folder: Path) -> ModelArgs:
+    """config.json as ModelArgs; a value of the wrong type or a zero where a count belongs is a bad file too."""
+    try:
+        return ModelArgs.from_hf_config(read_config(folder))
+    except (TypeError, ZeroDivisionError, AttributeError) as e:
+        raise ValueError(f"{folder / 'config.json'} is not a usable Llama config: {type(e).__name__}: {e}") from None
 
 
 def convert(checkpoint_dir: Path, output_dir: Path = None) -> Path:
@@ -94,8 +102,7 @@ def convert(checkpoint_dir: Path, output_dir: Path = None) -> Path:
     output_dir = Path(output_dir or checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder {checkpoint_dir} not found")
-    config = read_config(checkpoint_dir)
-    args = ModelArgs.from_hf_config(config)
+    args = read_model_args(checkpoint_dir)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     if args.tie_embeddings:
@@ -117,6 +124,8 @@ def convert(checkpoint_dir: Path, output_dir: Path = None) -> Path:
             if tuple(tensor.shape) != tuple(expected[name]):
                 raise ValueError(f"{hf_name} has shape {tuple(tensor.shape)}, config.json implies "
                                  f"{tuple(expected[name])}")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{path.name}: {hf_name} holds NaN or Inf values (a corrupt or diverged checkpoint)")
             state_dict[name] = tensor.contiguous()
     missing = sorted(set(expected) - set(state_dict))
     if missing:

@@ -15,7 +15,6 @@ device, so load_model packs at load time (pack_for_device). The file carries its
 "quantization", which is how generate.py recognises it.
 """
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -24,7 +23,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cli import main_guard, save_atomic
-from model import ModelArgs, Transformer
+from convert_hf_checkpoint import read_model_args
+from model import Transformer
 
 MODES = ("int8", "int4")
 GROUPSIZES = (32, 64, 128, 256)
@@ -196,10 +196,7 @@ def quantize(checkpoint_path, mode: str, groupsize=None) -> Path:
     quantization = check_quantization({"mode": mode} if mode == "int8" else {"mode": mode, "groupsize": groupsize})
     if not checkpoint_path.exists():
         raise FileNotFoundError(f"{checkpoint_path} not found")
-    config_path = checkpoint_path.parent / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found")
-    args = ModelArgs.from_hf_config(json.loads(config_path.read_text()))
+    args = read_model_args(checkpoint_path.parent)
     try:
         state_dict = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
