@@ -225,6 +225,27 @@ def test_failed_save_keeps_the_old_model(hf_folder, tmp_path, monkeypatch):
     assert not list(folder.glob(".model.pth*.tmp"))
 
 
+def test_failed_copy_keeps_the_old_config(hf_folder, tmp_path, monkeypatch):
+    """The config and tokenizer copies are atomic too: a copy that fails part-way leaves the previous file."""
+    import shutil as shutil_module
+    import convert_hf_checkpoint
+    out = tmp_path / "out"
+    convert_hf_checkpoint.convert(hf_folder, out)
+    before = (out / "config.json").read_bytes()
+
+    def failing_copy(src, dst, *args, **kwargs):
+        with open(dst, "wb") as f:
+            f.write(b"{")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(shutil_module, "copyfile", failing_copy)
+    monkeypatch.setattr(shutil_module, "copy", lambda src, dst, **kw: failing_copy(src, dst))
+    with pytest.raises(OSError):
+        convert_hf_checkpoint.convert(hf_folder, out)
+    assert (out / "config.json").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.pth"]
+
+
 # ---------------------------------------------------------------- generate.py
 
 @pytest.fixture(scope="module")
