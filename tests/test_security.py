@@ -69,6 +69,8 @@ TEMPLATES = {
         "{% endfor %}\n"
         "{% if add_generation_prompt %}>{% endif %}"),
     "strftime": "Today: {{ strftime_now('%Y-%m-%d') }}\n{% for m in messages %}{{ m.content }}\n{% endfor %}",
+    "named_list": [dict(name="tool_use", template="T{{ messages | length }}"),  # transformers' multi-template form
+                   dict(name="default", template="D{% for m in messages %}<{{ m.content }}>{% endfor %}")],
 }
 MESSAGES = [dict(role="system", content="Be brief."), dict(role="user", content="Héllo \"quoted\" 日本 🙂"),
             dict(role="assistant", content="  Hi.  "), dict(role="user", content="a\nb"),
