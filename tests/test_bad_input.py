@@ -1,9 +1,10 @@
-"""Interrupted writers (convert, quantize), and bad input to quantize.py, prepare_default.py, train_router.py, eval.py and generate.py under torchrun, and one
-trap in the model API (a cache made for a larger batch). Each CLI case: one `error:` line, exit status 1, no
-traceback, no new or temporary file, the previous output byte for byte. In-process main(argv) calls where the
-behaviour allows (an exception other than SystemExit reaches pytest and fails the test, which is how a traceback
-shows here); a subprocess only for torchrun. tests/test_cli_errors.py holds the converter's and generate.py's cases,
-tests/test_security.py the hostile templates and pickles at the API level."""
+"""Interrupted writers (convert, quantize: SIGINT and SIGTERM), and bad input to quantize.py, prepare_default.py,
+train_router.py, eval.py and generate.py under torchrun, and one trap in the model API (a cache made for a larger
+batch). Each CLI case: one `error:` line, exit status 1, no traceback, no new or temporary file, the previous output
+byte for byte. In-process main(argv) calls where the behaviour allows (an exception other than SystemExit reaches
+pytest and fails the test, which is how a traceback shows here); a subprocess only for signals and torchrun.
+tests/test_cli_errors.py holds the converter's and generate.py's cases, tests/test_security.py the hostile
+templates and pickles at the API level."""
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DEFAULT_CHECKPOINT, ROOT, assert_one_line_error, make_converted_llama
+from conftest import DEFAULT_CHECKPOINT, ROOT, RunsCode, assert_one_line_error, make_converted_llama
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -34,15 +35,6 @@ def cli_error(main, argv, capsys, monkeypatch) -> str:
 
 def folder_state(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-
-
-class RunsCode:
-    """Unpickling this runs `touch marker` (tests/test_security.py shows such a file is live)."""
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def edit_config(folder, drop=(), **changes):

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import DEFAULT_CHECKPOINT, ROOT, assert_one_line_error, make_converted_llama, make_hf_llama, run_cli
+from conftest import (DEFAULT_CHECKPOINT, ROOT, RunsCode, assert_one_line_error, make_converted_llama, make_hf_llama,
+                      run_cli)
 
 SMOLLM2_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
 CONTEXT = 64
@@ -135,16 +136,6 @@ def poisoned_weight(value):
         save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     damage.__name__ = f"{value}_in_weights".lower()
     return damage
-
-
-class RunsCode:
-    """Unpickling this runs `touch MARKER` beside the file (tests/test_security.py shows such a file is live)."""
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        import os
-        return os.system, (f"touch {self.marker}",)
 
 
 def pickle_bin_that_runs_code(folder):

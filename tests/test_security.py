@@ -3,14 +3,13 @@
 would run code when unpickled is refused before any of it runs. Each hostile file here is shown to be live: the
 same file run the unsafe way does create its marker, so a test that passes is not passing on a dud."""
 import json
-import os
 import shutil
 
 import jinja2
 import pytest
 import torch
 
-from conftest import DEFAULT_CHECKPOINT, make_hf_llama
+from conftest import DEFAULT_CHECKPOINT, RunsCode, make_hf_llama
 from tokenizer import load_tokenizer
 
 ESCAPE = "{{{{ cycler.__init__.__globals__.os.system('touch {marker}') }}}}"
@@ -104,15 +103,6 @@ def test_bad_templates_are_value_errors(smollm2_tokenizer_files, tmp_path, templ
     tok = load_tokenizer(tokenizer_folder(tmp_path, smollm2_tokenizer_files, template))
     with pytest.raises(ValueError, match=message):
         tok.apply_chat_template([dict(role="user", content="hi")])
-
-
-class RunsCode:
-    """Unpickling this runs `touch marker`: what a hostile pytorch_model.bin or model.pth would carry."""
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def test_pickle_that_runs_code_is_refused_by_the_converter(tmp_path):
