@@ -164,8 +164,8 @@ def missing_shard(folder):
     (vocab_size_1e12, "that is not a real checkpoint", False),
     (negative_intermediate_size, "sizes must be positive integers: intermediate_size=-128", False),
     (odd_head_dim, "head_dim 15 is odd", False),
-    (zero_attention_heads, "not a usable Llama config: ZeroDivisionError", False),
-    (string_hidden_size, "not a usable Llama config: TypeError", False),
+    (zero_attention_heads, "sizes must be positive integers: num_attention_heads=0", False),
+    (string_hidden_size, "sizes must be positive integers: hidden_size=", False),
     (config_is_a_list, "does not hold a JSON object", False),
     (poisoned_weight(float("nan")), "up_proj.weight holds NaN or Inf", False),
     (poisoned_weight(float("inf")), "up_proj.weight holds NaN or Inf", False),
@@ -410,9 +410,7 @@ def invalid_tokenizer_config(checkpoint):
     (generate_vocab_size_1e12, "that is not a real checkpoint", False),
     (generate_odd_head_dim, "head_dim 15 is odd", False),
     (generate_config_is_a_list, "does not hold a JSON object", False),
-    pytest.param(generate_zero_attention_heads, "num_attention_heads", False, marks=pytest.mark.xfail(
-        strict=True, raises=ZeroDivisionError, reason="model.py divides hidden_size by the heads before checking "
-                                                      "them; generate.read_args does not catch ZeroDivisionError")),
+    (generate_zero_attention_heads, "num_attention_heads", False),
     (truncated_tokenizer_json, "cannot read .*tokenizer.json", False),
     (invalid_tokenizer_config, "tokenizer_config.json is not valid JSON", False),
     (remove_checkpoint, "model.pth not found", False),
@@ -466,8 +464,7 @@ def test_generate_chat_refuses_hostile_template(tiny_checkpoint, tmp_path, capfd
     (["--self_speculative", "--early_exit", "1", "--speculate_k", "0"], "--speculate_k must be at least 1"),
     (["--draft_checkpoint_path", "/nowhere/model.pth"], "/nowhere not found"),
     (["--temperature", "-0.5"], r"--temperature must be 0 \(greedy\) or positive, got -0.5"),
-    pytest.param(["--temperature", "nan", "--max_new_tokens", "4"], "--temperature", marks=pytest.mark.xfail(
-        strict=True, raises=RuntimeError, reason="generate.check_args lets NaN through (nan < 0 is False)")),
+    (["--temperature", "nan", "--max_new_tokens", "4"], "--temperature"),
     (["--early_exit", "1"], "--early_exit does nothing without --self_speculative"),
     (["--speculate_k", "3"], "--speculate_k does nothing without"),
     (["--compile_prefill"], "--compile_prefill does nothing without --compile"),
