@@ -64,6 +64,18 @@ def our_name(hf_name: str):
     return WEIGHT_MAP.get(hf_name)
 
 
+def hf_state_dict(state_dict: dict, tie_embeddings: bool) -> dict:
+    """Our names -> HF names (WEIGHT_MAP read backwards), contiguous; a tied head is left out as HF leaves it."""
+    ours_to_hf = {ours: hf for hf, ours in WEIGHT_MAP.items()}
+    out = {}
+    for name, t in state_dict.items():
+        if tie_embeddings and name == "output.weight":
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.(.*)", name)
+        out[ours_to_hf[f"layers.{{}}.{m.group(2)}"].format(m.group(1)) if m else ours_to_hf[name]] = t.contiguous()
+    return out
+
+
 def weight_files(folder: Path) -> list:
     for index_name, single in [("model.safetensors.index.json", "model.safetensors"),
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")]:
@@ -142,6 +154,44 @@ def convert(checkpoint_dir: Path, output_dir: Path = None) -> Path:
             shutil.copy(src, output_dir / name)
     save_atomic(state_dict, output_dir / "model.pth")
     return output_dir / "model.pth"
+
+
+# ---------------------------------------------------------------- writing HF-style folders (FlexiDepth)
+
+def write_hf_folder(out_dir: Path, config: dict, hf_weights: dict, tokenizer_from: Path) -> Path:
+    """An HF-style folder (config.json, model.safetensors with HF names, the tokenizer files of tokenizer_from),
+    every file written whole or not at all, then converted; returns its model.pth."""
+    from safetensors.torch import save_file
+    from cli import copy_atomic, write_atomic, write_text_atomic
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_from) / name).exists() and Path(tokenizer_from).resolve() != out_dir.resolve():
+            copy_atomic(Path(tokenizer_from) / name, out_dir / name)
+    write_atomic(out_dir / "model.safetensors",
+                 lambda tmp: save_file(hf_weights, str(tmp), metadata={"format": "pt"}))
+    write_text_atomic(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    return convert(out_dir)
+
+
+def random_router_weights(config: dict, routing_layers: list, seed: int) -> dict:
+    """A random FlexiDepth router and adapter per routed layer, HF names (the benchmark's and the tests' stand-in
+    for trained ones). The router head is scaled so that the gate's logit spreads around 0: about half the tokens
+    skip each routed layer."""
+    dim, ffn = config["hidden_size"], config["intermediate_size"]
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) / shape[-1] ** 0.5
+    weights = {}
+    for i in routing_layers:
+        p = f"model.layers.{i}."
+        weights[p + "router.router_enc.weight"] = rand(dim // 16, dim)
+        weights[p + "router.router_norm.weight"] = 1 + 0.1 * torch.randn(dim // 16, generator=g)
+        weights[p + "router.router_dec.weight"] = rand(dim, dim // 16)
+        weights[p + "router.router_head.weight"] = 4 * rand(1, dim)
+        weights[p + "router_proj.gate_proj.weight"] = rand(ffn // 16, dim)
+        weights[p + "router_proj.down_proj.weight"] = rand(ffn // 16, dim)
+        weights[p + "router_proj.up_proj.weight"] = rand(dim, ffn // 16)
+    return weights
 
 
 def main():
