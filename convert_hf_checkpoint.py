@@ -8,13 +8,12 @@ import json
 import os
 import re
 import shutil
-import signal
-import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from cli import copy_atomic, main_guard, write_atomic, write_text_atomic
 from model import ModelArgs, Transformer
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
@@ -160,9 +159,8 @@ def convert(checkpoint_dir: Path, output_dir: Path = None) -> Path:
 
 def write_hf_folder(out_dir: Path, config: dict, hf_weights: dict, tokenizer_from: Path) -> Path:
     """An HF-style folder (config.json, model.safetensors with HF names, the tokenizer files of tokenizer_from),
-    every file written whole or not at all, then converted; returns its model.pth."""
+    every file written whole or not at all; convert() makes its model.pth. Returns the folder."""
     from safetensors.torch import save_file
-    from cli import copy_atomic, write_atomic, write_text_atomic
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
@@ -171,7 +169,7 @@ def write_hf_folder(out_dir: Path, config: dict, hf_weights: dict, tokenizer_fro
     write_atomic(out_dir / "model.safetensors",
                  lambda tmp: save_file(hf_weights, str(tmp), metadata={"format": "pt"}))
     write_text_atomic(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
-    return convert(out_dir)
+    return out_dir
 
 
 def random_router_weights(config: dict, routing_layers: list, seed: int) -> dict:
@@ -194,18 +192,23 @@ def random_router_weights(config: dict, routing_layers: list, seed: int) -> dict
     return weights
 
 
+def with_random_routers(source: Path, out_dir: Path, routing_layers: list, seed: int = 0) -> Path:
+    """The HF folder source (out_dir may be the same folder) turned FlexiDepth: its weights unchanged plus a random
+    router and adapter on each routed layer. Returns out_dir, not yet converted."""
+    config = dict(read_config(Path(source)), model_type="ddllama", routing_layers=list(routing_layers))
+    weights = {}
+    for path in weight_files(Path(source)):
+        weights.update(read_weights(path))
+    weights.update(random_router_weights(config, routing_layers, seed))
+    return write_hf_folder(out_dir, config, weights, source)
+
+
 def main():
     parser = argparse.ArgumentParser(description="Convert a Hugging Face Llama folder to model.pth")
     parser.add_argument("--checkpoint_dir", type=Path, required=True, help="HF folder (config.json + weights)")
     parser.add_argument("--output_dir", type=Path, default=None, help="where model.pth goes (default: the same)")
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("error: conversion interrupted"))
-    try:
-        out = convert(args.checkpoint_dir, args.output_dir)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("error: conversion interrupted")
+    out = main_guard(lambda: convert(args.checkpoint_dir, args.output_dir), "conversion")
     print(f"wrote {out}")
 
 

@@ -290,7 +290,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, sampling: 
     stop = bool(callback(out)) if callback else False
     pos = start_pos + T  # position of `token`, which is not in the cache yet
     k = speculate_k
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     while not stop and len(out) < max_new_tokens and out[-1] not in stop_ids:
         if not speculating:
             logits = steps.decode(model, token.view(1, 1), torch.tensor([pos], device=device), skip_threshold)
@@ -316,6 +316,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, sampling: 
             stop = bool(callback(out))
     synchronize(device)
     stats.decode_seconds = time.perf_counter() - t0
+    stats.decode_cpu_seconds = time.process_time() - cpu0
     stats.new_tokens = len(out)
     stats.from_draft = from_draft
     if model.args.routing_layers:

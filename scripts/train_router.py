@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from cli import main_guard, parse_layers, save_atomic, write_text_atomic  # noqa: E402
-from convert_hf_checkpoint import hf_state_dict, read_config, write_hf_folder  # noqa: E402
+from convert_hf_checkpoint import convert, hf_state_dict, read_config, write_hf_folder  # noqa: E402
 from generate import load_model, read_state_dict  # noqa: E402
 from model import FlexiDepthBlock, KVCache, ModelArgs, Transformer, TransformerBlock  # noqa: E402
 from prompts import humaneval_prompts, pydoc_text  # noqa: E402
@@ -291,7 +291,7 @@ def train(a) -> dict:
                   heldout_ppl_full=ppl_full, mean_layers_used=layers, n_layers=model.args.n_layers,
                   heldout_tokens=eval_windows.numel() - len(eval_windows), train_losses=losses)
     weights = hf_state_dict({k: v.detach() for k, v in model.state_dict().items()}, model.args.tie_embeddings)
-    model_path = write_hf_folder(out_dir, config, weights, source)
+    model_path = convert(write_hf_folder(out_dir, config, weights, source))
     write_text_atomic(out_dir / "train_report.json", json.dumps(report, indent=2) + "\n")
     print(f"held-out perplexity {ppl:.3f} (full model {ppl_full:.3f}), mean layers used {layers:.2f} of "
           f"{model.args.n_layers}; wrote {model_path}")
