@@ -14,6 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+# quantize.py's int4 weights and tp.py's split of them both need it, so it sits below both
+INT4_ROW_MULTIPLE = 16  # the CPU int4 packer needs out_features % 16 == 0 (CUDA needs % 8)
+
+
 @dataclass
 class ModelArgs:
     vocab_size: int = 32000

@@ -24,12 +24,11 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from convert_hf_checkpoint import save_atomic
-from model import ModelArgs, Transformer
+from cli import save_atomic
+from model import INT4_ROW_MULTIPLE, ModelArgs, Transformer
 
 MODES = ("int8", "int4")
 GROUPSIZES = (32, 64, 128, 256)
-INT4_ROW_MULTIPLE = 16  # the CPU int4 packer needs out_features % 16 == 0 (CUDA needs % 8)
 
 
 def linear_modes(model: nn.Module, mode: str) -> dict:
