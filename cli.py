@@ -1,5 +1,5 @@
-"""What every entry point shares: files that are never half-written, and bad input or an interrupt reported as one
-`error:` line with a non-zero exit. Imports nothing heavy, so any module can use it.
+"""What every entry point shares: files that are never half-written, bad input or an interrupt reported as one
+`error:` line with a non-zero exit, and the layer-list flag. Imports nothing heavy, so any module can use it.
 """
 import os
 import re
