@@ -96,6 +96,14 @@ def assert_one_line_error(result, pattern):
     assert re.search(pattern, lines[0]), lines[0]
 
 
+def greedy(model, prompt, n, steps=None, **kw):
+    """generate() with the default (greedy) sampling, the cache made large enough; returns (token list, stats)."""
+    from generate import cache_length_needed, generate
+    model.setup_caches(1, cache_length_needed(len(prompt), n, kw.get("speculate_k", 0)))
+    tokens, stats = generate(model, prompt, n, steps=steps, **kw)
+    return tokens.tolist(), stats
+
+
 def run_generate(checkpoint, *args, prompt="Hello"):
     """generate.py greedy in fp32 on the CPU, as a user would run it."""
     return run_cli("generate.py", "--checkpoint_path", checkpoint, "--device", "cpu", "--precision", "fp32",
