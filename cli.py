@@ -1,7 +1,8 @@
-"""What every entry point shares: files that are never half-written, and bad input or an interrupt reported as one
-`error:` line with a non-zero exit. Imports nothing heavy, so any module can use it.
+"""What every entry point shares: files that are never half-written, bad input or an interrupt reported as one
+`error:` line with a non-zero exit, and the layer-list flag. Imports nothing heavy, so any module can use it.
 """
 import os
+import re
 import shutil
 import signal
 import sys
@@ -56,3 +57,21 @@ def main_guard(run: Callable, what: str = "run"):
         sys.exit(f"error: {what} interrupted")
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
+
+
+def parse_layers(spec: str, n_layers: int, flag: str = "--routing_layers") -> list:
+    """"15-29" or "3,5,7-9" -> sorted layer indices, each checked against the model's depth."""
+    layers = set()
+    for part in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise ValueError(f"{flag} {spec!r}: expected A-B or a comma list such as 3,5,7-9")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if lo > hi:
+            raise ValueError(f"{flag} {spec!r}: {lo}-{hi} is an empty range")
+        layers.update(range(lo, hi + 1))
+    bad = [i for i in sorted(layers) if i >= n_layers]
+    if bad:
+        raise ValueError(f"{flag} {spec!r}: layer {bad[0]} is outside the model's {n_layers} layers "
+                         f"(0-{n_layers - 1})")
+    return sorted(layers)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cli import copy_atomic, main_guard, save_atomic  # noqa: F401  (save_atomic: scripts import it from here)
+from cli import copy_atomic, main_guard, save_atomic, write_atomic, write_text_atomic  # noqa: F401  (save_atomic: scripts import it from here)
 from model import ModelArgs, Transformer
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
@@ -49,6 +49,18 @@ def our_name(hf_name: str):
         pattern = f"model.layers.{{}}.{m.group(2)}"
         return WEIGHT_MAP[pattern].format(m.group(1)) if pattern in WEIGHT_MAP else None
     return WEIGHT_MAP.get(hf_name)
+
+
+def hf_state_dict(state_dict: dict, tie_embeddings: bool) -> dict:
+    """Our names -> HF names (WEIGHT_MAP read backwards), contiguous; a tied head is left out as HF leaves it."""
+    ours_to_hf = {ours: hf for hf, ours in WEIGHT_MAP.items()}
+    out = {}
+    for name, t in state_dict.items():
+        if tie_embeddings and name == "output.weight":
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.(.*)", name)
+        out[ours_to_hf[f"layers.{{}}.{m.group(2)}"].format(m.group(1)) if m else ours_to_hf[name]] = t.contiguous()
+    return out
 
 
 def weight_files(folder: Path) -> list:
@@ -89,20 +101,12 @@ def read_config(folder: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}")
 
 
-def read_model_args(folder: Path) -> ModelArgs:
-    """config.json as ModelArgs; a value of the wrong type or a zero where a count belongs is a bad file too."""
-    try:
-        return ModelArgs.from_hf_config(read_config(folder))
-    except (TypeError, ZeroDivisionError, AttributeError) as e:
-        raise ValueError(f"{folder / 'config.json'} is not a usable Llama config: {type(e).__name__}: {e}") from None
-
-
 def convert(checkpoint_dir: Path, output_dir: Path = None) -> Path:
     checkpoint_dir = Path(checkpoint_dir)
     output_dir = Path(output_dir or checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder {checkpoint_dir} not found")
-    args = read_model_args(checkpoint_dir)
+    args = ModelArgs.from_folder(checkpoint_dir)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     if args.tie_embeddings:
@@ -138,6 +142,54 @@ def convert(checkpoint_dir: Path, output_dir: Path = None) -> Path:
             copy_atomic(src, output_dir / name)
     save_atomic(state_dict, output_dir / "model.pth")
     return output_dir / "model.pth"
+
+
+# ---------------------------------------------------------------- writing HF-style folders (FlexiDepth)
+
+def write_hf_folder(out_dir: Path, config: dict, hf_weights: dict, tokenizer_from: Path) -> Path:
+    """An HF-style folder (config.json, model.safetensors with HF names, the tokenizer files of tokenizer_from),
+    every file written whole or not at all; convert() makes its model.pth. Returns the folder."""
+    from safetensors.torch import save_file
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_from) / name).exists() and Path(tokenizer_from).resolve() != out_dir.resolve():
+            copy_atomic(Path(tokenizer_from) / name, out_dir / name)
+    write_atomic(out_dir / "model.safetensors",
+                 lambda tmp: save_file(hf_weights, str(tmp), metadata={"format": "pt"}))
+    write_text_atomic(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def random_router_weights(config: dict, routing_layers: list, seed: int) -> dict:
+    """A random FlexiDepth router and adapter per routed layer, HF names (the benchmark's and the tests' stand-in
+    for trained ones). The router head is scaled so that the gate's logit spreads around 0: about half the tokens
+    skip each routed layer."""
+    dim, ffn = config["hidden_size"], config["intermediate_size"]
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) / shape[-1] ** 0.5
+    weights = {}
+    for i in routing_layers:
+        p = f"model.layers.{i}."
+        weights[p + "router.router_enc.weight"] = rand(dim // 16, dim)
+        weights[p + "router.router_norm.weight"] = 1 + 0.1 * torch.randn(dim // 16, generator=g)
+        weights[p + "router.router_dec.weight"] = rand(dim, dim // 16)
+        weights[p + "router.router_head.weight"] = 4 * rand(1, dim)
+        weights[p + "router_proj.gate_proj.weight"] = rand(ffn // 16, dim)
+        weights[p + "router_proj.down_proj.weight"] = rand(ffn // 16, dim)
+        weights[p + "router_proj.up_proj.weight"] = rand(dim, ffn // 16)
+    return weights
+
+
+def with_random_routers(source: Path, out_dir: Path, routing_layers: list, seed: int = 0) -> Path:
+    """The HF folder source (out_dir may be the same folder) turned FlexiDepth: its weights unchanged plus a random
+    router and adapter on each routed layer. Returns out_dir, not yet converted."""
+    config = dict(read_config(Path(source)), model_type="ddllama", routing_layers=list(routing_layers))
+    weights = {}
+    for path in weight_files(Path(source)):
+        weights.update(read_weights(path))
+    weights.update(random_router_weights(config, routing_layers, seed))
+    return write_hf_folder(out_dir, config, weights, source)
 
 
 def main(argv=None):

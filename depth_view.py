@@ -75,7 +75,7 @@ def stream_printer(tokenizer, model, prompt_end: int, show_depth: bool, stats_cl
     def callback(tokens):
         t0 = time.perf_counter()
         piece = stream.push(tokens)
-        if show_depth and piece:
+        if show_depth:  # one depth mark per token, also for a token whose text is held back (a split character)
             position = torch.tensor([prompt_end - 2 + len(tokens)], device=model.norm.weight.device)
             piece = ansi_depth(piece, int(model.layers_ran(position).sum()), L, fewest)
         print(piece, end="", flush=True)

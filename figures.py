@@ -1,5 +1,6 @@
 """What a generation measured (times, acceptance, layers used) and the weight bytes its steps read, from which the
 bandwidth figures come: a step counts what it really ran, not a full-depth token."""
+import platform
 import resource
 from dataclasses import dataclass, field
 from typing import Optional
@@ -52,6 +53,7 @@ class GenerationStats:
     compile_seconds: float = 0.0  # warm_up before the prompt: not part of prefill or decode
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    decode_cpu_seconds: float = 0.0  # this process's CPU time over the decode: steadier than wall on a shared machine
     decode_bytes: float = 0.0  # weight bytes the decode steps read (the bandwidth figure)
     accepted: list = field(default_factory=list)  # tokens accepted per speculation step (n, of k)
     speculate_k: list = field(default_factory=list)  # k used at each speculation step
@@ -64,6 +66,10 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         # decode throughput: tokens after the first (which prefill produces) over the decode time
         return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    @property
+    def cpu_tokens_per_second(self) -> float:
+        return (self.new_tokens - 1) / self.decode_cpu_seconds if self.decode_cpu_seconds > 0 else float("nan")
 
     @property
     def bandwidth(self) -> float:
@@ -106,6 +112,25 @@ class GenerationStats:
         return (self.mean_accepted + 1) / (mean_k * self.draft_step_seconds + self.verify_step_seconds)
 
 
+def merge_stats(all_stats: list) -> GenerationStats:
+    """Several generations as one whose decode steps are all of theirs (each one's first token came from its own
+    prefill): times, bytes and speculation steps add up, so tokens_per_second and bandwidth hold over all of them."""
+    total = GenerationStats(new_tokens=1)
+    for s in all_stats:
+        total.prompt_tokens += s.prompt_tokens
+        total.new_tokens += s.new_tokens - 1
+        for name in ("compile_seconds", "prefill_seconds", "decode_seconds", "decode_cpu_seconds", "decode_bytes",
+                     "draft_seconds", "verify_seconds"):
+            setattr(total, name, getattr(total, name) + getattr(s, name))
+        total.accepted += s.accepted
+        total.speculate_k += s.speculate_k
+        total.from_draft += s.from_draft[1:]
+        total.layers_used += s.layers_used[1:]
+    total.from_draft[:0] = all_stats[0].from_draft[:1] if all_stats else []
+    total.layers_used[:0] = all_stats[0].layers_used[:1] if all_stats else []
+    return total
+
+
 def decode_bytes(model: Transformer, stats: GenerationStats, early_exit: Optional[int],
                  draft_model: Optional[Transformer]) -> float:
     """Weight bytes the decode loop read: what each step really ran (FlexiDepth's skipped layers and the
@@ -122,6 +147,17 @@ def decode_bytes(model: Transformer, stats: GenerationStats, early_exit: Optiona
 
 
 # ---------------------------------------------------------------- the figures the CLI prints
+
+def cpu_model() -> str:
+    """The CPU's marketing name (every benchmark table prints it), or the architecture where Linux does not say."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
 
 def peak_memory_gb(device: str) -> float:
     if device.startswith("cuda"):

@@ -6,7 +6,6 @@
         --show_depth --depth_html depth.html     # FlexiDepth: routed layers really skipped at decode
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -58,16 +57,6 @@ def read_state_dict(checkpoint_path: Path) -> dict:
     return state_dict
 
 
-def read_args(folder: Path) -> ModelArgs:
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found")
-    try:
-        return ModelArgs.from_hf_config(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{config_path} is not a usable Llama config: {e}")
-
-
 def check_finite(model: torch.nn.Module, checkpoint_path: Path):
     """Refuse NaN or Inf weights (a corrupt or diverged checkpoint): a tensor's norm is finite iff its values are.
     _foreach_norm is one fused pass over all of them (per-tensor isfinite().all() took seconds on 135M weights)."""
@@ -85,7 +74,7 @@ def load_model(checkpoint_path, device="cpu", precision=torch.float32, tensor_pa
         raise FileNotFoundError(f"checkpoint folder {folder} not found (run ./scripts/prepare.sh first)")
     if not checkpoint_path.exists():
         raise FileNotFoundError(f"{checkpoint_path} not found (convert the folder with convert_hf_checkpoint.py)")
-    args = read_args(folder)
+    args = ModelArgs.from_folder(folder)
     state_dict = read_state_dict(checkpoint_path)
     quantization = state_dict.pop("quantization", None)
     with torch.device("meta"):
@@ -299,7 +288,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, sampling: 
     stop = bool(callback(out)) if callback else False
     pos = start_pos + T  # position of `token`, which is not in the cache yet
     k = speculate_k
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     while not stop and len(out) < max_new_tokens and out[-1] not in stop_ids:
         if not speculating:
             logits = steps.decode(model, token.view(1, 1), torch.tensor([pos], device=device), skip_threshold)
@@ -325,6 +314,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, sampling: 
             stop = bool(callback(out))
     synchronize(device)
     stats.decode_seconds = time.perf_counter() - t0
+    stats.decode_cpu_seconds = time.process_time() - cpu0
     stats.new_tokens = len(out)
     stats.from_draft = from_draft
     if model.args.routing_layers:

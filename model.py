@@ -4,14 +4,20 @@ Covers Llama 2 (MHA), Llama 3/3.1/3.2 (GQA, llama3 rope scaling, tied embeddings
 The q/k projections keep Hugging Face's row layout, so the rope here is the rotate-half form.
 FlexiDepth layers (a router and an adapter on the layers in `routing_layers`) live here too.
 """
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+
+
+# quantize.py's int4 weights and tp.py's split of them both need it, so it sits below both
+INT4_ROW_MULTIPLE = 16  # the CPU int4 packer needs out_features % 16 == 0 (CUDA needs % 8)
 
 
 @dataclass
@@ -32,6 +38,21 @@ class ModelArgs:
     routing_layers: list = field(default_factory=list)
     router_dim: int = 0
     adapter_dim: int = 0
+
+    @classmethod
+    def from_folder(cls, folder) -> "ModelArgs":
+        """The architecture in a checkpoint folder's config.json; any defect in it is one error naming the file."""
+        path = Path(folder) / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found")
+        try:
+            config = json.loads(path.read_text())
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        try:
+            return cls.from_hf_config(config)
+        except (TypeError, KeyError, ZeroDivisionError, AttributeError) as e:
+            raise ValueError(f"{path} is not a usable Llama config: {type(e).__name__}: {e}") from None
 
     @classmethod
     def from_hf_config(cls, config: dict) -> "ModelArgs":

@@ -23,12 +23,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from cli import main_guard, save_atomic
-from convert_hf_checkpoint import read_model_args
-from model import Transformer
+from model import INT4_ROW_MULTIPLE, ModelArgs, Transformer
 
 MODES = ("int8", "int4")
 GROUPSIZES = (32, 64, 128, 256)
-INT4_ROW_MULTIPLE = 16  # the CPU int4 packer needs out_features % 16 == 0 (CUDA needs % 8)
 
 
 def linear_modes(model: nn.Module, mode: str) -> dict:
@@ -196,7 +194,7 @@ def quantize(checkpoint_path, mode: str, groupsize=None) -> Path:
     quantization = check_quantization({"mode": mode} if mode == "int8" else {"mode": mode, "groupsize": groupsize})
     if not checkpoint_path.exists():
         raise FileNotFoundError(f"{checkpoint_path} not found")
-    args = read_model_args(checkpoint_path.parent)
+    args = ModelArgs.from_folder(checkpoint_path.parent)
     try:
         state_dict = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:

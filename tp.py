@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
+from model import INT4_ROW_MULTIPLE
+
 # Bounds the rendezvous and every collective, so a missing peer ends in an error instead of a hang. It must cover
 # the difference in compile time between ranks, since the first collective of a compiled step waits for the slowest.
 TIMEOUT_S = float(os.environ.get("FLEXFAST_DIST_TIMEOUT", "300"))
@@ -152,11 +154,10 @@ def check_shardable(model, world: int):
         raise ValueError(f"tensor parallelism over {world} processes needs {world} to divide the model's "
                          f"{args.n_heads} attention heads, {args.n_kv_heads} KV heads and FFN width "
                          f"{args.intermediate_size}; use --nproc_per_node in {choices}")
-    from quantize import INT4_ROW_MULTIPLE, Int4Linear
     layer = model.layers[0]
     for name in COLUMN_PARALLEL + ROW_PARALLEL:
         linear = layer.get_submodule(name)
-        if not isinstance(linear, Int4Linear):
+        if not hasattr(linear, "groupsize"):  # only quantize.Int4Linear is grouped; plain and int8 split anywhere
             continue
         if linear.packed_for is not None:
             raise RuntimeError("shard int4 weights before pack_for_device: the packed layout cannot be split")

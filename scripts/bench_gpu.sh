@@ -125,37 +125,36 @@ step quantize_int4 240 $PYTHON quantize.py --checkpoint_path "$BIG/model.pth" --
 step ar_1b_int4_compiled 300 $GEN --checkpoint_path "$BIG/model_int4.g128.pth" --precision bf16 --compile
 
 # FlexiDepth real skipping on the GPU (torch.cond under CUDA graphs), bf16, random routers on layers 15-29.
-step flexidepth_135m 420 $PYTHON scripts/bench_flexidepth.py --source "$SMALL" --out "$WORK/smollm2-flexidepth" \
+step flexidepth_135m 420 $PYTHON scripts/bench_flexidepth.py --base "$SMALL/model.pth" --out "$WORK/smollm2-flexidepth" \
   --compile --device $DEVICE --precision bf16 --rounds 2 --masking_row --routing_layers $ROUTING
-[ -f "$WORK/flexidepth_135m.out" ] && tr '\r' '\n' <"$WORK/flexidepth_135m.out" | grep -E "^ *(target|[0-9]+%)|masking form" | tee -a "$SUMMARY"
+[ -f "$WORK/flexidepth_135m.out" ] && tr '\r' '\n' <"$WORK/flexidepth_135m.out" | grep -E "^(model |$(basename "$SMALL")|[0-9]+%|masking)" | tee -a "$SUMMARY"
 
 # Real skipping (compiled, torch.cond) against the masking form (eager, both branches), fp32, the 50% threshold.
 step flexidepth_equal 240 $PYTHON - "$WORK/smollm2-flexidepth" "$SMALL" <<'EOF'
 import os, sys, torch
 sys.path.insert(0, ".")
 from pathlib import Path
-from generate import compile_steps, generate, load_model
+from cli import parse_layers
+from convert_hf_checkpoint import convert, with_random_routers
+from generate import Steps, compile_steps, generate, load_model
 folder, dev = sys.argv[1], os.environ["DEVICE"]
 if not Path(folder, "model.pth").exists():  # flexidepth_135m makes it; when that step did not run, make it here
-    sys.path.insert(0, "scripts")
-    from bench_flexidepth import write_flexidepth_folder
-    first, last = map(int, os.environ["ROUTING"].split("-"))
-    write_flexidepth_folder(Path(sys.argv[2]), Path(folder), list(range(first, last + 1)))
+    n_layers = load_model(Path(sys.argv[2], "model.pth")).args.n_layers
+    convert(with_random_routers(Path(sys.argv[2]), Path(folder), parse_layers(os.environ["ROUTING"], n_layers)))
 model = load_model(f"{folder}/model.pth", dev, torch.float32)
 prompt = torch.randint(0, model.args.vocab_size, (40,), device=dev, generator=torch.Generator(dev).manual_seed(0))
 model.setup_caches(1, 40 + 48)
 gates = []  # every gate of a full-depth decode: their median makes the threshold that skips about half
 hooks = [l.router.register_forward_hook(lambda m, i, o: gates.append(torch.sigmoid(o).flatten()))
          for l in model.layers if hasattr(l, "router")]
-model.skip_threshold = 0.0
-generate(model, prompt, 48)
+generate(model, prompt, 48, skip_threshold=0.0)
 for h in hooks:
     h.remove()
-model.skip_threshold = float(torch.quantile(torch.cat(gates).float(), 0.5))
-real, stats = generate(model, prompt, 48, steps=compile_steps(dev, False))
+threshold = float(torch.quantile(torch.cat(gates).float(), 0.5))
+real, stats = generate(model, prompt, 48, steps=compile_steps(dev, False), skip_threshold=threshold)
 real_ran = model.layers_ran(torch.arange(39, 39 + 48, device=dev)).clone()
-model.masking_reference = True
-masked, _ = generate(model, prompt, 48)
+masking = Steps(decode=lambda m, x, pos, t: m(x, pos, t, masking=True)[:, -1])
+masked, _ = generate(model, prompt, 48, steps=masking, skip_threshold=threshold)
 masked_ran = model.layers_ran(torch.arange(39, 39 + 48, device=dev))
 same = real.tolist() == masked.tolist() and bool((real_ran == masked_ran).all())
 mean = sum(len(u) for u in stats.layers_used) / len(stats.layers_used)

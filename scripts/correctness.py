@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate as g  # noqa: E402
+from cli import main_guard  # noqa: E402
 from prompts import load_prompts  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -20,8 +21,8 @@ def compare(args) -> int:
     device = g.resolve_device(args.device)
     model = g.load_model(args.checkpoint_path, device, torch.float32)
     draft = g.load_model(args.draft_checkpoint_path, device, torch.float32) if args.draft_checkpoint_path else None
-    if draft is None and not (args.early_exit and 1 <= args.early_exit < model.args.n_layers):
-        raise ValueError(f"--early_exit must be in 1..{model.args.n_layers - 1}")
+    if draft is None:
+        g.check_early_exit(args.early_exit, model.args.n_layers)
     if args.speculate_k < 1:
         raise ValueError("--speculate_k must be at least 1")
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
@@ -61,10 +62,7 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    try:
-        sys.exit(compare(args))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    sys.exit(main_guard(lambda: compare(args), "comparison"))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate as g  # noqa: E402
+from cli import main_guard, write_text_atomic  # noqa: E402
 from prompts import pydoc_text  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -314,15 +314,6 @@ def run_tasks(lm: FlexFastLM, names: list, include_paths=(), limit=None, num_few
                            log_samples=log_samples, bootstrap_iters=bootstrap_iters)
 
 
-def write_json_atomic(path: Path, data):
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
@@ -380,8 +371,7 @@ def run(args):
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     L = model.args.n_layers
     if args.self_speculative:
-        if not (args.early_exit is not None and 1 <= args.early_exit < L):
-            raise ValueError(f"--early_exit must be in 1..{L - 1} for this {L}-layer model, got {args.early_exit}")
+        g.check_early_exit(args.early_exit, L)
         if model.args.routing_layers:
             raise ValueError("self-speculation with a FlexiDepth checkpoint is not supported; drop --self_speculative")
     if EXIT_PPL in names:
@@ -404,7 +394,7 @@ def run(args):
     if summary:
         print(generation_table(summary, L))
     if args.output_path:
-        write_json_atomic(args.output_path, {**results, "generation": summary})
+        write_text_atomic(args.output_path, json.dumps({**results, "generation": summary}, indent=2, default=str))
 
 
 def main(argv=None):
@@ -412,10 +402,7 @@ def main(argv=None):
     if not args.verbose:  # their warnings (hub retries among them) would bury our one-line errors
         for name in ("lm_eval", "datasets", "huggingface_hub"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    main_guard(lambda: run(args), "evaluation")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Hugging Face saves it (so transformers can load the same weights as a reference)
 """
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -19,11 +18,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cli import copy_atomic, main_guard  # noqa: E402
 from convert_hf_checkpoint import TOKENIZER_FILES, convert  # noqa: E402
+from generate import PRECISIONS  # noqa: E402
 
 SHAPE_FIELDS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "vocab_size"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_random_checkpoint(like: Path, out: Path, shape: dict, dtype: torch.dtype, seed: int = 0) -> Path:
@@ -40,7 +40,7 @@ def make_random_checkpoint(like: Path, out: Path, shape: dict, dtype: torch.dtyp
     model.save_pretrained(out)
     for name in TOKENIZER_FILES:
         if (like / name).exists():
-            shutil.copy(like / name, out / name)
+            copy_atomic(like / name, out / name)
     return convert(out)
 
 
@@ -48,19 +48,18 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--like", type=Path, required=True, help="folder whose config.json and tokenizer files to take")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=list(PRECISIONS), default="fp32")
     p.add_argument("--seed", type=int, default=0)
     for field in SHAPE_FIELDS:
         p.add_argument(f"--{field}", type=int, default=None)
     args = p.parse_args()
     shape = {f: getattr(args, f) for f in SHAPE_FIELDS if getattr(args, f) is not None}
-    try:
+
+    def run():
         if not (args.like / "config.json").exists():
             raise FileNotFoundError(f"{args.like}/config.json not found")
-        path = make_random_checkpoint(args.like, args.out, shape, DTYPES[args.dtype], args.seed)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"error: {e}")
-    print(f"wrote {path}")
+        print(f"wrote {make_random_checkpoint(args.like, args.out, shape, PRECISIONS[args.dtype], args.seed)}")
+    main_guard(run, "writing the checkpoint")
 
 
 if __name__ == "__main__":

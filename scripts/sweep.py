@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate as g  # noqa: E402
-from figures import weight_bytes  # noqa: E402
+from cli import main_guard  # noqa: E402
+from figures import merge_stats, weight_bytes  # noqa: E402
 from prompts import load_prompts  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -46,16 +47,6 @@ def decode_forward_seconds(model, steps, repeats=16) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def merged(all_stats):
-    total = g.GenerationStats()
-    for s in all_stats:
-        total.accepted += s.accepted
-        total.speculate_k += s.speculate_k
-        total.draft_seconds += s.draft_seconds
-        total.verify_seconds += s.verify_seconds
-    return total
-
-
 def sweep(args):
     device = g.resolve_device(args.device)
     precision = g.PRECISIONS[args.precision]
@@ -63,9 +54,10 @@ def sweep(args):
     L = model.args.n_layers
     early_exits = [int(e) for e in args.early_exits.split(",")]
     ks = [int(k) for k in args.speculate_ks.split(",")]
-    bad = [e for e in early_exits if not 1 <= e < L]
-    if bad or min(ks) < 1:
-        raise ValueError(f"early exits must be in 1..{L - 1} and k >= 1 (got {args.early_exits} / {args.speculate_ks})")
+    for e in early_exits:
+        g.check_early_exit(e, L)
+    if min(ks) < 1:
+        raise ValueError(f"--speculate_ks must be >= 1, got {args.speculate_ks}")
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     prompts = [torch.tensor(tokenizer.encode(p), device=device) for p in load_prompts(args.prompts, args.num_prompts)]
     steps = g.compile_steps(device, False) if args.compile else g.Steps()
@@ -82,7 +74,7 @@ def sweep(args):
         spec = dict(early_exit=e, speculate_k=k)
         run_prompts(model, prompts[:1], 8, steps, **spec)
         tps, all_stats = run_prompts(model, prompts, args.max_new_tokens, steps, **spec)
-        s = merged(all_stats)
+        s = merge_stats(all_stats)
         ideal = s.forward_bound_tokens_per_second * ar_forward  # (E[n]+1) x AR forward / (k x draft + verify forward)
         byte_ratio = weight_bytes(model, n_layers=e) / full_bytes
         ideal_bytes = (s.mean_accepted + 1) / (k * byte_ratio + 1)
@@ -117,10 +109,7 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    try:
-        sweep(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    main_guard(lambda: sweep(args), "sweep")
 
 
 if __name__ == "__main__":

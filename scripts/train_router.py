@@ -12,7 +12,7 @@ when it skips. That scaling alone gives w a gradient, but only "scale the branch
 pushed to run harder and one that skips to skip harder, so the skip penalty (P times the sum of w over the routed
 layers, averaged over tokens, FlexiDepth's) tips whole layers over at once and decisions are never revisited (a
 cliff: see BENCHMARKS.md). So w also gets a straight-through gradient towards the other branch,
-dLoss/dout . (run_out - skip_out) (routed_layer; --no-compare turns it off), which pushes a token back to running
+dLoss/dout . (run_out - skip_out) (FlexiDepthBlock.masked's straight_through; --no-compare turns it off), which pushes a token back to running
 when running serves the loss better. With it the layers used fall smoothly as the penalty grows.
 Initial state: the router is an odd function of its input (no biases, tanh), so no data-free initialisation makes
 every token run. We aim its encoder at the mean direction of that layer's normed inputs on the first batch (hidden
@@ -28,10 +28,6 @@ A folder without tokenizer files (tiny test models) is fed UTF-8 bytes as token 
 import argparse
 import json
 import math
-import os
-import re
-import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -44,29 +40,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from convert_hf_checkpoint import TOKENIZER_FILES, WEIGHT_MAP, convert, save_atomic  # noqa: E402
+from cli import main_guard, parse_layers, save_atomic, write_text_atomic  # noqa: E402
+from convert_hf_checkpoint import convert, hf_state_dict, read_config, write_hf_folder  # noqa: E402
+from generate import load_model, read_state_dict  # noqa: E402
 from model import FlexiDepthBlock, KVCache, ModelArgs, Transformer, TransformerBlock  # noqa: E402
 from prompts import humaneval_prompts, pydoc_text  # noqa: E402
 
 STATE_FILE = "train_state.pth"
-
-
-def parse_layers(spec: str, n_layers: int) -> list:
-    """"15-29" or "3,5,7-9" -> sorted layer indices, each checked against the model's depth."""
-    layers = set()
-    for part in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
-        if not m:
-            raise ValueError(f"--routing_layers {spec!r}: expected A-B or a comma list such as 3,5,7-9")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if lo > hi:
-            raise ValueError(f"--routing_layers {spec!r}: {lo}-{hi} is an empty range")
-        layers.update(range(lo, hi + 1))
-    bad = [i for i in sorted(layers) if i >= n_layers]
-    if bad:
-        raise ValueError(f"--routing_layers {spec!r}: layer {bad[0]} is outside the model's {n_layers} layers "
-                         f"(0-{n_layers - 1})")
-    return sorted(layers)
+THRESHOLD = 0.5  # the checkpoint's own rule: a token runs a routed layer iff its gate exceeds it
 
 
 # ---- data
@@ -112,33 +93,18 @@ def fresh_caches(model: Transformer, batch: int, seq_len: int):
         layer.attention.kv_cache = KVCache(batch, seq_len, layer.attention.n_kv_heads, a.head_dim, dtype)
 
 
-def routed_layer(layer: FlexiDepthBlock, x, rope, mask, pos, threshold: float, compare: bool):
-    """The layer's masking forward (its own gate / run_branch / skip_branch, so the checkpoint's rule), returning
-    (output, gate weights [B, T, 1]). With compare, w also gets the gradient of moving the token towards the other
-    branch, dLoss/dout . (run_out - skip_out): a straight-through estimate of what switching branches would do.
-    Without it w only learns to scale the branch it is on, so a decision, once made, is never revisited."""
-    normed = layer.attention_norm(x)
-    w, run = layer.gate(normed, threshold)
-    k, v = layer.attention.write_kv(normed, rope, pos)
-    operands = (x, normed, w, rope, mask, k, v)
-    run_out, skip_out = layer.run_branch(*operands), layer.skip_branch(*operands)
-    out = torch.where(run, run_out, skip_out)
-    if compare:
-        out = out + (w - w.detach()) * (run_out - skip_out).detach()  # adds 0 to the value
-    return out, w
-
-
-def forward_hidden(model: Transformer, x, start: int, end: int, full_depth: bool, gates: list = None,
+def forward_hidden(model: Transformer, x, start: int, end: int, full_depth: bool, runs: list = None,
                    compare: bool = False):
-    """Layers [start, end) on x at positions 0..T-1. Routed layers use routed_layer unless full_depth, which runs
-    every layer as a plain block (the teacher). Appends each routed layer's gate weights [B, T] to `gates`."""
+    """Layers [start, end) on x at positions 0..T-1. Routed layers take their masking form (the checkpoint's rule;
+    compare adds the straight-through gradient) unless full_depth, which runs every layer as a plain block (the
+    teacher). Appends each routed layer's gate weights and decisions ([B, T] each) to `runs`."""
     T = x.shape[1]
     pos = torch.arange(T)
     rope, mask = model.rope[:T], model.causal_mask[None, None, :T, :T]
     for layer in model.layers[start:end]:
         if isinstance(layer, FlexiDepthBlock) and not full_depth:
-            x, w = routed_layer(layer, x, rope, mask, pos, model.skip_threshold, compare)
-            gates.append(w[..., 0])
+            x, w, run = layer.masked(x, rope, mask, pos, THRESHOLD, straight_through=compare)
+            runs.append((w[..., 0], run[..., 0]))
         else:
             x = TransformerBlock.forward(layer, x, rope, mask, pos)
     return x
@@ -146,7 +112,8 @@ def forward_hidden(model: Transformer, x, start: int, end: int, full_depth: bool
 
 def student_and_teacher(model: Transformer, idx, need_teacher: bool, compare: bool = False):
     """Shared frozen prefix (layers below the first routed one), then the full-depth teacher (no grad) if asked,
-    then the routed student. Returns student logits, gates [n_routed, B, T], teacher logits or None."""
+    then the routed student. Returns student logits, gate weights and decisions (each [n_routed, B, T]), teacher
+    logits or None."""
     B, T = idx.shape
     first = model.args.routing_layers[0]
     L = model.args.n_layers
@@ -155,14 +122,14 @@ def student_and_teacher(model: Transformer, idx, need_teacher: bool, compare: bo
         prefix = forward_hidden(model, model.embed(idx), 0, first, True)
         teacher = model.head(forward_hidden(model, prefix, first, L, True)) if need_teacher else None
     fresh_caches(model, B, T)
-    gates = []
-    logits = model.head(forward_hidden(model, prefix, first, L, False, gates, compare))
-    return logits, torch.stack(gates), teacher
+    runs = []
+    logits = model.head(forward_hidden(model, prefix, first, L, False, runs, compare))
+    return logits, torch.stack([w for w, _ in runs]), torch.stack([r for _, r in runs]), teacher
 
 
-def mean_layers(model: Transformer, gates: torch.Tensor) -> float:
+def mean_layers(model: Transformer, ran: torch.Tensor) -> float:
     routed = len(model.args.routing_layers)
-    return model.args.n_layers - routed + (gates > model.skip_threshold).float().sum(0).mean().item()
+    return model.args.n_layers - routed + ran.float().sum(0).mean().item()
 
 
 @torch.no_grad()
@@ -173,11 +140,11 @@ def evaluate(model: Transformer, windows: torch.Tensor, batch_size: int):
     used, n = 0.0, 0
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size]
-        logits, gates, teacher = student_and_teacher(model, w[:, :-1], True)
+        logits, _, ran, teacher = student_and_teacher(model, w[:, :-1], True)
         target = w[:, 1:].reshape(-1)
         nll_routed += F.cross_entropy(logits.flatten(0, 1), target, reduction="sum").item()
         nll_full += F.cross_entropy(teacher.flatten(0, 1), target, reduction="sum").item()
-        used += mean_layers(model, gates) * target.numel()
+        used += mean_layers(model, ran) * target.numel()
         n += target.numel()
     return math.exp(nll_routed / n), math.exp(nll_full / n), used / n
 
@@ -216,43 +183,28 @@ def init_routers(model: Transformer, calibration: torch.Tensor, seed: int = 0):
 
 
 def build_model(checkpoint_path: Path, routing_spec):
-    """The frozen base model with routers and adapters on the routed layers; returns (model, config, trained_before)."""
-    folder = checkpoint_path.parent
-    if not checkpoint_path.exists():
-        raise FileNotFoundError(f"{checkpoint_path} not found (convert the folder with convert_hf_checkpoint.py)")
-    config_path = folder / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found")
-    config = json.loads(config_path.read_text())
-    base_args = ModelArgs.from_hf_config(config)
-    already = bool(base_args.routing_layers)
+    """The frozen base model with routers and adapters on the routed layers; returns (model, config, trained_before).
+    Read by generate's loader, so with its checks and messages."""
+    base = load_model(checkpoint_path, "cpu", torch.float32)
+    if getattr(base, "quantization", None):
+        raise ValueError(f"{checkpoint_path} is quantized; train the routers on the floating-point model.pth")
+    config = read_config(checkpoint_path.parent)
+    already = bool(base.args.routing_layers)
     if already:
-        if routing_spec is not None and parse_layers(routing_spec, base_args.n_layers) != base_args.routing_layers:
-            raise ValueError(f"{checkpoint_path} is already FlexiDepth with routing_layers {base_args.routing_layers}; "
+        if routing_spec is not None and parse_layers(routing_spec, base.args.n_layers) != base.args.routing_layers:
+            raise ValueError(f"{checkpoint_path} is already FlexiDepth with routing_layers {base.args.routing_layers}; "
                              f"omit --routing_layers to continue training it, or start from the plain model")
-        routing = base_args.routing_layers
+        model = base
     else:
         if routing_spec is None:
             raise ValueError("--routing_layers is needed for a plain checkpoint (e.g. the second half: "
-                             f"{base_args.n_layers // 2}-{base_args.n_layers - 1})")
-        routing = parse_layers(routing_spec, base_args.n_layers)
-    config = dict(config, model_type="ddllama", routing_layers=routing)
-    args = ModelArgs.from_hf_config(config)
-    model = Transformer(args)
-    try:
-        state_dict = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read {checkpoint_path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    if not isinstance(state_dict, dict) or "quantization" in state_dict:
-        raise ValueError(f"{checkpoint_path} is not a plain floating-point checkpoint (train on the fp model)")
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not (args.tie_embeddings and k == "output.weight")]
-    if unexpected or (already and missing) or any(".router." not in k and ".adapter." not in k for k in missing):
-        raise ValueError(f"{checkpoint_path} does not match {config_path}: "
-                         f"{(unexpected or missing)[0]} is {'unexpected' if unexpected else 'missing'}")
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    model.float().requires_grad_(False)
+                             f"{base.args.n_layers // 2}-{base.args.n_layers - 1})")
+        config = dict(config, model_type="ddllama", routing_layers=parse_layers(routing_spec, base.args.n_layers))
+        model = Transformer(ModelArgs.from_hf_config(config))
+        model.load_state_dict(base.state_dict(), strict=False)  # everything but the new routers and adapters
+        if model.args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+    model.requires_grad_(False)
     for name, p in model.named_parameters():
         if ".router." in name or ".adapter." in name:
             p.requires_grad_(True)
@@ -263,45 +215,15 @@ def trainable_state(model: Transformer) -> dict:
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
-def hf_names(state_dict: dict, tie: bool) -> dict:
-    ours_to_hf = {ours: hf for hf, ours in WEIGHT_MAP.items()}
-    out = {}
-    for name, t in state_dict.items():
-        if tie and name == "output.weight":
-            continue
-        m = re.fullmatch(r"layers\.(\d+)\.(.*)", name)
-        out[ours_to_hf[f"layers.{{}}.{m.group(2)}"].format(m.group(1)) if m else ours_to_hf[name]] = t.contiguous()
-    return out
-
-
-def write_folder(model: Transformer, config: dict, source: Path, out_dir: Path) -> Path:
-    """HF-style FlexiDepth folder, each file written to a temporary name and renamed; then converted."""
-    from safetensors.torch import save_file
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (source / name).exists():
-            shutil.copy(source / name, out_dir / name)
-    weights = hf_names({k: v.detach() for k, v in model.state_dict().items()}, model.args.tie_embeddings)
-    tmp = out_dir / ".model.safetensors.tmp"
-    try:
-        save_file(weights, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out_dir / "model.safetensors")
-    finally:
-        tmp.unlink(missing_ok=True)
-    tmp = out_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, out_dir / "config.json")
-    return convert(out_dir)
-
-
 # ---- training
 
 def train(a) -> dict:
     torch.manual_seed(0)
     if a.penalty < 0:
         raise ValueError(f"--penalty must be >= 0, got {a.penalty}")
-    if a.steps < 0 or a.batch_size < 1 or a.seq_len < 2 or a.lr <= 0:
-        raise ValueError("--steps must be >= 0, --batch_size >= 1, --seq_len >= 2 and --lr > 0")
+    if a.steps < 0 or a.batch_size < 1 or a.seq_len < 2 or a.lr <= 0 or a.save_every < 1 or a.eval_windows < 1:
+        raise ValueError("--steps must be >= 0, --batch_size >= 1, --seq_len >= 2, --lr > 0, --save_every >= 1 and "
+                         "--eval_windows >= 1")
     checkpoint_path = Path(a.checkpoint_path)
     source = checkpoint_path.parent
     out_dir = Path(a.out_dir) if a.out_dir else source.with_name(source.name + "-FlexiDepth")
@@ -321,9 +243,9 @@ def train(a) -> dict:
     if a.resume:
         if not state_path.exists():
             raise FileNotFoundError(f"--resume: no {state_path} to resume from")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state["settings"] != run_settings:
-            raise ValueError(f"--resume: {state_path} was written with other settings {state['settings']}")
+        state = read_state_dict(state_path)
+        if state.get("settings") != run_settings:
+            raise ValueError(f"--resume: {state_path} was written with other settings {state.get('settings')}")
         model.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
@@ -344,7 +266,7 @@ def train(a) -> dict:
             group["lr"] = a.lr * min(1.0, (step + 1) / 10)
         batch = batch_at(train_windows, step, a.batch_size)
         idx, target = batch[:, :-1], batch[:, 1:]
-        logits, gates, teacher = student_and_teacher(model, idx, a.distill, a.compare)
+        logits, gates, ran, teacher = student_and_teacher(model, idx, a.distill, a.compare)
         if a.distill:
             task = F.kl_div(F.log_softmax(logits, -1).flatten(0, 1), F.log_softmax(teacher, -1).flatten(0, 1),
                             log_target=True, reduction="batchmean")
@@ -358,7 +280,7 @@ def train(a) -> dict:
         step += 1
         losses.append(round(task.item(), 5))
         bar.update(1)
-        bar.set_postfix(loss=f"{task.item():.3f}", layers=f"{mean_layers(model, gates.detach()):.2f}")
+        bar.set_postfix(loss=f"{task.item():.3f}", layers=f"{mean_layers(model, ran):.2f}")
         if step % a.save_every == 0 or step == a.steps:
             save_state()
     bar.close()
@@ -368,10 +290,9 @@ def train(a) -> dict:
     report = dict(run_settings, steps=a.steps, train_seconds=round(train_seconds, 1), heldout_ppl=ppl,
                   heldout_ppl_full=ppl_full, mean_layers_used=layers, n_layers=model.args.n_layers,
                   heldout_tokens=eval_windows.numel() - len(eval_windows), train_losses=losses)
-    model_path = write_folder(model, config, source, out_dir)
-    tmp = out_dir / ".train_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out_dir / "train_report.json")
+    weights = hf_state_dict({k: v.detach() for k, v in model.state_dict().items()}, model.args.tie_embeddings)
+    model_path = convert(write_hf_folder(out_dir, config, weights, source))
+    write_text_atomic(out_dir / "train_report.json", json.dumps(report, indent=2) + "\n")
     print(f"held-out perplexity {ppl:.3f} (full model {ppl_full:.3f}), mean layers used {layers:.2f} of "
           f"{model.args.n_layers}; wrote {model_path}")
     return report
@@ -388,7 +309,7 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--distill", action="store_true", help="KL to the frozen full-depth model instead of the LM loss")
     p.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
-                   help="straight-through gradient between the two branches (see routed_layer)")
+                   help="straight-through gradient between the two branches (see FlexiDepthBlock.masked)")
     p.add_argument("--out_dir", type=Path, default=None, help="default: <checkpoint folder>-FlexiDepth beside it")
     p.add_argument("--resume", action="store_true", help=f"continue from <out_dir>/{STATE_FILE}")
     p.add_argument("--eval_windows", type=int, default=32, help="held-out windows of seq_len tokens")
@@ -398,13 +319,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("error: training interrupted"))
-    try:
-        train(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("error: training interrupted")
+    main_guard(lambda: train(args), "training")
 
 
 if __name__ == "__main__":

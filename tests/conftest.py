@@ -1,5 +1,7 @@
-"""Shared test helpers: tiny random Llama variants saved the way Hugging Face saves them, run through our real
-converter; and the real offline default model (prepared by ./scripts/prepare.sh)."""
+"""Shared test helpers (the only place tests share them): tiny random Llama variants saved the way Hugging Face
+saves them, run through our real converter, FlexiDepth ones with random routers; the real offline default model
+(prepared by ./scripts/prepare.sh); running a CLI and checking its one-line error. docs/design.md has the
+contracts they test."""
 import re
 import subprocess
 import sys
@@ -11,11 +13,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from convert_hf_checkpoint import convert  # noqa: E402
+from convert_hf_checkpoint import convert, with_random_routers  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth"
 
-# Each variant DESIGN.md lists; all tiny enough to run in milliseconds.
+# Each Llama variant docs/design.md lists; all tiny enough to run in milliseconds.
 TINY_BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5)
 VARIANTS = {
@@ -54,6 +56,21 @@ def make_converted_llama(folder: Path, seed: int = 0, **overrides) -> Path:
     return convert(folder)
 
 
+FLEXIDEPTH_LAYERS = [1, 2, 3]  # routed layers of the tiny FlexiDepth models
+PROMPT = torch.tensor([5, 17, 99, 3, 250, 42, 7, 128])  # token ids any tiny model's vocabulary holds
+
+
+def add_routers(folder: Path, routing_layers, seed: int = 1) -> Path:
+    """Turn a saved HF Llama folder into a FlexiDepth one in place (about half the tokens skip each routed layer)."""
+    return with_random_routers(folder, folder, routing_layers, seed)
+
+
+def make_flexidepth(folder: Path, routing_layers=FLEXIDEPTH_LAYERS, **overrides) -> Path:
+    """A tiny random FlexiDepth model as an HF folder (not yet converted)."""
+    make_hf_llama(folder, num_key_value_heads=2, **overrides)
+    return add_routers(folder, routing_layers)
+
+
 @pytest.fixture(scope="session")
 def default_checkpoint() -> Path:
     if not DEFAULT_CHECKPOINT.exists():
@@ -77,6 +94,20 @@ def assert_one_line_error(result, pattern):
     lines = [line for line in re.split(r"[\r\n]", result.stderr) if line.strip() and not TQDM_LINE.match(line)]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert re.search(pattern, lines[0]), lines[0]
+
+
+def greedy(model, prompt, n, steps=None, **kw):
+    """generate() with the default (greedy) sampling, the cache made large enough; returns (token list, stats)."""
+    from generate import cache_length_needed, generate
+    model.setup_caches(1, cache_length_needed(len(prompt), n, kw.get("speculate_k", 0)))
+    tokens, stats = generate(model, prompt, n, steps=steps, **kw)
+    return tokens.tolist(), stats
+
+
+def run_generate(checkpoint, *args, prompt="Hello"):
+    """generate.py greedy in fp32 on the CPU, as a user would run it."""
+    return run_cli("generate.py", "--checkpoint_path", checkpoint, "--device", "cpu", "--precision", "fp32",
+                   "--prompt", prompt, "--temperature", "0", *args)
 
 
 class RunsCode:

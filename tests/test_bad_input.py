@@ -152,17 +152,10 @@ def bare_tensor(folder):
     torch.save(torch.zeros(3), folder / "model.pth")
 
 
-# train_router.py is being restructured on another branch: on this one it still sets the removed
-# Transformer.skip_threshold attribute (AttributeError) before it can reach either check. Strict: once that branch
-# is merged these must pass, and the marks go.
-TRAIN_ROUTER_BROKEN = pytest.mark.xfail(strict=True, reason="train_router.py: stale skip_threshold attribute; "
-                                                            "--save_every 0 is step % 0 (issue 14, item 7)")
-
-
 @pytest.mark.parametrize("extra, damage, pattern", [
-    ([], bare_tensor, "is not a plain floating-point checkpoint"),
-    pytest.param([], nan_weights, "wq.weight holds NaN or Inf", marks=TRAIN_ROUTER_BROKEN),
-    pytest.param(["--save_every", "0"], None, "--save_every", marks=TRAIN_ROUTER_BROKEN),
+    ([], bare_tensor, "holds a Tensor, not a state dict"),
+    ([], nan_weights, "wq.weight holds NaN or Inf"),
+    (["--save_every", "0"], None, "--save_every"),
 ], ids=["bare_tensor", "nan_weights", "save_every_0"])
 def test_train_router_refuses(converted, tmp_path, capsys, monkeypatch, extra, damage, pattern):
     import train_router

@@ -1,9 +1,8 @@
 """scripts/benchmark.py: the table arithmetic and the CLI's error handling (the timed runs themselves are not tested:
 they take minutes on the real model)."""
-import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -28,15 +27,10 @@ def test_table_figures():
     assert "not measured: not installed" in next(line for line in lines if "llama.cpp" in line)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts/benchmark.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-
-
 def test_bad_arguments_give_one_error_line(tmp_path):
     for args, message in [(["--max_new_tokens", "1"], "--max_new_tokens"),
                           (["--checkpoint_path", str(tmp_path / "missing/model.pth")], "not found")]:
-        result = run_cli(*args)
+        result = run_cli("scripts/benchmark.py", *args)
         assert result.returncode != 0
         assert result.stderr.strip().startswith("error:") and message in result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

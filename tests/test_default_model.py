@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import generate
+from conftest import greedy
 from tokenizer import load_tokenizer
 
 MAX_NEW_TOKENS = 64
@@ -37,9 +38,9 @@ def hf_greedy(hf, prompt_ids, eos_ids):
 
 
 def ours_greedy(model, prompt_ids, eos_ids, steps=None):
-    tokens, stats = generate.generate(model, torch.tensor(prompt_ids), MAX_NEW_TOKENS, steps=steps, eos_ids=eos_ids)
+    tokens, stats = greedy(model, torch.tensor(prompt_ids), MAX_NEW_TOKENS, steps, eos_ids=eos_ids)
     assert stats.new_tokens == len(tokens)
-    return tokens.tolist()
+    return tokens
 
 
 def check_answers(outputs, default_model):

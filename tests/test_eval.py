@@ -182,7 +182,7 @@ def generation_request(context, until, max_gen_toks, task="tiny"):
 def test_flexidepth_layers_and_stop_strings(tmp_path):
     """A tiny random FlexiDepth checkpoint: the layers column is the mean count of layers each generated token ran
     (fewer than all: the routers skip), and a stop string ends decoding early, the text cut before it."""
-    from test_flexidepth import make_flexidepth
+    from conftest import make_flexidepth
     from convert_hf_checkpoint import convert
     model = g.load_model(convert(make_flexidepth(tmp_path / "flexi")), "cpu", torch.float32)
     lm = ev.FlexFastLM(model, CharTokenizer(), max_length=64)

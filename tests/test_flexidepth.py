@@ -4,39 +4,17 @@ for the real-skip decode path."""
 import json
 import re
 import shutil
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import DEFAULT_CHECKPOINT, ROOT, assert_one_line_error, make_converted_llama, make_hf_llama, run_cli
+from conftest import (DEFAULT_CHECKPOINT, FLEXIDEPTH_LAYERS, PROMPT, assert_one_line_error,
+                      make_converted_llama, make_flexidepth, run_cli, run_generate)
 from convert_hf_checkpoint import convert
 from generate import compile_steps, forward_last, generate, load_model
 
-sys.path.insert(0, str(ROOT / "scripts"))
-from bench_flexidepth import random_router_weights  # noqa: E402
-
-ROUTING_LAYERS = [1, 2, 3]
 STEPS = 32
-
-
-def add_routers(folder, routing_layers, seed=1):
-    """Turn a saved HF Llama folder into a FlexiDepth one: config fields + random router and adapter tensors
-    (about half the tokens skip each routed layer)."""
-    config = json.loads((folder / "config.json").read_text())
-    config["model_type"] = "ddllama"
-    config["routing_layers"] = routing_layers
-    (folder / "config.json").write_text(json.dumps(config))
-    weights = load_file(str(folder / "model.safetensors"))
-    weights.update(random_router_weights(config, routing_layers, seed))
-    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder
-
-
-def make_flexidepth(folder, routing_layers=ROUTING_LAYERS, **overrides):
-    make_hf_llama(folder, num_key_value_heads=2, **overrides)
-    return add_routers(folder, routing_layers)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +26,6 @@ def fresh_model(checkpoint, max_seq_length=64):
     model = load_model(checkpoint, "cpu", torch.float32)
     model.setup_caches(1, max_seq_length)
     return model
-
-
-PROMPT = torch.tensor([5, 17, 99, 3, 250, 42, 7, 128])
 
 
 def decode_logits(model, tokens, step=forward_last):
@@ -89,7 +64,7 @@ def test_real_skip_matches_masking(checkpoint):
     positions = torch.arange(len(PROMPT) - 1, len(PROMPT) + STEPS)
     ran = real.layers_ran(positions)
     assert torch.equal(ran, reference.layers_ran(positions))
-    routed = ran[1:, ROUTING_LAYERS].float().mean()  # decode steps only
+    routed = ran[1:, FLEXIDEPTH_LAYERS].float().mean()  # decode steps only
     assert 0.25 <= routed <= 0.75, f"routers should skip about half the tokens, ran {routed:.2f}"
     layer_runs_in_decode = int(ran[1:].sum())
     prefill_calls = len(real.layers)  # prefill runs both branches (masking form) in every layer
@@ -101,7 +76,7 @@ def test_skipped_token_kv_is_written(checkpoint):
     tokens = greedy_tokens(model)
     T = len(PROMPT)
     ran = model.layers_ran(torch.arange(T, T + STEPS))  # decisions of the decode steps, position T + j
-    j, layer_index = next((j, i) for j in range(STEPS) for i in ROUTING_LAYERS if not ran[j, i])
+    j, layer_index = next((j, i) for j in range(STEPS) for i in FLEXIDEPTH_LAYERS if not ran[j, i])
     cache = model.layers[layer_index].attention.kv_cache
     assert cache.k_cache[0, :, T + j].abs().sum() > 0 and cache.v_cache[0, :, T + j].abs().sum() > 0
 
@@ -115,14 +90,14 @@ def test_skipped_token_kv_is_written(checkpoint):
 
 def test_layers_used_match_router_decisions(checkpoint):
     model = fresh_model(checkpoint)
-    gates = {i: [] for i in ROUTING_LAYERS}
-    for i in ROUTING_LAYERS:
+    gates = {i: [] for i in FLEXIDEPTH_LAYERS}
+    for i in FLEXIDEPTH_LAYERS:
         model.layers[i].router.register_forward_hook(
             lambda m, inp, out, i=i: gates[i].append(torch.sigmoid(out)[0, -1, 0].item()))
     tokens, stats = generate(model, PROMPT, STEPS)
     assert len(stats.layers_used) == len(tokens) == STEPS
     for j, used in enumerate(stats.layers_used):  # token j came from forward call j (the prefill's last row first)
-        want = [i for i in range(len(model.layers)) if i not in ROUTING_LAYERS or gates[i][j] > 0.5]
+        want = [i for i in range(len(model.layers)) if i not in FLEXIDEPTH_LAYERS or gates[i][j] > 0.5]
         assert used == want
     counts = {len(u) for u in stats.layers_used}
     assert len(counts) > 1  # the depth varies from token to token
@@ -156,8 +131,6 @@ def test_speculation_is_refused(checkpoint):
 
 
 # ---------------------------------------------------------------- CLIs
-
-
 
 @pytest.fixture(scope="module")
 def hf_flexidepth(tmp_path_factory):
@@ -209,14 +182,13 @@ def cli_checkpoint(tmp_path_factory):
     return checkpoint
 
 
-def run_generate(checkpoint, *args):
-    return run_cli("generate.py", "--checkpoint_path", checkpoint, "--device", "cpu", "--precision", "fp32",
-                   "--prompt", "Hello there", "--temperature", "0", "--max_new_tokens", 24, *args)
+def run_generate_24(checkpoint, *args):
+    return run_generate(checkpoint, "--max_new_tokens", 24, *args, prompt="Hello there")
 
 
 def test_cli_show_depth_and_html(cli_checkpoint, tmp_path):
     html_path = tmp_path / "depth.html"
-    result = run_generate(cli_checkpoint, "--show_depth", "--depth_html", html_path)
+    result = run_generate_24(cli_checkpoint, "--show_depth", "--depth_html", html_path)
     assert result.returncode == 0, result.stderr
     counts = [int(c) for c in re.findall(r"\x1b\[0m\x1b\[2m(\d+)\x1b\[0m", result.stdout)]
     assert len(counts) == 24 and set(counts) <= {1, 2, 3, 4} and len(set(counts)) > 1
@@ -234,15 +206,15 @@ def test_cli_show_depth_and_html(cli_checkpoint, tmp_path):
     (["--depth_html", "/nonexistent/dir/depth.html"], "does not exist"),
 ])
 def test_cli_refuses(cli_checkpoint, flags, pattern):
-    assert_one_line_error(run_generate(cli_checkpoint, *flags), pattern)
+    assert_one_line_error(run_generate_24(cli_checkpoint, *flags), pattern)
 
 
-def test_bench_trained_routers_table(cli_checkpoint, tmp_path):
+def test_bench_flexidepth_trained_table(cli_checkpoint, tmp_path):
     # the full model the routers sit on: the same weights (same seed and shape), no routers
     base = make_converted_llama(tmp_path / "base", num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True)
     for name in ["tokenizer.json", "tokenizer_config.json"]:
         shutil.copy(DEFAULT_CHECKPOINT.parent / name, base.parent / name)
-    result = run_cli("scripts/bench_trained_routers.py", "--base", base, "--routed", cli_checkpoint, "--prompts", 2,
+    result = run_cli("scripts/bench_flexidepth.py", "--base", base, "--routed", cli_checkpoint, "--prompts", 2,
                      "--max_new_tokens", 12, "--rounds", 1, "--precision", "fp32", "--threads", 1)
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if "|" in line}
@@ -258,11 +230,11 @@ def test_bench_trained_routers_table(cli_checkpoint, tmp_path):
     ("other shape", "was not trained on --base"),
     ("zero rounds", "must be at least 1"),
 ])
-def test_bench_trained_routers_refuses(cli_checkpoint, tmp_path, case, pattern):
+def test_bench_flexidepth_refuses(cli_checkpoint, tmp_path, case, pattern):
     other = make_converted_llama(tmp_path / "other", num_key_value_heads=2)  # SmolLM2-sized vocabulary it lacks
     base, routed, extra = {"plain as routed": (other, other, []), "routed as base": (cli_checkpoint, cli_checkpoint, []),
                            "other shape": (other, cli_checkpoint, []),
                            "zero rounds": (other, cli_checkpoint, ["--rounds", 0])}[case]
     shutil.copy(DEFAULT_CHECKPOINT.parent / "tokenizer.json", other.parent / "tokenizer.json")
-    assert_one_line_error(run_cli("scripts/bench_trained_routers.py", "--base", base, "--routed", routed, *extra),
+    assert_one_line_error(run_cli("scripts/bench_flexidepth.py", "--base", base, "--routed", routed, *extra),
                           pattern)

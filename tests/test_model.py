@@ -1,4 +1,4 @@
-"""Our Llama against Hugging Face's LlamaForCausalLM, for every variant DESIGN.md lists, through the real converter
+"""Our Llama against Hugging Face's LlamaForCausalLM, for every variant docs/design.md lists, through the real converter
 and generate.load_model; plus the config dialects and the weight-file layouts the converter reads."""
 import copy
 import json

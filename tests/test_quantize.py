@@ -192,7 +192,7 @@ def test_int8_draft_for_float_verifier(tiny):
 
 def test_flexidepth_routers_and_adapters_stay_float(tmp_path):
     from model import FlexiDepthBlock, Linear
-    from test_flexidepth import PROMPT, make_flexidepth
+    from conftest import PROMPT, make_flexidepth
     from convert_hf_checkpoint import convert
     path = quantize(convert(make_flexidepth(tmp_path)), "int8")
     model = generate.load_model(path, "cpu", torch.float32)

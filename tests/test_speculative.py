@@ -5,14 +5,8 @@ import pytest
 import torch
 
 import generate as g
-from conftest import assert_one_line_error, make_converted_llama, run_cli
+from conftest import assert_one_line_error, greedy, make_converted_llama, run_cli
 from sampling import sample_from
-
-
-def greedy(model, prompt, n, steps=None, **kw):
-    model.setup_caches(1, g.cache_length_needed(len(prompt), n, kw.get("speculate_k", 0)))
-    tokens, stats = g.generate(model, prompt, n, steps=steps, **kw)
-    return tokens.tolist(), stats
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ def error_lines(stderr: str) -> list:
 def write_flexidepth(folder, seed=0):
     """A tiny FlexiDepth checkpoint: a tiny Llama plus random routers and adapters on layers 1..3, with the
     router head scaled so that some tokens run a routed layer and some skip it."""
-    from test_flexidepth import add_routers
+    from conftest import add_routers
     make_hf_llama(folder, seed, **TINY)
     return convert(add_routers(folder, [1, 2, 3], seed=seed))
 
@@ -147,7 +147,7 @@ def test_tp2_compiled_matches_tp1(tiny_checkpoints, tiny_tp2):
 def test_tp3_matches_tp1_on_default_model(default_checkpoint, tmp_path):
     """Greedy and self-speculative tokens identical. Logits: 1e-4, not 1e-5: 30 layers of fp32 sums in another
     order move logits of size ~30 by ~5e-5, as much as TP=1 itself moves between a 12-row prefill and 12 one-token
-    steps (1.0e-4 measured), and the same bound DESIGN.md sets against HF transformers."""
+    steps (1.0e-4 measured), and the same bound docs/design.md sets against HF transformers."""
     results = launch(3, lambda r: ["tests/tp_worker.py", tmp_path, default_checkpoint, "--no_sampling"])
     check_launch_ok(results)
     check_same_as_tp1(torch.load(tmp_path / "0.pt", weights_only=True),

@@ -96,6 +96,7 @@ def test_continues_a_flexidepth_checkpoint(runs, tmp_path):
     (["--routing_layers", "2-3", "--penalty", "-1"], "--penalty must be >= 0"),
     (["--penalty", "0"], "--routing_layers is needed"),
     (["--routing_layers", "2-3", "--penalty", "0", "--resume"], "no .* to resume from"),
+    (["--routing_layers", "2-3", "--penalty", "0", "--save_every", "0"], "--save_every >= 1"),
 ])
 def test_bad_input(tiny, tmp_path, capsys, extra, message):
     argv = ["--checkpoint_path", str(tiny), "--out_dir", str(tmp_path / "o"), "--steps", "1"] + extra
@@ -114,8 +115,9 @@ def test_refuses_other_routing_layers_on_flexidepth(runs, tmp_path):
 
 
 def test_compare_adds_the_branch_difference_to_the_gate_gradient(runs):
-    """routed_layer: the value is the checkpoint's rule (the model's own masking forward); compare only adds
-    dLoss/dout . (run_out - skip_out) to dLoss/dw, which is what lets a token move back across the threshold."""
+    """FlexiDepthBlock.masked as the trainer calls it: the value is the checkpoint's rule (the model's own masking
+    forward); straight_through (--compare) only adds dLoss/dout . (run_out - skip_out) to dLoss/dw, which is what
+    lets a token move back across the threshold."""
     _, out = runs[1.0]
     model = load_model(out / "model.pth", "cpu", torch.float32)
     model.setup_caches(2, 16)
@@ -128,17 +130,14 @@ def test_compare_adds_the_branch_difference_to_the_gate_gradient(runs):
     results = {}
     for compare in (False, True):
         train_router.fresh_caches(model, 2, 16)
-        y, w = train_router.routed_layer(layer, x, rope, mask, pos, 0.5, compare)
+        y, w, _ = layer.masked(x, rope, mask, pos, 0.5, straight_through=compare)
         upstream = torch.randn_like(y, generator=torch.Generator().manual_seed(1))
         results[compare] = y, torch.autograd.grad((y * upstream).sum(), w)[0], upstream
     torch.testing.assert_close(results[True][0], reference)
     torch.testing.assert_close(results[False][0], reference)
-    normed = layer.attention_norm(x)
     with torch.no_grad():
-        w, _ = layer.gate(normed, 0.5)
         train_router.fresh_caches(model, 2, 16)
-        k, v = layer.attention.write_kv(normed, rope, pos)
-        ops = (x, normed, w, rope, mask, k, v)
+        _, _, ops = layer.route(x, rope, mask, pos, 0.5)
         difference = layer.run_branch(*ops) - layer.skip_branch(*ops)
     upstream = results[True][2]
     torch.testing.assert_close(results[True][1] - results[False][1], (upstream * difference).sum(-1, keepdim=True))
