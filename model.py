@@ -115,16 +115,25 @@ class RMSNorm(nn.Module):
         return self.weight * normed.type_as(x)
 
 
+# One-token linears on CPU under torch.compile, per (dtype, inside a torch.cond branch): "gemv" (multiply-and-sum,
+# inductor's own reduction kernel) or "linear" (F.linear: oneDNN/MKL, prepacked by freezing in the main graph only).
+# cpu_linear.choose() fills it from a per-machine measurement; "gemv" where it has not run.
+ONE_TOKEN_LINEAR = {}
+
+
 class Linear(nn.Linear):
-    """A bias-free nn.Linear. For one token on CPU under torch.compile it is written as multiply-and-sum, which
-    inductor turns into a GEMV kernel that streams the weight once. F.linear there lowers to oneDNN, which reorders
-    an unpacked bf16 weight at every call, and freezing prepacks only the weights of the main graph, never those
-    read inside a torch.cond branch (FlexiDepth's run/skip branches). BENCHMARKS.md has the figures."""
+    """A bias-free nn.Linear. For one token on CPU under torch.compile it follows ONE_TOKEN_LINEAR (above): either
+    F.linear, or multiply-and-sum, which inductor turns into a GEMV kernel that streams the weight once in every
+    graph and branch. in_branch: this linear runs inside a FlexiDepth torch.cond branch, where freezing does not
+    prepack weights (BENCHMARKS.md has the figures)."""
+    in_branch = False
+
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+        if (torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1
+                and ONE_TOKEN_LINEAR.get((x.dtype, self.in_branch), "gemv") == "gemv"):
             return (x.unsqueeze(-2) * self.weight).sum(-1, dtype=torch.float32).to(x.dtype)
         return F.linear(x, self.weight)
 
@@ -250,6 +259,8 @@ class FlexiDepthBlock(TransformerBlock):
         self.adapter = Adapter(args)
         # [max_batch, max_seq] bool, made by setup_caches: did the token at each position run this layer
         self.register_buffer("ran", None, persistent=False)
+        for linear in (self.attention.wq, self.attention.wo, *self.feed_forward.children(), *self.adapter.children()):
+            linear.in_branch = True  # one-token steps run these inside torch.cond (forward)
 
     def gate(self, normed: Tensor, threshold: float):
         w = torch.sigmoid(self.router(normed))  # [B, T, 1]
