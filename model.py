@@ -168,6 +168,23 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return (x_float * cos + rotated * sin).type_as(x)
 
 
+# False: every step uses F.scaled_dot_product_attention (scripts/benchmark.py times both in one run)
+ONE_TOKEN_ATTENTION = True
+
+
+def one_token_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of one query per sequence, q [B, H, 1, D], against the cache k, v [B, KV, S, D] (mask [1, 1, 1, S]),
+    written as two reductions that inductor fuses into the layer's own kernel. On CPU the flash-attention kernel
+    costs 0.1-0.5 ms a call for one query (more than the layer's weights take to read; BENCHMARKS.md)."""
+    B, H, _, D = q.shape
+    n_kv = k.shape[1]
+    q = q.reshape(B, n_kv, H // n_kv, 1, D)  # the query heads that share each KV head
+    scores = (q * k.unsqueeze(2)).sum(-1, dtype=torch.float32) * D ** -0.5  # [B, KV, H/KV, S]
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    y = (probs.unsqueeze(-1) * v.unsqueeze(2)).sum(-2, dtype=torch.float32)  # [B, KV, H/KV, D]
+    return y.to(q.dtype).reshape(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -190,7 +207,10 @@ class Attention(nn.Module):
         """Queries of x against the cache k, v (already holding this step's keys and values)."""
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        if ONE_TOKEN_ATTENTION and T == 1 and torch.compiler.is_compiling() and x.device.type == "cpu":
+            y = one_token_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:

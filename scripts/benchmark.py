@@ -71,11 +71,17 @@ class TokenClock:
         return (n - 1) / (stamps[-1] - stamps[0]), (n - 1) / (cpu[-1] - cpu[0])
 
 
-def flexfast_runner(model, prompt, steps):
+def flexfast_runner(model, prompt, steps, one_token_attention=True):
+    import model as model_code
+
     def run(n):
         clock = TokenClock()
-        tokens, stats = ff.generate(model, prompt, n, temperature=0.0, steps=steps,
-                                    callback=lambda out: clock.put(torch.tensor(out[-1:])))
+        model_code.ONE_TOKEN_ATTENTION = one_token_attention  # read when compiling and guarded on by each call
+        try:
+            tokens, stats = ff.generate(model, prompt, n, temperature=0.0, steps=steps,
+                                        callback=lambda out: clock.put(torch.tensor(out[-1:])))
+        finally:
+            model_code.ONE_TOKEN_ATTENTION = True
         return clock.rates(), tokens.tolist()
     return run
 
@@ -178,6 +184,10 @@ def benchmark_precision(args, name, prompt, bytes_per_token_holder, rows, progre
     add("FlexFast eager", lambda: flexfast_runner(model, prompt, ff.Steps()))
     add("FlexFast compiled", lambda: flexfast_runner(model, prompt, ff.compile_steps("cpu", False, dtype)),
         "generate.compile_steps")
+    if args.sdpa_row:
+        add("FlexFast compiled, SDPA at one token", lambda: flexfast_runner(
+            model, prompt, ff.compile_steps("cpu", False, dtype), one_token_attention=False),
+            "model.ONE_TOKEN_ATTENTION = False: the decode before issue 17")
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM, CompileConfig
         hf_model = AutoModelForCausalLM.from_pretrained(args.checkpoint_path.parent, dtype=dtype).eval()
@@ -317,6 +327,8 @@ def parse_args(argv=None):
     p.add_argument("--gguf", type=Path, default=None, help="GGUF file of the same model, for the llama.cpp row")
     p.add_argument("--prefill_tokens", type=int, default=512, help="also time the compiled prefill of a prompt this "
                    "long (real text); 0: no prefill row")
+    p.add_argument("--sdpa_row", action="store_true", help="also the compiled decode with F.scaled_dot_product_attention"
+                   " at one token (the path before model.one_token_attention), interleaved with the default one")
     p.add_argument("--profile", action="store_true",
                    help="instead of the table: the per-token cost model of the compiled decode (kernels by time)")
     return p.parse_args(argv)
@@ -344,7 +356,7 @@ def run(args):
     log(f"read bandwidth {read_gib:.1f} GB/s, copy {copy_bw:.1f} GB/s over 1 GiB")
     rows, bytes_per_token, prefill_rows = [], {}, []
     long_prompt = prefill_prompt(tokenizer, args.prefill_tokens) if args.prefill_tokens else None
-    with tqdm(total=5 * len(precisions), file=sys.stderr, unit="row") as progress:
+    with tqdm(total=(6 if args.sdpa_row else 5) * len(precisions), file=sys.stderr, unit="row") as progress:
         for name in precisions:
             benchmark_precision(args, name, prompt, bytes_per_token, rows, progress)
             if long_prompt is not None:
