@@ -10,11 +10,13 @@ Xeon with AMX than on an AMD EPYC with AVX-512):
               weight, which oneDNN reorders at every call in bf16.
 So the choice is made twice per dtype: for the main graph and for the branches. The probe compiles a stack of
 different weights (more bytes than a last-level cache holds) both ways, the way compile_steps compiles the model,
-and times them; its result is kept in ~/.cache/flexfast/one_token_linear.json under the CPU model, the torch
-version, the dtype and the thread count, so each machine probes once. model.Linear reads the choice at trace time.
+and times them in alternation (the best round of each); its result is kept in ~/.cache/flexfast/
+one_token_linear.json under the CPU model, the torch version, the dtype, the thread count and the compile mode, so
+each machine probes once (about a minute). model.Linear reads the choice at trace time.
 """
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -123,6 +125,8 @@ def choose(dtype: torch.dtype, mode=None, path: Path = CACHE_PATH, run_probe=pro
     cache = read_cache(path)
     entry = cache.get(key)
     if not (isinstance(entry, dict) and all(entry.get(c) in ("gemv", "linear") for c in ("graph", "branch"))):
+        print(f"timing one-token linear kernels on this CPU for {dtype} (once; kept in {path})", file=sys.stderr,
+              flush=True)
         entry = run_probe(dtype, mode)
         cache = read_cache(path)  # another process may have added its own entries meanwhile
         cache[key] = entry
