@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import generate as ff  # noqa: E402
 from cpu_linear import cpu_model  # noqa: E402
+from figures import weight_bytes  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
@@ -78,7 +79,7 @@ def flexfast_runner(model, prompt, steps, one_token_attention=True):
         clock = TokenClock()
         model_code.ONE_TOKEN_ATTENTION = one_token_attention  # read when compiling and guarded on by each call
         try:
-            tokens, stats = ff.generate(model, prompt, n, temperature=0.0, steps=steps,
+            tokens, stats = ff.generate(model, prompt, n, steps=steps,
                                         callback=lambda out: clock.put(torch.tensor(out[-1:])))
         finally:
             model_code.ONE_TOKEN_ATTENTION = True
@@ -143,9 +144,9 @@ def measure_prefill(args, name, long_prompt, prefill_rows):
     model.setup_caches(1, long_prompt.shape[0] + 2)
     steps = ff.compile_steps("cpu", True, dtype)
     t0 = time.perf_counter()
-    ff.generate(model, long_prompt, 1, temperature=0.0, steps=steps)
+    ff.generate(model, long_prompt, 1, steps=steps)
     warmup = time.perf_counter() - t0
-    seconds = min(ff.generate(model, long_prompt, 1, temperature=0.0, steps=steps)[1].prefill_seconds
+    seconds = min(ff.generate(model, long_prompt, 1, steps=steps)[1].prefill_seconds
                   for _ in range(args.repeats))
     prefill_rows.append(dict(precision=name, tokens=long_prompt.shape[0], rate=long_prompt.shape[0] / seconds,
                              warmup=warmup))
@@ -158,7 +159,7 @@ def benchmark_precision(args, name, prompt, bytes_per_token_holder, rows, progre
     n = args.max_new_tokens
     model = ff.load_model(args.checkpoint_path, "cpu", dtype)
     model.setup_caches(1, prompt.shape[0] + n)
-    bytes_per_token = ff.weight_bytes(model)
+    bytes_per_token = weight_bytes(model)
     bytes_per_token_holder[name] = bytes_per_token
     reference = None
 
@@ -280,17 +281,17 @@ def profile_decode(args, name, prompt, top: int = 12) -> str:
     n = args.max_new_tokens
     model = ff.load_model(args.checkpoint_path, "cpu", dtype)
     model.setup_caches(1, prompt.shape[0] + n)
-    nbytes = ff.weight_bytes(model)
+    nbytes = weight_bytes(model)
     # the kernels record themselves for the profiler (a flag test per call when not profiling)
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):
         steps = ff.compile_steps("cpu", False, dtype)
-        ff.generate(model, prompt, n, temperature=0.0, steps=steps)  # compiles
-        rates = [ff.generate(model, prompt, n, temperature=0.0, steps=steps)[1].tokens_per_second
+        ff.generate(model, prompt, n, steps=steps)  # compiles
+        rates = [ff.generate(model, prompt, n, steps=steps)[1].tokens_per_second
                  for _ in range(args.repeats)]
         step_ms = 1e3 / max(rates)
         profiled = min(n, 32)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            ff.generate(model, prompt, profiled + 1, temperature=0.0, steps=steps)
+            ff.generate(model, prompt, profiled + 1, steps=steps)
     kernels = kernel_times(prof.events(), profiled)  # the prefill is eager here: no compiled-graph events
     kernel_ms = sum(r[3] for r in kernels) / 1e3
     read_here, _ = measure_bandwidth(nbytes)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate as g  # noqa: E402
+from figures import weight_bytes  # noqa: E402
 from prompts import load_prompts  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -68,7 +69,7 @@ def sweep(args):
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     prompts = [torch.tensor(tokenizer.encode(p), device=device) for p in load_prompts(args.prompts, args.num_prompts)]
     steps = g.compile_steps(device, False) if args.compile else g.Steps()
-    full_bytes = g.weight_bytes(model)
+    full_bytes = weight_bytes(model)
 
     configs = [(e, k) for e in early_exits for k in ks]
     progress = tqdm(total=len(configs) + 1, desc="sweep", file=sys.stderr)
@@ -82,8 +83,8 @@ def sweep(args):
         run_prompts(model, prompts[:1], 8, steps, **spec)
         tps, all_stats = run_prompts(model, prompts, args.max_new_tokens, steps, **spec)
         s = merged(all_stats)
-        ideal = s.ideal_tokens_per_second * ar_forward  # (E[n]+1) x AR forward / (k x draft + verify forward)
-        byte_ratio = g.weight_bytes(model, n_layers=e) / full_bytes
+        ideal = s.forward_bound_tokens_per_second * ar_forward  # (E[n]+1) x AR forward / (k x draft + verify forward)
+        byte_ratio = weight_bytes(model, n_layers=e) / full_bytes
         ideal_bytes = (s.mean_accepted + 1) / (k * byte_ratio + 1)
         rows.append((e, k, tps, s.mean_accepted, tps / ar_tps, ideal, tps / ar_tps / ideal, ideal_bytes))
         progress.update()
