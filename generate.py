@@ -167,10 +167,14 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         options = dict(fullgraph=True)
         prefill_options = dict(fullgraph=True, dynamic=True)
         # max-autotune: inductor's CPP GEMM templates beat MKL's fp32 GEMMs but not oneDNN's bf16 ones, and cost
-        # ~2.5x the compile time; so fp32 only, and only when the caller says fp32 (tests don't). One-token steps
-        # have no GEMM left to tune: model.Linear writes them as a GEMV that inductor generates itself.
-        if precision == torch.float32:
-            options["mode"] = "max-autotune-no-cudagraphs"
+        # ~2.5x the compile time; so fp32 only, and only when the caller says fp32 (tests don't). One-token linears
+        # are a GEMV inductor generates itself or F.linear, whichever cpu_linear's probe found faster on this machine.
+        mode = "max-autotune-no-cudagraphs" if precision == torch.float32 else None
+        if precision is not None:  # one-token linears: this machine's faster kernel (a probe cached on disk)
+            import cpu_linear
+            cpu_linear.choose(precision, mode)
+        if mode:
+            options["mode"] = mode
     torch._dynamo.config.cache_size_limit = 64
     return Steps(
         prefill=torch.compile(forward_last, **prefill_options) if compile_prefill else forward_last,

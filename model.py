@@ -158,16 +158,25 @@ class RMSNorm(nn.Module):
         return self.weight * normed.type_as(x)
 
 
+# One-token linears on CPU under torch.compile, per (dtype, inside a torch.cond branch): "gemv" (multiply-and-sum,
+# inductor's own reduction kernel) or "linear" (F.linear: oneDNN/MKL, prepacked by freezing in the main graph only).
+# cpu_linear.choose() fills it from a per-machine measurement; "gemv" where it has not run.
+ONE_TOKEN_LINEAR = {}
+
+
 class Linear(nn.Linear):
-    """A bias-free nn.Linear. For one token on CPU under torch.compile it is written as multiply-and-sum, which
-    inductor turns into a GEMV kernel that streams the weight once. F.linear there lowers to oneDNN, which reorders
-    an unpacked bf16 weight at every call, and freezing prepacks only the weights of the main graph, never those
-    read inside a torch.cond branch (FlexiDepth's run/skip branches). BENCHMARKS.md has the figures."""
+    """A bias-free nn.Linear. For one token on CPU under torch.compile it follows ONE_TOKEN_LINEAR (above): either
+    F.linear, or multiply-and-sum, which inductor turns into a GEMV kernel that streams the weight once in every
+    graph and branch. in_branch: this linear runs inside a FlexiDepth torch.cond branch, where freezing does not
+    prepack weights (BENCHMARKS.md has the figures)."""
+    in_branch = False
+
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1:
+        if (torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1
+                and ONE_TOKEN_LINEAR.get((x.dtype, self.in_branch), "gemv") == "gemv"):
             return (x.unsqueeze(-2) * self.weight).sum(-1, dtype=torch.float32).to(x.dtype)
         return F.linear(x, self.weight)
 
@@ -202,6 +211,23 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     return (x_float * cos + rotated * sin).type_as(x)
 
 
+# False: every step uses F.scaled_dot_product_attention (scripts/benchmark.py times both in one run)
+ONE_TOKEN_ATTENTION = True
+
+
+def one_token_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of one query per sequence, q [B, H, 1, D], against the cache k, v [B, KV, S, D] (mask [1, 1, 1, S]),
+    written as two reductions that inductor fuses into the layer's own kernel. On CPU the flash-attention kernel
+    costs 0.1-0.5 ms a call for one query (more than the layer's weights take to read; BENCHMARKS.md)."""
+    B, H, _, D = q.shape
+    n_kv = k.shape[1]
+    q = q.reshape(B, n_kv, H // n_kv, 1, D)  # the query heads that share each KV head
+    scores = (q * k.unsqueeze(2)).sum(-1, dtype=torch.float32) * D ** -0.5  # [B, KV, H/KV, S]
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    y = (probs.unsqueeze(-1) * v.unsqueeze(2)).sum(-2, dtype=torch.float32)  # [B, KV, H/KV, D]
+    return y.to(q.dtype).reshape(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -224,7 +250,10 @@ class Attention(nn.Module):
         """Queries of x against the cache k, v (already holding this step's keys and values)."""
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        if ONE_TOKEN_ATTENTION and T == 1 and torch.compiler.is_compiling() and x.device.type == "cpu":
+            y = one_token_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
@@ -293,6 +322,8 @@ class FlexiDepthBlock(TransformerBlock):
         self.adapter = Adapter(args)
         # [max_batch, max_seq] bool, made by setup_caches: did the token at each position run this layer
         self.register_buffer("ran", None, persistent=False)
+        for linear in (self.attention.wq, self.attention.wo, *self.feed_forward.children(), *self.adapter.children()):
+            linear.in_branch = True  # one-token steps run these inside torch.cond (forward)
 
     def route(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, threshold: float):
         """The part every token takes: the gate w = sigmoid(router(input_norm(x))), the decision w > threshold, and

@@ -14,7 +14,6 @@ Progress goes to stderr, the markdown table to stdout.
 """
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import generate as ff  # noqa: E402
+from cpu_linear import cpu_model  # noqa: E402
 from figures import weight_bytes  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -35,9 +35,10 @@ def log(msg):
     tqdm.write(msg, file=sys.stderr)
 
 
-def measure_bandwidth(repeats: int = 7) -> tuple:
-    """(read GB/s, copy GB/s) of this machine on the current torch threads: best of `repeats` over 1 GiB."""
-    x = torch.ones(1 << 28)
+def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> tuple:
+    """(read GB/s, copy GB/s) of this machine on the current torch threads: best of `repeats` over nbytes. Measure
+    over a buffer the size of the weights too: a buffer that fits the last-level cache reads faster than DRAM."""
+    x = torch.ones(max(nbytes // 4, 1))
     y = torch.empty_like(x)
     nbytes = x.numel() * x.element_size()
     read = copy = float("inf")
@@ -71,11 +72,17 @@ class TokenClock:
         return (n - 1) / (stamps[-1] - stamps[0]), (n - 1) / (cpu[-1] - cpu[0])
 
 
-def flexfast_runner(model, prompt, steps):
+def flexfast_runner(model, prompt, steps, one_token_attention=True):
+    import model as model_code
+
     def run(n):
         clock = TokenClock()
-        tokens, stats = ff.generate(model, prompt, n, steps=steps,
-                                    callback=lambda out: clock.put(torch.tensor(out[-1:])))
+        model_code.ONE_TOKEN_ATTENTION = one_token_attention  # read when compiling and guarded on by each call
+        try:
+            tokens, stats = ff.generate(model, prompt, n, steps=steps,
+                                        callback=lambda out: clock.put(torch.tensor(out[-1:])))
+        finally:
+            model_code.ONE_TOKEN_ATTENTION = True
         return clock.rates(), tokens.tolist()
     return run
 
@@ -122,6 +129,31 @@ def timed(run, n, repeats):
     return (best, best_cpu), tokens, warmup
 
 
+def prefill_prompt(tokenizer, n_tokens: int) -> torch.Tensor:
+    """n_tokens of real text (Python's own documentation) as one prompt."""
+    from pydoc_data.topics import topics
+    ids = tokenizer.encode("\n\n".join(topics[k] for k in sorted(topics))[:8 * n_tokens], add_special_tokens=True)
+    return torch.tensor(ids[:n_tokens], dtype=torch.long)
+
+
+def measure_prefill(args, name, long_prompt, prefill_rows):
+    """Prefill of long_prompt with the compiled prefill step (generate.py --compile_prefill): prompt tok/s, best of
+    --repeats after a warm-up that compiles."""
+    dtype = ff.PRECISIONS[name]
+    model = ff.load_model(args.checkpoint_path, "cpu", dtype)
+    model.setup_caches(1, long_prompt.shape[0] + 2)
+    steps = ff.compile_steps("cpu", True, dtype)
+    t0 = time.perf_counter()
+    ff.generate(model, long_prompt, 1, steps=steps)
+    warmup = time.perf_counter() - t0
+    seconds = min(ff.generate(model, long_prompt, 1, steps=steps)[1].prefill_seconds
+                  for _ in range(args.repeats))
+    prefill_rows.append(dict(precision=name, tokens=long_prompt.shape[0], rate=long_prompt.shape[0] / seconds,
+                             warmup=warmup))
+    log(f"{name} prefill {long_prompt.shape[0]} tokens: {long_prompt.shape[0] / seconds:.0f} tok/s "
+        f"(warm-up {warmup:.1f}s)")
+
+
 def benchmark_precision(args, name, prompt, bytes_per_token_holder, rows, progress):
     dtype = ff.PRECISIONS[name]
     n = args.max_new_tokens
@@ -153,6 +185,10 @@ def benchmark_precision(args, name, prompt, bytes_per_token_holder, rows, progre
     add("FlexFast eager", lambda: flexfast_runner(model, prompt, ff.Steps()))
     add("FlexFast compiled", lambda: flexfast_runner(model, prompt, ff.compile_steps("cpu", False, dtype)),
         "generate.compile_steps")
+    if args.sdpa_row:
+        add("FlexFast compiled, SDPA at one token", lambda: flexfast_runner(
+            model, prompt, ff.compile_steps("cpu", False, dtype), one_token_attention=False),
+            "model.ONE_TOKEN_ATTENTION = False: the decode before issue 17")
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM, CompileConfig
         hf_model = AutoModelForCausalLM.from_pretrained(args.checkpoint_path.parent, dtype=dtype).eval()
@@ -179,13 +215,15 @@ def benchmark_precision(args, name, prompt, bytes_per_token_holder, rows, progre
     del model
 
 
-def markdown_table(rows, read_bw, copy_bw, bytes_per_token):
+def markdown_table(rows, read_bw: dict, read_gib: float, copy_bw: float, bytes_per_token: dict) -> str:
+    """read_bw: per precision, the read bandwidth over a buffer the size of its weights (the limit's bandwidth)."""
     lines = ["| precision | what | tok/s | GB/s | % of read bandwidth | × HF eager | tok/s by CPU time | "
              "× HF eager by CPU time | warm-up s | tokens = first row | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, nbytes in bytes_per_token.items():
+        bw = read_bw[name]
         lines.append(f"| {name} | **limit** (read bandwidth / {nbytes / 1e6:.0f} MB per token) | "
-                     f"{read_bw * 1e9 / nbytes:.1f} | {read_bw:.1f} | 100% | | | | | | |")
+                     f"{bw * 1e9 / nbytes:.1f} | {bw:.1f} | 100% | | | | | | |")
         hf = next((r for r in rows if r["precision"] == name and r["what"] == "HF transformers eager"
                    and "rate" in r), None)
         for r in rows:
@@ -197,13 +235,85 @@ def markdown_table(rows, read_bw, copy_bw, bytes_per_token):
             gbs = r["rate"] * r["bytes"] / 1e9
             ratio = f"{r['rate'] / hf['rate']:.2f}" if hf else "–"
             cpu_ratio = f"{r['cpu_rate'] / hf['cpu_rate']:.2f}" if hf else "–"
-            lines.append(f"| {name} | {r['what']} | {r['rate']:.1f} | {gbs:.1f} | {100 * gbs / read_bw:.0f}% | "
+            lines.append(f"| {name} | {r['what']} | {r['rate']:.1f} | {gbs:.1f} | {100 * gbs / bw:.0f}% | "
                          f"{ratio} | {r['cpu_rate']:.1f} | {cpu_ratio} | {r['warmup']:.1f} | "
                          f"{'yes' if r['same'] else 'no'} | {r['note']} |")
     lines.append("")
-    lines.append(f"Read bandwidth {read_bw:.1f} GB/s, copy bandwidth {copy_bw:.1f} GB/s (measured here, "
-                 f"{torch.get_num_threads()} threads).")
+    sizes = ", ".join(f"{read_bw[name]:.1f} GB/s over {nbytes / 1e6:.0f} MB ({name})"
+                      for name, nbytes in bytes_per_token.items())
+    lines.append(f"Read bandwidth {sizes}, {read_gib:.1f} GB/s over 1 GiB; copy bandwidth {copy_bw:.1f} GB/s "
+                 f"(measured here, {torch.get_num_threads()} threads).")
     return "\n".join(lines)
+
+
+def prefill_table(prefill_rows) -> str:
+    lines = ["| precision | prompt tokens | prefill tok/s (compiled, `--compile_prefill`) | warm-up s |",
+             "|---|---|---|---|"]
+    lines += [f"| {r['precision']} | {r['tokens']} | {r['rate']:.0f} | {r['warmup']:.1f} |" for r in prefill_rows]
+    return "\n".join(lines)
+
+
+NOT_KERNELS = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::as_strided", "aten::view",
+               "aten::reshape", "aten::transpose", "aten::expand", "aten::detach_", "aten::lift_fresh"}
+
+
+def kernel_times(events, steps: int) -> list:
+    """[(name, calls per token, us per call, us per token)] of the kernels a compiled graph launched: the profiler
+    events directly under inductor's call of its generated code (its C++ kernels, when cpp.enable_kernel_profile is
+    on, and the extern ops it calls), allocations and views left out."""
+    totals = {}
+    for e in events:
+        parent = e.cpu_parent
+        if parent is None or not parent.name.startswith("## Call CompiledFxGraph") or e.name in NOT_KERNELS:
+            continue
+        calls, us = totals.get(e.name, (0, 0.0))
+        totals[e.name] = (calls + 1, us + e.cpu_time_total)
+    rows = [(name, calls / steps, us / calls, us / steps) for name, (calls, us) in totals.items()]
+    return sorted(rows, key=lambda r: -r[3])
+
+
+def profile_decode(args, name, prompt, top: int = 12) -> str:
+    """Per-token cost model of the compiled one-token decode (what generate.py --compile runs): the bytes time at
+    the read bandwidth measured here against the measured step time, the kernels by time, and the time outside
+    them (wrappers, guards, allocations, the decode loop)."""
+    import torch._inductor.config as inductor_config
+    dtype = ff.PRECISIONS[name]
+    n = args.max_new_tokens
+    model = ff.load_model(args.checkpoint_path, "cpu", dtype)
+    model.setup_caches(1, prompt.shape[0] + n)
+    nbytes = weight_bytes(model)
+    # the kernels record themselves for the profiler (a flag test per call when not profiling)
+    with inductor_config.patch({"cpp.enable_kernel_profile": True}):
+        steps = ff.compile_steps("cpu", False, dtype)
+        ff.generate(model, prompt, n, steps=steps)  # compiles
+        rates = [ff.generate(model, prompt, n, steps=steps)[1].tokens_per_second
+                 for _ in range(args.repeats)]
+        step_ms = 1e3 / max(rates)
+        profiled = min(n, 32)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            ff.generate(model, prompt, profiled + 1, steps=steps)
+    kernels = kernel_times(prof.events(), profiled)  # the prefill is eager here: no compiled-graph events
+    kernel_ms = sum(r[3] for r in kernels) / 1e3
+    read_here, _ = measure_bandwidth(nbytes)
+    read_gib, _ = measure_bandwidth(1 << 30)
+    bytes_ms = nbytes / read_here / 1e6
+    lines = [f"### {name}: per-token cost model, compiled one-token decode ({cpu_model()}, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f})", "",
+             "| | figure |", "|---|---|",
+             f"| weights read per token | {nbytes / 1e6:.1f} MB |",
+             f"| read bandwidth over a buffer of that size / over 1 GiB | {read_here:.1f} / {read_gib:.1f} GB/s |",
+             f"| bytes time per token (at the weight-size bandwidth) | {bytes_ms:.2f} ms |",
+             f"| measured step time (best of {args.repeats} x {n} tokens) | {step_ms:.2f} ms = "
+             f"{1e3 / step_ms:.1f} tok/s, {100 * bytes_ms / step_ms:.0f}% of the bytes limit |",
+             f"| kernels per token | {sum(r[1] for r in kernels):.0f} ({len(kernels)} distinct) |",
+             f"| time in kernels per token (profiled, {profiled} tokens) | {kernel_ms:.2f} ms |",
+             f"| time outside kernels per token (step - kernels) | {step_ms - kernel_ms:.2f} ms |", "",
+             "| kernel | calls / token | us / call | ms / token | % of step |", "|---|---|---|---|---|"]
+    for kernel, calls, us_call, us_token in kernels[:top]:
+        short = kernel if len(kernel) <= 70 else kernel[:67] + "..."
+        lines.append(f"| `{short}` | {calls:.0f} | {us_call:.1f} | {us_token / 1e3:.3f} | "
+                     f"{100 * us_token / 1e3 / step_ms:.0f}% |")
+    return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None):
@@ -216,14 +326,20 @@ def parse_args(argv=None):
     p.add_argument("--prompt", type=str, default=DEFAULT_PROMPT)
     p.add_argument("--skip_hf", action="store_true", help="only the FlexFast rows")
     p.add_argument("--gguf", type=Path, default=None, help="GGUF file of the same model, for the llama.cpp row")
+    p.add_argument("--prefill_tokens", type=int, default=512, help="also time the compiled prefill of a prompt this "
+                   "long (real text); 0: no prefill row")
+    p.add_argument("--sdpa_row", action="store_true", help="also the compiled decode with F.scaled_dot_product_attention"
+                   " at one token (the path before model.one_token_attention), interleaved with the default one")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the table: the per-token cost model of the compiled decode (kernels by time)")
     return p.parse_args(argv)
 
 
 def run(args):
     if args.max_new_tokens < 2:
         raise ValueError("--max_new_tokens must be at least 2 (decode speed is measured after the first token)")
-    if args.threads < 1 or args.repeats < 1:
-        raise ValueError("--threads and --repeats must be at least 1")
+    if args.threads < 1 or args.repeats < 1 or args.prefill_tokens < 0:
+        raise ValueError("--threads and --repeats must be at least 1, --prefill_tokens at least 0")
     if not args.checkpoint_path.exists():
         raise FileNotFoundError(f"{args.checkpoint_path} not found (run ./scripts/prepare.sh first)")
     if args.gguf is not None and not args.gguf.exists():
@@ -232,21 +348,30 @@ def run(args):
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     prompt = torch.tensor(tokenizer.encode(args.prompt, add_special_tokens=True), dtype=torch.long)
-    log(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-        f"load average {os.getloadavg()[0]:.1f}")
-    read_bw, copy_bw = measure_bandwidth()
-    log(f"read bandwidth {read_bw:.1f} GB/s, copy {copy_bw:.1f} GB/s")
-    rows, bytes_per_token = [], {}
-    with tqdm(total=5 * len(precisions), file=sys.stderr, unit="row") as progress:
+    log(f"{cpu_model()}, torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.1f}")
+    if args.profile:
+        for name in precisions:
+            print(profile_decode(args, name, prompt))
+        return
+    read_gib, copy_bw = measure_bandwidth()
+    log(f"read bandwidth {read_gib:.1f} GB/s, copy {copy_bw:.1f} GB/s over 1 GiB")
+    rows, bytes_per_token, prefill_rows = [], {}, []
+    long_prompt = prefill_prompt(tokenizer, args.prefill_tokens) if args.prefill_tokens else None
+    with tqdm(total=(6 if args.sdpa_row else 5) * len(precisions), file=sys.stderr, unit="row") as progress:
         for name in precisions:
             benchmark_precision(args, name, prompt, bytes_per_token, rows, progress)
+            if long_prompt is not None:
+                measure_prefill(args, name, long_prompt, prefill_rows)
     # measure again at the end and keep the best: the machine may be shared
     read_again, copy_again = measure_bandwidth()
-    read_bw, copy_bw = max(read_bw, read_again), max(copy_bw, copy_again)
+    read_gib, copy_bw = max(read_gib, read_again), max(copy_bw, copy_again)
+    read_bw = {name: max(measure_bandwidth(nbytes)[0] for _ in range(2)) for name, nbytes in bytes_per_token.items()}
     print(f"{args.checkpoint_path.parent.name}, batch 1, greedy, {args.max_new_tokens} new tokens, prompt "
-          f"{prompt.shape[0]} tokens, {args.threads} threads, torch {torch.__version__}, load average at the end "
-          f"{os.getloadavg()[0]:.1f}\n")
-    print(markdown_table(rows, read_bw, copy_bw, bytes_per_token))
+          f"{prompt.shape[0]} tokens, {args.threads} threads, {cpu_model()}, torch {torch.__version__}, load average "
+          f"at the end {os.getloadavg()[0]:.1f}\n")
+    print(markdown_table(rows, read_bw, read_gib, copy_bw, bytes_per_token))
+    if prefill_rows:
+        print("\n" + prefill_table(prefill_rows))
 
 
 def main(argv=None):

@@ -15,7 +15,8 @@ def test_table_figures():
             dict(precision="fp32", what="HF transformers eager", rate=20.0, cpu_rate=20.0, bytes=500e6, warmup=1.0,
                  same=False, note=""),
             dict(precision="fp32", what="llama.cpp (llama-cpp-python)", note="not measured: not installed")]
-    table = benchmark.markdown_table(rows, read_bw=25.0, copy_bw=30.0, bytes_per_token={"fp32": 500e6})
+    table = benchmark.markdown_table(rows, read_bw={"fp32": 25.0}, read_gib=20.0, copy_bw=30.0,
+                                     bytes_per_token={"fp32": 500e6})
     lines = table.splitlines()
     limit = next(line for line in lines if "**limit**" in line)
     assert "| 50.0 | 25.0 | 100% |" in limit  # 25 GB/s / 0.5 GB per token
@@ -25,6 +26,7 @@ def test_table_figures():
     hf = next(line for line in lines if "HF transformers eager" in line)
     assert "| 1.00 |" in hf and "| no |" in hf
     assert "not measured: not installed" in next(line for line in lines if "llama.cpp" in line)
+    assert "25.0 GB/s over 500 MB (fp32), 20.0 GB/s over 1 GiB" in lines[-1]
 
 
 def test_bad_arguments_give_one_error_line(tmp_path):
@@ -75,3 +77,20 @@ def test_random_checkpoint_bad_like(tmp_path):
     from conftest import assert_one_line_error, run_cli
     assert_one_line_error(run_cli("scripts/random_checkpoint.py", "--like", tmp_path, "--out", tmp_path / "r"),
                           "config.json not found")
+
+
+def test_kernel_times_counts_what_the_compiled_graph_launched():
+    from types import SimpleNamespace as Event
+    graph = Event(name="## Call CompiledFxGraph abc ##", cpu_parent=None, cpu_time_total=900.0)
+    other = Event(name="aten::add", cpu_parent=None, cpu_time_total=50.0)
+    events = [graph, other]
+    for _ in range(2):  # two tokens
+        events += [Event(name="cpp_fused_layer_0", cpu_parent=graph, cpu_time_total=100.0),
+                   Event(name="cpp_fused_layer_0", cpu_parent=graph, cpu_time_total=120.0),
+                   Event(name="aten::_scaled_dot_product_flash_attention_for_cpu", cpu_parent=graph,
+                         cpu_time_total=30.0),
+                   Event(name="aten::empty", cpu_parent=graph, cpu_time_total=1.0),
+                   Event(name="aten::transpose", cpu_parent=other, cpu_time_total=1.0)]
+    rows = benchmark.kernel_times(events, steps=2)
+    assert rows == [("cpp_fused_layer_0", 2.0, 110.0, 220.0),
+                    ("aten::_scaled_dot_product_flash_attention_for_cpu", 1.0, 30.0, 30.0)]

@@ -203,3 +203,65 @@ def test_compiled_one_token_linear_is_a_gemv(dtype):
             assert (got.double() - want).abs().max() <= (1e-4 if dtype == torch.float32 else 2e-2)
     finally:
         torch._dynamo.reset()
+
+
+def test_one_token_linear_as_f_linear_matches_eager(monkeypatch):
+    """cpu_linear's other choice: one-token linears as F.linear (prepacked by freezing in the main graph, an mm in
+    FlexiDepth's torch.cond branches). A tiny FlexiDepth model decoded by the compiled step gives eager's logits,
+    with routed layers both running and skipping."""
+    import model
+    from generate import compile_steps, forward_last
+    from model import ModelArgs, Transformer
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {(torch.float32, False): "linear", (torch.float32, True): "linear"})
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=128, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
+                     routing_layers=[1, 2], router_dim=8, adapter_dim=12)
+    tiny = Transformer(args).eval().requires_grad_(False)
+    tiny.setup_caches(1, 16)
+    steps = compile_steps("cpu", False)
+    try:
+        ran = []
+        for pos, token in enumerate([5, 17, 99, 3, 64, 42]):
+            x, input_pos = torch.tensor([[token]]), torch.tensor([pos])
+            want = forward_last(tiny, x, input_pos)  # eager: writes this position's K/V and routing record
+            ran += [bool(layer.ran[0, pos]) for layer in tiny.layers[1:]]
+            torch.testing.assert_close(steps.decode(tiny, x, input_pos), want, atol=1e-4, rtol=1e-4)
+        assert any(ran) and not all(ran), ran  # both branches were exercised
+    finally:
+        torch._dynamo.reset()
+
+
+def test_linear_choice_probe_is_cached_atomically(tmp_path, monkeypatch):
+    import json
+    import cpu_linear
+    import model
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {})
+    probes = []
+
+    def fake_probe(dtype, mode):
+        probes.append((dtype, mode))
+        return {"graph": "linear", "branch": "gemv", "us_per_mb": {}}
+
+    path = tmp_path / "cache/one_token_linear.json"
+    assert cpu_linear.choose(torch.bfloat16, None, path, fake_probe)["graph"] == "linear"
+    assert model.ONE_TOKEN_LINEAR == {(torch.bfloat16, False): "linear", (torch.bfloat16, True): "gemv"}
+    assert cpu_linear.choose(torch.bfloat16, None, path, fake_probe)["branch"] == "gemv"  # read back, no probe
+    assert len(probes) == 1 and cpu_linear.probe_key(torch.bfloat16) in json.loads(path.read_text())
+    cpu_linear.choose(torch.float32, "max-autotune-no-cudagraphs", path, fake_probe)  # a second entry beside it
+    assert len(probes) == 2 and len(json.loads(path.read_text())) == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
+    before = path.read_text()
+
+    def dies_half_way(self, text, **kwargs):
+        with open(self, "w") as f:
+            f.write(text[:10])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(path), "write_text", dies_half_way)
+    cpu_linear.choose(torch.float16, None, path, fake_probe)  # a cache that cannot be written costs only a probe
+    assert path.read_text() == before and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    monkeypatch.undo()
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {})
+    path.write_text("{not json")  # a damaged cache is probed again and replaced
+    cpu_linear.choose(torch.bfloat16, None, path, fake_probe)
+    assert len(probes) == 4 and cpu_linear.probe_key(torch.bfloat16) in json.loads(path.read_text())

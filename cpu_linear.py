@@ -1,0 +1,140 @@
+"""One-token linears on CPU under torch.compile: which kernel, chosen per machine by measurement.
+
+A one-token linear reads its whole weight to produce one row, so it should stream at the memory bandwidth. Two ways
+of writing it compete, and which wins depends on the CPU (BENCHMARKS.md; issue 17 measured the opposite winner on a
+Xeon with AMX than on an AMD EPYC with AVX-512):
+    "gemv":   (x * weight).sum(-1), which inductor generates as its own vectorized reduction kernel, the same in
+              every graph and every torch.cond branch;
+    "linear": F.linear, which freezing turns into a oneDNN (or MKL) call on a prepacked weight in the main graph,
+              but which inside a torch.cond branch (FlexiDepth's run/skip branches) stays an mm on the unpacked
+              weight, which oneDNN reorders at every call in bf16.
+So the choice is made twice per dtype: for the main graph and for the branches. The probe compiles a stack of
+different weights (more bytes than a last-level cache holds) both ways, the way compile_steps compiles the model,
+and times them in alternation (the best round of each); its result is kept in ~/.cache/flexfast/
+one_token_linear.json under the CPU model, the torch version, the dtype, the thread count and the compile mode, so
+each machine probes once (about a minute). model.Linear reads the choice at trace time.
+"""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import model
+from cli import write_text_atomic
+
+CACHE_PATH = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexfast" / "one_token_linear.json"
+PROBE_SHAPES = ((1536, 576), (576, 1536))  # SmolLM2's MLP: the largest per-layer linears of the default model
+PROBE_BYTES = 32 << 20  # per shape; both together twice a 32 MiB L3, so they stream from memory as the model does
+MARGIN = 0.05  # F.linear replaces the GEMV (the path before this probe existed) only if it is this much faster
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def probe_key(dtype: torch.dtype, mode=None) -> str:
+    return (f"{cpu_model()} | torch {torch.__version__} | {dtype} | {torch.get_num_threads()} threads | "
+            f"mode {mode or 'default'}")
+
+
+class LinearStack(torch.nn.Module):
+    """Many different weights applied to one token, each as a one-token linear of `kind` (the input is cut to each
+    weight's width); in_branch puts them all inside a torch.cond branch, as FlexiDepth's real skip does."""
+    def __init__(self, weights, kind: str, in_branch: bool):
+        super().__init__()
+        self.weights = torch.nn.ParameterList(torch.nn.Parameter(w, requires_grad=False) for w in weights)
+        self.kind, self.in_branch = kind, in_branch
+
+    def apply_all(self, x):
+        outs = []
+        for w in self.weights:
+            xw = x[..., :w.shape[1]]
+            if self.kind == "gemv":
+                outs.append((xw.unsqueeze(-2) * w).sum(-1, dtype=torch.float32).to(x.dtype))
+            else:
+                outs.append(F.linear(xw, w))
+        return torch.cat(outs, dim=-1)
+
+    def forward(self, x, run):
+        if not self.in_branch:
+            return self.apply_all(x)
+        width = sum(w.shape[0] for w in self.weights)
+        return torch.cond(run, self.apply_all, lambda x: x.new_zeros(*x.shape[:-1], width), (x,))
+
+
+def time_kinds(kinds: list, dtype: torch.dtype, in_branch: bool, mode=None, rounds: int = 30) -> dict:
+    """{kind: microseconds per MB of weights} for one-token linears of each kind, compiled as compile_steps compiles
+    decode (mode, freezing). The kinds are timed in alternation and the best round counts, so that load from other
+    processes, which only ever slows a round, touches them alike."""
+    import torch._inductor.config as inductor_config
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=gen).to(dtype) for shape in PROBE_SHAPES
+               for _ in range(max(2, PROBE_BYTES // (shape[0] * shape[1] * dtype.itemsize)))]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    x, run = torch.randn(1, 1, max(w.shape[1] for w in weights), generator=gen).to(dtype), torch.tensor(True)
+    # no concat_linear: it would fuse the whole stack (all one input) into one wide linear
+    with inductor_config.patch({"freezing": True, "cpp.enable_concat_linear": False}), torch.no_grad():
+        compiled = {kind: torch.compile(LinearStack(weights, kind, in_branch).eval(), fullgraph=True, mode=mode)
+                    for kind in kinds}
+        best = {kind: float("inf") for kind in kinds}
+        for _ in range(rounds):
+            for kind, fn in compiled.items():
+                t0 = time.perf_counter()
+                fn(x, run)
+                best[kind] = min(best[kind], time.perf_counter() - t0)
+    return {kind: round(t / nbytes * 1e12, 2) for kind, t in best.items()}
+
+
+def probe(dtype: torch.dtype, mode=None) -> dict:
+    """{"graph": kind, "branch": kind, "us_per_mb": {context: {kind: time}}}. "linear" must win by MARGIN to replace
+    the gemv. In the branches F.linear loses freezing's prepacking, so they are probed only if it wins the graph."""
+    us_per_mb = {"graph": time_kinds(["gemv", "linear"], dtype, False, mode)}
+    if wins(us_per_mb["graph"]):
+        us_per_mb["branch"] = time_kinds(["gemv", "linear"], dtype, True, mode)
+    return dict(graph="linear" if wins(us_per_mb["graph"]) else "gemv",
+                branch="linear" if wins(us_per_mb.get("branch")) else "gemv", us_per_mb=us_per_mb)
+
+
+def wins(times) -> bool:
+    return bool(times) and times["linear"] * (1 + MARGIN) < times["gemv"]
+
+
+def read_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # absent or unreadable: probe again
+    return cache if isinstance(cache, dict) else {}
+
+
+def choose(dtype: torch.dtype, mode=None, path: Path = CACHE_PATH, run_probe=probe) -> dict:
+    """This machine's kinds for `dtype` compiled with `mode` (probed once, then read from `path`), installed for
+    model.Linear."""
+    key = probe_key(dtype, mode)
+    cache = read_cache(path)
+    entry = cache.get(key)
+    if not (isinstance(entry, dict) and all(entry.get(c) in ("gemv", "linear") for c in ("graph", "branch"))):
+        print(f"timing one-token linear kernels on this CPU for {dtype} (once; kept in {path})", file=sys.stderr,
+              flush=True)
+        entry = run_probe(dtype, mode)
+        cache = read_cache(path)  # another process may have added its own entries meanwhile
+        cache[key] = entry
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(cache, indent=1, sort_keys=True))
+        except OSError:
+            pass  # an unwritable cache only costs a probe next time
+    model.ONE_TOKEN_LINEAR[(dtype, False)] = entry["graph"]
+    model.ONE_TOKEN_LINEAR[(dtype, True)] = entry["branch"]
+    return entry
