@@ -98,7 +98,8 @@ def weight_bytes(model: torch.nn.Module, n_layers: Optional[int] = None) -> int:
     seen, total = set(), 0
     head_shares_table = model.tok_embeddings.weight is getattr(model.output, "weight", None)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if id(t) in seen or "kv_cache" in name or name in ("rope", "causal_mask"):
+        if id(t) in seen or "kv_cache" in name or name in ("rope", "causal_mask", "draft_vocab") \
+                or name.startswith("exit_heads."):  # the draft's alone
             continue
         if name.startswith("tok_embeddings") and not head_shares_table:
             continue  # one row is read per token, unless the head is the same table
@@ -168,9 +169,10 @@ def forward_last(model: Transformer, x: Tensor, input_pos: Tensor) -> Tensor:
 
 
 def draft_step(model: Transformer, x: Tensor, input_pos: Tensor, early_exit: int):
-    """Early-exit draft of one token: layers [0, E) then the shared head. Returns (logits, layer-E hidden)."""
+    """Early-exit draft of one token: layers [0, E), then the exit head at E (if trained), the final norm and the
+    draft LM head (model.exit_logits). Returns (logits, raw layer-E hidden, which the verify continues from)."""
     h = model.run_layers(model.embed(x), input_pos, 0, early_exit)
-    return model.head(h)[:, -1], h
+    return model.exit_logits(h, early_exit)[:, -1], h
 
 
 def verify_step(model: Transformer, last_draft: Tensor, last_index: Tensor, kept_hidden: Tensor,
@@ -502,6 +504,8 @@ Columns are tokens, rows are layers (layer 0 at the bottom); a coloured cell is 
 def print_stats(stats: GenerationStats, model: Transformer, args, device):
     bytes_per_token = weight_bytes(model)
     tps = stats.tokens_per_second
+    if args.self_speculative:
+        print(f"\nself-speculation: early exit {args.early_exit}, k={args.speculate_k}{args.chosen}", end="")
     print(f"\nprompt {stats.prompt_tokens} tokens, prefill {stats.prefill_seconds * 1000:.1f} ms; "
           f"generated {stats.new_tokens} tokens")
     if stats.accepted:
@@ -523,6 +527,28 @@ def print_stats(stats: GenerationStats, model: Transformer, args, device):
               f"(routed layers run {routed_ran:.1%}, skip threshold {model.skip_threshold})")
 
 
+def self_speculative_defaults(args) -> str:
+    """--self_speculative without --early_exit / --speculate_k: take them from the checkpoint's config.json
+    "self_speculative" {"early_exit": E, "speculate_k": k} (written by scripts/sweep.py --write_best).
+    Sets args.chosen, the note for the summary line."""
+    args.chosen = ""
+    if args.early_exit is not None and args.speculate_k is not None:
+        return
+    config_path = Path(args.checkpoint_path).parent / "config.json"
+    try:
+        best = json.loads(config_path.read_text()).get("self_speculative") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        best = {}  # load_model reports an unreadable config
+    taken = []
+    if args.early_exit is None and "early_exit" in best:
+        args.early_exit = best["early_exit"]
+        taken.append("early exit")
+    if args.speculate_k is None and "speculate_k" in best:
+        args.speculate_k = str(best["speculate_k"])
+        taken.append("k")
+    args.chosen = f" ({' and '.join(taken)} from config.json, best of scripts/sweep.py)" if taken else ""
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate text with a converted Llama checkpoint.")
     p.add_argument("--prompt", type=str, default="Hello, my name is")
@@ -537,7 +563,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="compile the decode steps")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
     p.add_argument("--draft_checkpoint_path", type=Path, default=None)
-    p.add_argument("--speculate_k", type=str, default="5", help="drafts per step, or 'auto'")
+    p.add_argument("--speculate_k", type=str, default=None,
+                   help="drafts per step, or 'auto' (default: the checkpoint's self_speculative, else 5)")
     p.add_argument("--self_speculative", action="store_true")
     p.add_argument("--early_exit", type=int, default=None, help="draft layers E for --self_speculative")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -557,6 +584,10 @@ def run(args):
     world = tp.maybe_init_dist(device)  # > 1 under torchrun: this process holds one shard of every layer
     if tp.rank() != 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints
+    if args.self_speculative:
+        self_speculative_defaults(args)
+    if args.speculate_k is None:
+        args.speculate_k = "5"
     if args.speculate_k == "auto":
         adaptive_k, speculate_k = True, 8
     else:

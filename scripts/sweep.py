@@ -1,13 +1,22 @@
 """Grid of early_exit x speculate_k for self-speculative decoding on a prompt set; one table, the best pair named.
 
     python scripts/sweep.py --early_exits 4,8,15,22 --speculate_ks 1,2,4 --prompts humaneval --num_prompts 4
+    python scripts/sweep.py --compile --precision bf16 --write_best \
+        --checkpoint_path checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct-SelfSpec/model.pth --early_exits 6,8,10
 
-Columns: decode tok/s, mean accepted drafts per step, speedup over plain decoding (AR) measured in the same run,
-ideal speedup (what the acceptance allows if a step cost only its draft and verify forwards, in units of one AR
-forward, all timed in this run), achieved/ideal (the rest of the loop: sampling, acceptance, bookkeeping), and the
-physical ideal from bytes read (a draft reads the first E layers + head, a verify reads the whole model).
+Columns: acceptance of the draft at each position (P(draft i accepted | drafts before it were)), mean accepted drafts
+per step, decode tok/s, speedup over plain decoding (AR, the same steps compiled or not, measured in the same
+process), ideal speedup (what the acceptance allows if a step cost only its draft and verify forwards, in units of
+one AR forward, all timed in this run), achieved/ideal (the rest of the loop: sampling, acceptance, bookkeeping), and
+the physical ideal from bytes read (a draft reads the first E layers, the exit head at E if the checkpoint has one
+and the draft's LM head, trimmed to its draft vocabulary if it has one; a verify reads the whole model).
+The prompts are the first --num_prompts of HumanEval, which scripts/train_exit.py holds out (its --heldout, 16).
+--write_best records the fastest pair in the checkpoint's config.json as "self_speculative" {early_exit,
+speculate_k}; `generate.py --self_speculative` then uses it when --early_exit / --speculate_k are not given.
 """
 import argparse
+import json
+import platform
 import sys
 import time
 from pathlib import Path
@@ -17,6 +26,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate as g  # noqa: E402
+from cli import main_guard, write_text_atomic  # noqa: E402
 from prompts import load_prompts  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -55,53 +65,117 @@ def merged(all_stats):
     return total
 
 
+def draft_bytes(model, early_exit: int) -> int:
+    """Bytes a draft step reads: layers [0, E), the exit head at E if any, the final norm and the draft's LM head
+    (its rows only, when the vocabulary is trimmed)."""
+    total = g.weight_bytes(model, n_layers=early_exit)
+    head = model.exit_heads[str(early_exit)] if str(early_exit) in model.exit_heads else None
+    if head is not None:
+        total += sum(p.numel() * p.element_size() for p in head.parameters())
+    trimmed = model.draft_output_weight
+    if trimmed is not None:
+        full = model.output.weight
+        total += trimmed.numel() * trimmed.element_size() - full.numel() * full.element_size()
+    return total
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def sweep(args):
     device = g.resolve_device(args.device)
     precision = g.PRECISIONS[args.precision]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = g.load_model(args.checkpoint_path, device, precision)
+    without = set(args.without.split(",")) - {""}
+    if without - {"exit_heads", "draft_vocab"}:
+        raise ValueError(f"--without takes exit_heads and/or draft_vocab, got {args.without!r}")
+    if without and args.write_best:
+        raise ValueError("--write_best records the checkpoint's own best pair: drop --without")
+    if "exit_heads" in without:  # draft through the plain final norm + head, to measure what the heads add
+        model.exit_heads = torch.nn.ModuleDict()
+    if "draft_vocab" in without:  # draft over the whole vocabulary
+        model.args.draft_vocab_size = 0
     L = model.args.n_layers
-    early_exits = [int(e) for e in args.early_exits.split(",")]
-    ks = [int(k) for k in args.speculate_ks.split(",")]
+    try:
+        early_exits = [int(e) for e in args.early_exits.split(",")]
+        ks = [int(k) for k in args.speculate_ks.split(",")]
+    except ValueError:
+        raise ValueError(f"--early_exits and --speculate_ks take comma lists of integers "
+                         f"(got {args.early_exits!r} / {args.speculate_ks!r})")
     bad = [e for e in early_exits if not 1 <= e < L]
     if bad or min(ks) < 1:
         raise ValueError(f"early exits must be in 1..{L - 1} and k >= 1 (got {args.early_exits} / {args.speculate_ks})")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     prompts = [torch.tensor(tokenizer.encode(p), device=device) for p in load_prompts(args.prompts, args.num_prompts)]
-    steps = g.compile_steps(device, False) if args.compile else g.Steps()
+    steps = g.compile_steps(device, False, precision) if args.compile else g.Steps()
     full_bytes = g.weight_bytes(model)
+    sampling = dict(temperature=args.temperature, top_k=None, top_p=None)
+
+    def decode_all(max_new_tokens, subset=None, **spec):
+        # one seed per configuration: every configuration draws the same random numbers from the start
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        return run_prompts(model, prompts[:subset], max_new_tokens, steps, generator=generator, **sampling, **spec)
 
     configs = [(e, k) for e in early_exits for k in ks]
     progress = tqdm(total=len(configs) + 1, desc="sweep", file=sys.stderr)
-    run_prompts(model, prompts[:1], 8, steps)  # warm-up (and compile) outside the timings
-    ar_tps, _ = run_prompts(model, prompts, args.max_new_tokens, steps)
+    t0 = time.perf_counter()
+    decode_all(8, 1)  # warm-up (and compile) outside the timings
+    compile_seconds = time.perf_counter() - t0
+    ar_tps, _ = decode_all(args.max_new_tokens)
     ar_forward = decode_forward_seconds(model, steps)
     progress.update()
     rows = []
     for e, k in configs:
         spec = dict(early_exit=e, speculate_k=k)
-        run_prompts(model, prompts[:1], 8, steps, **spec)
-        tps, all_stats = run_prompts(model, prompts, args.max_new_tokens, steps, **spec)
+        t0 = time.perf_counter()
+        decode_all(8, 1, **spec)
+        compile_seconds += time.perf_counter() - t0
+        tps, all_stats = decode_all(args.max_new_tokens, **spec)
         s = merged(all_stats)
         ideal = s.ideal_tokens_per_second * ar_forward  # (E[n]+1) x AR forward / (k x draft + verify forward)
-        byte_ratio = g.weight_bytes(model, n_layers=e) / full_bytes
-        ideal_bytes = (s.mean_accepted + 1) / (k * byte_ratio + 1)
-        rows.append((e, k, tps, s.mean_accepted, tps / ar_tps, ideal, tps / ar_tps / ideal, ideal_bytes))
+        ideal_bytes = (s.mean_accepted + 1) / (k * draft_bytes(model, e) / full_bytes + 1)
+        by_position = " ".join(f"{p:.2f}" for p in s.acceptance_by_position())
+        rows.append((e, k, by_position, s.mean_accepted, tps, tps / ar_tps, ideal, tps / ar_tps / ideal, ideal_bytes))
         progress.update()
     progress.close()
 
-    print(f"\n{args.checkpoint_path.parent.name}, {args.precision}, {device}, {torch.get_num_threads()} threads, "
-          f"{'compiled' if args.compile else 'eager'}, {len(prompts)} {args.prompts} prompts x "
-          f"{args.max_new_tokens} new tokens, greedy; AR {ar_tps:.2f} tok/s, AR forward alone "
-          f"{ar_forward * 1000:.2f} ms\n")
-    print("| E | k | tok/s | mean accepted | speedup vs AR | ideal (measured forward costs) | achieved/ideal "
-          "| ideal (bytes read) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for e, k, tps, acc, speedup, ideal, ratio, ideal_bytes in rows:
-        print(f"| {e} | {k} | {tps:.2f} | {acc:.3f} | {speedup:.2f}x | {ideal:.2f}x | {ratio:.2f} | {ideal_bytes:.2f}x |")
-    best = max(rows, key=lambda r: r[2])
-    verdict = "wins" if best[4] > 1 else "loses"
-    print(f"\nbest pair: E={best[0]} k={best[1]}: {best[2]:.2f} tok/s, {best[4]:.2f}x AR (self-speculation {verdict} "
+    extras = [f"exit heads at {[int(e) for e in model.exit_heads]}" if len(model.exit_heads) else "no exit heads",
+              f"draft vocabulary {model.args.draft_vocab_size}" if model.draft_output_weight is not None
+              else "full draft vocabulary"]
+    mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
+    print(f"\n{args.checkpoint_path.parent.name} ({', '.join(extras)}), {args.precision}, {device} ({cpu_name()}), "
+          f"{torch.get_num_threads()} threads, {'compiled' if args.compile else 'eager'}, {len(prompts)} "
+          f"{args.prompts} prompts x {args.max_new_tokens} new tokens, {mode}; AR {ar_tps:.2f} tok/s, AR forward "
+          f"alone {ar_forward * 1000:.2f} ms; warm-up and compile {compile_seconds:.0f} s (not in any tok/s)\n")
+    print("| E | k | acceptance by position | mean accepted | tok/s | speedup vs AR | ideal (measured forward costs) "
+          "| achieved/ideal | ideal (bytes read) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for e, k, by_position, acc, tps, speedup, ideal, ratio, ideal_bytes in rows:
+        print(f"| {e} | {k} | {by_position} | {acc:.3f} | {tps:.2f} | {speedup:.2f}x | {ideal:.2f}x | {ratio:.2f} "
+              f"| {ideal_bytes:.2f}x |")
+    best = max(rows, key=lambda r: r[4])
+    verdict = "wins" if best[5] > 1 else "loses"
+    print(f"\nbest pair: E={best[0]} k={best[1]}: {best[4]:.2f} tok/s, {best[5]:.2f}x AR (self-speculation {verdict} "
           f"here)")
+    if args.write_best:
+        config_path = args.checkpoint_path.parent / "config.json"
+        config = json.loads(config_path.read_text())
+        config["self_speculative"] = dict(early_exit=best[0], speculate_k=best[1],
+                                          measured=f"{best[5]:.2f}x AR, {args.precision}, "
+                                                   f"{'compiled' if args.compile else 'eager'}, {mode}")
+        write_text_atomic(config_path, json.dumps(config, indent=2) + "\n")
+        print(f"wrote the best pair to {config_path}")
 
 
 def main():
@@ -113,13 +187,16 @@ def main():
     p.add_argument("--num_prompts", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--precision", choices=list(g.PRECISIONS), default="fp32")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--without", default="", help="exit_heads and/or draft_vocab: leave them out of the draft")
+    p.add_argument("--write_best", action="store_true",
+                   help="record the fastest pair in the checkpoint's config.json (self_speculative)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    try:
-        sweep(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    main_guard(lambda: sweep(args), "sweep")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from convert_hf_checkpoint import TOKENIZER_FILES, WEIGHT_MAP, convert, save_atomic  # noqa: E402
+from convert_hf_checkpoint import TOKENIZER_FILES, convert, hf_state_dict, save_atomic  # noqa: E402
 from model import FlexiDepthBlock, KVCache, ModelArgs, Transformer, TransformerBlock  # noqa: E402
 from prompts import humaneval_prompts, pydoc_text  # noqa: E402
 
@@ -263,17 +263,6 @@ def trainable_state(model: Transformer) -> dict:
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
 
-def hf_names(state_dict: dict, tie: bool) -> dict:
-    ours_to_hf = {ours: hf for hf, ours in WEIGHT_MAP.items()}
-    out = {}
-    for name, t in state_dict.items():
-        if tie and name == "output.weight":
-            continue
-        m = re.fullmatch(r"layers\.(\d+)\.(.*)", name)
-        out[ours_to_hf[f"layers.{{}}.{m.group(2)}"].format(m.group(1)) if m else ours_to_hf[name]] = t.contiguous()
-    return out
-
-
 def write_folder(model: Transformer, config: dict, source: Path, out_dir: Path) -> Path:
     """HF-style FlexiDepth folder, each file written to a temporary name and renamed; then converted."""
     from safetensors.torch import save_file
@@ -281,7 +270,7 @@ def write_folder(model: Transformer, config: dict, source: Path, out_dir: Path) 
     for name in TOKENIZER_FILES:
         if (source / name).exists():
             shutil.copy(source / name, out_dir / name)
-    weights = hf_names({k: v.detach() for k, v in model.state_dict().items()}, model.args.tie_embeddings)
+    weights = hf_state_dict({k: v.detach() for k, v in model.state_dict().items()}, model.args.tie_embeddings)
     tmp = out_dir / ".model.safetensors.tmp"
     try:
         save_file(weights, str(tmp), metadata={"format": "pt"})
