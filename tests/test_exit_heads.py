@@ -174,5 +174,5 @@ def test_converter_refuses_exit_head_without_config(trained, tmp_path):
 ])
 def test_train_exit_bad_flags(trained, flags, pattern):
     base, _ = trained
-    result = run_cli("scripts/train_exit.py", "--checkpoint_path", base, "--steps", "1", *flags)
+    result = run_cli("scripts/train_exit.py", "--checkpoint_path", base, "--steps", "1", "--early_exits", "1", *flags)
     assert_one_line_error(result, re.escape(pattern) if "(" not in pattern else pattern)
