@@ -88,6 +88,21 @@ class ModelArgs:
                 raise ValueError(f"routing_layers {bad} are outside the model's {args.n_layers} layers")
             args.router_dim = dim // 16
             args.adapter_dim = args.intermediate_size // 16
+        sizes = dict(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.intermediate_size,
+                     num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                     num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
+                     max_position_embeddings=args.max_position_embeddings)
+        bad = [f"{k}={v!r}" for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"config.json sizes must be positive integers: {', '.join(bad)}")
+        if args.head_dim % 2:
+            raise ValueError(f"head_dim {args.head_dim} is odd; the rope rotates pairs of dimensions")
+        params = args.vocab_size * args.dim * 2 + args.n_layers * (
+            args.dim * args.head_dim * (args.n_heads * 2 + args.n_kv_heads * 2) + 3 * args.dim * args.intermediate_size)
+        if params > 2e12:
+            raise ValueError(f"config.json describes about {params:.2g} parameters; that is not a real checkpoint")
+        if not (isinstance(args.norm_eps, (int, float)) and 0 < args.norm_eps < 1 and args.rope_base > 0):
+            raise ValueError(f"rms_norm_eps ({args.norm_eps}) must be in (0, 1) and rope_theta ({args.rope_base}) > 0")
         exit_heads = config.get("exit_heads") or {}
         if not isinstance(exit_heads, dict):
             raise ValueError(f"config.json: exit_heads must map layer numbers to a head kind, got {exit_heads!r}")
@@ -115,10 +130,11 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
         # k, v: [B, n_kv_heads, T, head_dim], written at input_pos. Entries past the live position stay but are
-        # masked out by position, which is what makes speculative rollback free.
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
-        return self.k_cache, self.v_cache
+        # masked out by position, which is what makes speculative rollback free. B may be below the cache's batch.
+        B = k.shape[0]
+        self.k_cache[:B].index_copy_(2, input_pos, k)
+        self.v_cache[:B].index_copy_(2, input_pos, v)
+        return self.k_cache[:B], self.v_cache[:B]
 
 
 class RMSNorm(nn.Module):
@@ -263,7 +279,7 @@ class Adapter(nn.Module):
 
 class FlexiDepthBlock(TransformerBlock):
     """A routed layer. Every token writes its K/V; a token whose gate is closed skips attention and MLP and
-    goes through the adapter instead. The rule is gate() + run_branch() + skip_branch(), shared by both forms:
+    goes through the adapter instead. The rule is route() + run_branch() + skip_branch(), shared by both forms:
     masking (all tokens through both branches, select per token: prefill, batches, the test reference) and
     real skip (one token: only the chosen branch runs)."""
     def __init__(self, args: ModelArgs):
@@ -273,9 +289,13 @@ class FlexiDepthBlock(TransformerBlock):
         # [max_batch, max_seq] bool, made by setup_caches: did the token at each position run this layer
         self.register_buffer("ran", None, persistent=False)
 
-    def gate(self, normed: Tensor, threshold: float):
+    def route(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, threshold: float):
+        """The part every token takes: the gate w = sigmoid(router(input_norm(x))), the decision w > threshold, and
+        this step's K/V written for every token. Returns (w, run, the operands both branches take)."""
+        normed = self.attention_norm(x)
         w = torch.sigmoid(self.router(normed))  # [B, T, 1]
-        return w, w > threshold
+        k, v = self.attention.write_kv(normed, rope, input_pos)
+        return w, w > threshold, (x, normed, w, rope, mask, k, v)
 
     def run_branch(self, x, normed, w, rope, mask, k, v):
         h = x + self.attention.attend(normed, rope, mask, k, v)
@@ -284,20 +304,30 @@ class FlexiDepthBlock(TransformerBlock):
     def skip_branch(self, x, normed, w, rope, mask, k, v):
         return x + (1 - w) * self.adapter(self.ffn_norm(x))
 
+    def masked(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, threshold: float,
+               straight_through: bool = False):
+        """The masking form: every token through both branches, each keeps its own. Returns (out, w, run).
+        straight_through (router training) adds 0 to the value but gives w the gradient of switching branches,
+        dLoss/dout . (run_out - skip_out); without it w only learns to scale the branch a token is already on."""
+        w, run, operands = self.route(x, rope, mask, input_pos, threshold)
+        run_out, skip_out = self.run_branch(*operands), self.skip_branch(*operands)
+        out = torch.where(run, run_out, skip_out)
+        if straight_through:
+            out = out + (w - w.detach()) * (run_out - skip_out).detach()
+        return out, w, run
+
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, threshold: float = 0.5,
                 real_skip: bool = False) -> Tensor:
         B = x.shape[0]
-        normed = self.attention_norm(x)
-        w, run = self.gate(normed, threshold)
-        k, v = self.attention.write_kv(normed, rope, input_pos)
-        operands = (x, normed, w, rope, mask, k, v)
         if not real_skip:
-            out = torch.where(run, self.run_branch(*operands), self.skip_branch(*operands))
-        elif torch.compiler.is_compiling():
-            # Inside a compiled graph: a device-side branch, so no host sync and one graph for every skip pattern.
-            out = torch.cond(run.view(()), self.run_branch, self.skip_branch, operands)
+            out, _, run = self.masked(x, rope, mask, input_pos, threshold)
         else:
-            out = self.run_branch(*operands) if bool(run) else self.skip_branch(*operands)
+            _, run, operands = self.route(x, rope, mask, input_pos, threshold)
+            if torch.compiler.is_compiling():
+                # a device-side branch: no host sync, and one graph for every skip pattern
+                out = torch.cond(run.view(()), self.run_branch, self.skip_branch, operands)
+            else:
+                out = self.run_branch(*operands) if bool(run) else self.skip_branch(*operands)
         self.ran[:B].index_copy_(1, input_pos, run[..., 0])
         return out
 
@@ -325,10 +355,6 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(FlexiDepthBlock(args) if i in args.routing_layers else TransformerBlock(args)
                                     for i in range(args.n_layers))
-        # FlexiDepth: a token runs a routed layer iff its gate exceeds skip_threshold (0.5 is the checkpoint's rule).
-        # One-token steps skip for real unless masking_reference is set (tests compare the two forms).
-        self.skip_threshold = 0.5
-        self.masking_reference = False
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = Linear(args.dim, args.vocab_size)
         if args.tie_embeddings:
@@ -376,14 +402,17 @@ class Transformer(nn.Module):
     def embed(self, idx: Tensor) -> Tensor:
         return self.tok_embeddings(idx)
 
-    def run_layers(self, x: Tensor, input_pos: Tensor, start: int, end: int) -> Tensor:
-        """Layers [start, end) on hidden states x at positions input_pos (each writes its K/V there)."""
+    def run_layers(self, x: Tensor, input_pos: Tensor, start: int, end: int, skip_threshold: float = 0.5,
+                   masking: bool = False) -> Tensor:
+        """Layers [start, end) on hidden states x at positions input_pos (each writes its K/V there).
+        FlexiDepth: a token runs a routed layer iff its gate exceeds skip_threshold (0.5 is the checkpoint's rule);
+        a one-token step skips for real unless masking asks for the masking form (the reference in tests)."""
         rope = self.rope[input_pos]
         mask = self.causal_mask[None, None, input_pos]  # position t sees every slot <= t, never a stale one
-        real_skip = x.shape[0] == 1 and x.shape[1] == 1 and not self.masking_reference
+        real_skip = x.shape[0] == 1 and x.shape[1] == 1 and not masking
         for layer in self.layers[start:end]:
             if isinstance(layer, FlexiDepthBlock):
-                x = layer(x, rope, mask, input_pos, self.skip_threshold, real_skip)
+                x = layer(x, rope, mask, input_pos, skip_threshold, real_skip)
             else:
                 x = layer(x, rope, mask, input_pos)
         return x
@@ -410,5 +439,5 @@ class Transformer(nn.Module):
         full = logits.new_full((*logits.shape[:-1], self.args.vocab_size), float("-inf"))
         return full.index_copy(-1, self.draft_vocab, logits)
 
-    def forward(self, idx: Tensor, input_pos: Tensor) -> Tensor:
-        return self.head(self.run_layers(self.embed(idx), input_pos, 0, self.args.n_layers))
+    def forward(self, idx: Tensor, input_pos: Tensor, skip_threshold: float = 0.5, masking: bool = False) -> Tensor:
+        return self.head(self.run_layers(self.embed(idx), input_pos, 0, self.args.n_layers, skip_threshold, masking))

@@ -3,13 +3,16 @@
 tokenizer.json            -> the `tokenizers` package (SmolLM2, most recent repos)
 tokenizer.model (protobuf) -> sentencepiece (Llama 2)
 tokenizer.model (text)     -> tiktoken, Llama 3's "base64-token rank" lines plus special tokens
-Chat prompts are rendered from the checkpoint's own chat_template with jinja2, as transformers does.
+Chat prompts are rendered from the checkpoint's own chat_template in jinja2's immutable sandbox, as transformers
+does: a template comes with the checkpoint, so it is data and must not reach Python objects or run anything.
 """
 import base64
 import json
+from datetime import datetime
 from pathlib import Path
 
 import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Llama 3's pre-tokenizer split pattern (from its tokenizer files; tiktoken needs it spelled out).
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -52,15 +55,26 @@ class Tokenizer:
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ValueError(f"{self.folder} has no chat_template, so --chat cannot format a conversation")
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
 
         def raise_exception(message):
             raise ValueError(f"chat template: {message}")
 
+        def tojson(value, indent=None):
+            return json.dumps(value, ensure_ascii=False, indent=indent)
+
         env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = tojson
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except jinja2.exceptions.SecurityError as e:
+            raise ValueError(f"the checkpoint's chat template tried an unsafe operation and was stopped: {e}") from None
+        except jinja2.exceptions.TemplateError as e:
+            raise ValueError(f"the checkpoint's chat template cannot be rendered: {e}") from None
 
 
 class HFTokenizer(Tokenizer):
@@ -188,3 +202,36 @@ def load_tokenizer(folder) -> Tokenizer:
             return TiktokenTokenizer(folder)  # not a sentencepiece protobuf: Llama 3's ranks file
         return SentencePieceTokenizer(folder, processor)
     raise ValueError(f"no tokenizer in {folder}: expected tokenizer.json or tokenizer.model")
+
+
+class StreamDecoder:
+    """Text of a growing token list, given out piece by piece, each character once: a character whose bytes are split
+    across tokens is held back until its last byte arrives. Each push decodes only a short window (the tokens since
+    the last piece given out plus the piece before them, so that tokenizers that treat a leading token specially
+    decode both windows alike), not the whole output."""
+
+    def __init__(self, tokenizer, skip_ids=()):
+        self.tokenizer = tokenizer
+        self.skip_ids = set(skip_ids)
+        self.ids = []
+        self.seen = 0  # tokens of the caller's list taken so far
+        self.prefix = 0  # self.ids[prefix:read] decoded to the last piece given out
+        self.read = 0
+
+    def push(self, tokens: list) -> str:
+        """tokens: every token so far (the list only grows); returns the text that is new and complete."""
+        self.ids.extend(t for t in tokens[self.seen:] if t not in self.skip_ids)
+        self.seen = len(tokens)
+        return self._piece(final=False)
+
+    def flush(self) -> str:
+        """What is left at the end, an incomplete character included (as U+FFFD, as a full decode gives it)."""
+        return self._piece(final=True)
+
+    def _piece(self, final: bool) -> str:
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        now = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(now) <= len(before) or (now.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return now[len(before):]

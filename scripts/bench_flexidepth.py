@@ -105,14 +105,15 @@ def router_gates(model, prompt: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_rate(model, steps, prompt, n_tokens):
+def decode_rate(model, steps, prompt, n_tokens, skip_threshold=0.5):
     """Greedy decode after a prefill; tokens per second of wall time and of this process's CPU time (the second
     is the steadier figure on a shared machine when running on one thread)."""
     T = len(prompt)
-    token = steps.prefill(model, prompt[None], torch.arange(T, device=prompt.device)).argmax(-1)
+    token = steps.prefill(model, prompt[None], torch.arange(T, device=prompt.device), skip_threshold).argmax(-1)
     wall, cpu = time.perf_counter(), time.process_time()
     for pos in range(T, T + n_tokens):
-        token = steps.decode(model, token.view(1, 1), torch.tensor([pos], device=prompt.device)).argmax(-1)
+        token = steps.decode(model, token.view(1, 1), torch.tensor([pos], device=prompt.device),
+                             skip_threshold).argmax(-1)
     if prompt.device.type == "cuda":
         torch.cuda.synchronize()
     return n_tokens / (time.perf_counter() - wall), n_tokens / (time.process_time() - cpu)
@@ -166,19 +167,18 @@ def main():
     best = {}  # fraction -> (wall tok/s, cpu tok/s, skipped fraction, mean layers); best of --rounds, for a shared box
     for _ in tqdm(range(args.rounds), desc="rounds", leave=False):
         for target, threshold in zip(targets, thresholds):
-            model.skip_threshold = threshold
-            decode_rate(model, steps, prompt, 4)  # warm-up (compiles on the first pass and the first change)
-            wall, cpu = decode_rate(model, steps, prompt, n)
+            decode_rate(model, steps, prompt, 4, threshold)  # warm-up (compiles on the first pass and change)
+            wall, cpu = decode_rate(model, steps, prompt, n, threshold)
             ran = model.layers_ran(torch.arange(len(prompt), len(prompt) + n))
             skipped = 1 - ran[:, routing_layers].float().mean().item()
             old = best.get(target, (0.0, 0.0))
             best[target] = (max(old[0], wall), max(old[1], cpu), skipped, ran.sum(1).float().mean().item())
         if args.masking_row:
             # the 50% decisions in the masking form (both branches for every token): what skipping on paper costs
-            model.skip_threshold, model.masking_reference = thresholds[2], True
-            decode_rate(model, steps, prompt, 4)
-            wall, cpu = decode_rate(model, steps, prompt, n)
-            model.masking_reference = False
+            masked = lambda m, x, pos, threshold: m(x, pos, threshold, masking=True)[:, -1]
+            masking_steps = Steps(prefill=masked, decode=torch.compile(masked, fullgraph=True) if args.compile else masked)
+            decode_rate(model, masking_steps, prompt, 4, thresholds[2])
+            wall, cpu = decode_rate(model, masking_steps, prompt, n, thresholds[2])
             old = best.get("masking", (0.0, 0.0))
             best["masking"] = (max(old[0], wall), max(old[1], cpu))
     base_wall, base_cpu, _, _ = best[0.0]

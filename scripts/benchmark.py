@@ -25,6 +25,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import generate as ff  # noqa: E402
+from figures import weight_bytes  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
@@ -73,7 +74,7 @@ class TokenClock:
 def flexfast_runner(model, prompt, steps):
     def run(n):
         clock = TokenClock()
-        tokens, stats = ff.generate(model, prompt, n, temperature=0.0, steps=steps,
+        tokens, stats = ff.generate(model, prompt, n, steps=steps,
                                     callback=lambda out: clock.put(torch.tensor(out[-1:])))
         return clock.rates(), tokens.tolist()
     return run
@@ -126,7 +127,7 @@ def benchmark_precision(args, name, prompt, bytes_per_token_holder, rows, progre
     n = args.max_new_tokens
     model = ff.load_model(args.checkpoint_path, "cpu", dtype)
     model.setup_caches(1, prompt.shape[0] + n)
-    bytes_per_token = ff.weight_bytes(model)
+    bytes_per_token = weight_bytes(model)
     bytes_per_token_holder[name] = bytes_per_token
     reference = None
 

@@ -93,8 +93,12 @@ class FlexFastLM(TemplateLM):
         self.steps = steps or g.Steps()
         self.warmup_pending = steps is not None  # compiled steps: compile before the first timed request
         self.early_exit, self.speculate_k = early_exit, speculate_k
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.seed = seed  # each sampled request gets the next seed: reruns draw the same tokens
         self.generation_stats = defaultdict(list)  # task name -> [GenerationStats], one per generate_until request
+
+    def next_seed(self) -> int:
+        self.seed += 1
+        return self.seed
 
     @property
     def device(self):
@@ -222,8 +226,8 @@ class FlexFastLM(TemplateLM):
                 return any(s in text for s in until)
 
             tokens, stats = g.generate(
-                self.model, prompt, max_gen_toks, temperature=temperature, top_k=gen_kwargs.get("top_k"),
-                top_p=gen_kwargs.get("top_p"), generator=self.generator, steps=self.steps,
+                self.model, prompt, max_gen_toks, g.Sampling(temperature, gen_kwargs.get("top_k"), gen_kwargs.get("top_p"),
+                                                             self.next_seed(), str(self.device)), steps=self.steps,
                 early_exit=self.early_exit, speculate_k=self.speculate_k, eos_ids=eos_ids,
                 callback=reached_stop_string)
             text = self.tok_decode([t for t in tokens.tolist() if t not in eos_ids])

@@ -35,11 +35,11 @@ if [ "${1:-}" = "--self_speculative" ]; then
     resume=""
     [ -f "$out/train_state.pth" ] && resume=--resume  # an interrupted run continues where it stopped
     "$PYTHON" scripts/train_exit.py --checkpoint_path "$base/model.pth" --out_dir "$out" $resume \
-      --early_exits 4,6,8,10,12 --draft_vocab 2048 --gen_prompts 96 --gen_tokens 128 --pydoc_tokens 8192 \
-      --steps 800
+      --early_exits 4,6,8,10,12,15 --draft_vocab 2048 --gen_prompts 64 --gen_tokens 96 --pydoc_tokens 4096 \
+      --steps 250
   fi
   "$PYTHON" scripts/sweep.py --checkpoint_path "$out/model.pth" --compile --precision bf16 --write_best \
-    --early_exits 6,8,10 --speculate_ks 1,2,3 --num_prompts 4 --max_new_tokens 128
+    --early_exits 6,8 --speculate_ks 1,2 --num_prompts 4 --max_new_tokens 128
   exit 0
 fi
 

@@ -51,7 +51,7 @@ def test_flexfast_row_times_the_tokens_generate_returns(tmp_path):
     model.setup_caches(1, 32)
     prompt = torch.tensor([1, 2, 3])
     (rate, cpu_rate), tokens = benchmark.flexfast_runner(model, prompt, generate.Steps())(8)
-    assert tokens == generate.generate(model, prompt, 8, temperature=0.0)[0].tolist() and len(tokens) == 8
+    assert tokens == generate.generate(model, prompt, 8)[0].tolist() and len(tokens) == 8
     assert rate > 0 and cpu_rate > 0
 
 

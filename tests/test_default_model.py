@@ -37,8 +37,7 @@ def hf_greedy(hf, prompt_ids, eos_ids):
 
 
 def ours_greedy(model, prompt_ids, eos_ids, steps=None):
-    tokens, stats = generate.generate(model, torch.tensor(prompt_ids), MAX_NEW_TOKENS, temperature=0.0,
-                                      steps=steps, eos_ids=eos_ids)
+    tokens, stats = generate.generate(model, torch.tensor(prompt_ids), MAX_NEW_TOKENS, steps=steps, eos_ids=eos_ids)
     assert stats.new_tokens == len(tokens)
     return tokens.tolist()
 

@@ -13,7 +13,7 @@ from conftest import assert_one_line_error, make_converted_llama, run_cli, with_
 
 def greedy(model, prompt, n, steps=None, **kw):
     model.setup_caches(1, g.cache_length_needed(len(prompt), n, kw.get("speculate_k", 0)))
-    tokens, stats = g.generate(model, prompt, n, temperature=0.0, steps=steps, **kw)
+    tokens, stats = g.generate(model, prompt, n, steps=steps, **kw)
     return tokens.tolist(), stats
 
 

@@ -77,7 +77,6 @@ def test_config_widths():
 
 def test_real_skip_matches_masking(checkpoint):
     real, reference = fresh_model(checkpoint), fresh_model(checkpoint)
-    reference.masking_reference = True
     tokens = greedy_tokens(real)
     # count the big matmuls that really ran: a skipped layer must not touch wq or the MLP
     calls = {"wq": 0, "mlp": 0}
@@ -85,7 +84,7 @@ def test_real_skip_matches_masking(checkpoint):
         layer.attention.wq.register_forward_hook(lambda *_: calls.__setitem__("wq", calls["wq"] + 1))
         layer.feed_forward.register_forward_hook(lambda *_: calls.__setitem__("mlp", calls["mlp"] + 1))
     got = decode_logits(real, tokens)
-    want = decode_logits(reference, tokens)
+    want = decode_logits(reference, tokens, step=lambda m, x, pos: m(x, pos, masking=True)[:, -1])
     assert (got - want).abs().max() <= 1e-5
     positions = torch.arange(len(PROMPT) - 1, len(PROMPT) + STEPS)
     ran = real.layers_ran(positions)
@@ -106,8 +105,8 @@ def test_skipped_token_kv_is_written(checkpoint):
     cache = model.layers[layer_index].attention.kv_cache
     assert cache.k_cache[0, :, T + j].abs().sum() > 0 and cache.v_cache[0, :, T + j].abs().sum() > 0
 
-    model.skip_threshold = 0.0  # the probe token runs every layer, so it attends to the skipped token's K/V
-    probe = lambda: forward_last(model, tokens[-1].view(1, 1), torch.tensor([T + STEPS]))
+    # the probe token runs every layer (threshold 0), so it attends to the skipped token's K/V
+    probe = lambda: forward_last(model, tokens[-1].view(1, 1), torch.tensor([T + STEPS]), skip_threshold=0.0)
     before = probe()
     cache.v_cache[0, :, T + j] += 1.0
     after = probe()

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import figures
 import generate
 from conftest import ROOT, make_converted_llama
 from quantize import (GROUPSIZES, Int4Linear, Int8Linear, dequantize_int4, dequantize_int8, main, quantize,
@@ -150,7 +151,7 @@ def test_weight_bytes(tiny):
         "int4": sum(n * k // 2 + (k // 32) * n * 2 * 4 for n, k in shapes) + head + a.vocab_size * 4 + norms,
     }
     for mode, path in tiny.items():
-        assert generate.weight_bytes(generate.load_model(path, "cpu", torch.float32)) == expected[mode], mode
+        assert figures.weight_bytes(generate.load_model(path, "cpu", torch.float32)) == expected[mode], mode
 
 
 def test_unknown_mode_in_file_is_refused(tiny, tmp_path):
@@ -204,8 +205,8 @@ def test_flexidepth_routers_and_adapters_stay_float(tmp_path):
     # the one-token real-skip path and the masking form agree on the quantized model too
     model.setup_caches(1, 64)
     real_skip, stats = generate.generate(model, PROMPT, 16)
-    model.masking_reference = True
-    masking, _ = generate.generate(model, PROMPT, 16)
+    masking_steps = generate.Steps(decode=lambda m, x, pos, threshold: m(x, pos, threshold, masking=True)[:, -1])
+    masking, _ = generate.generate(model, PROMPT, 16, steps=masking_steps)
     assert real_skip.tolist() == masking.tolist()
 
 

@@ -6,11 +6,12 @@ import torch
 
 import generate as g
 from conftest import assert_one_line_error, make_converted_llama, run_cli, with_exit_heads
+from sampling import sample_from
 
 
 def greedy(model, prompt, n, steps=None, **kw):
     model.setup_caches(1, g.cache_length_needed(len(prompt), n, kw.get("speculate_k", 0)))
-    tokens, stats = g.generate(model, prompt, n, temperature=0.0, steps=steps, **kw)
+    tokens, stats = g.generate(model, prompt, n, steps=steps, **kw)
     return tokens.tolist(), stats
 
 
@@ -106,10 +107,10 @@ def test_speculative_sampling_matches_plain_sampling(tmp_path, draft):
         g.speculative_accept = accept_rule
         try:
             counts = torch.zeros(V, V)
-            generator = torch.Generator().manual_seed(0)
+            sampling = g.Sampling(temperature=1.0, seed=0)
             model.setup_caches(1, 16)
             for _ in range(draws):
-                out, _ = g.generate(model, prompt, 3, temperature=1.0, generator=generator, early_exit=E,
+                out, _ = g.generate(model, prompt, 3, sampling, early_exit=E,
                                     speculate_k=2)
                 counts[out[1], out[2]] += 1
         finally:
@@ -122,7 +123,7 @@ def test_speculative_sampling_matches_plain_sampling(tmp_path, draft):
 
     def accept_everything(draft_tokens, draft_probs, target_probs, generator):
         k = draft_tokens.shape[0]
-        return k, g.sample_from(target_probs[k], generator)
+        return k, sample_from(target_probs[k], generator)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of tiny steps: threading only adds overhead

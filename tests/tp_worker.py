@@ -38,8 +38,8 @@ def run_model(model, compile: bool = False, sampled: bool = True) -> dict:
         out["self_speculative"], stats = gen.generate(model, prompt, MAX_NEW_TOKENS, **speculation)
         out["accepted"] = stats.accepted
     if sampled:
-        out["sampled"], _ = gen.generate(model, prompt, MAX_NEW_TOKENS, temperature=0.8, top_k=50,
-                                         generator=torch.Generator().manual_seed(7), **speculation)
+        out["sampled"], _ = gen.generate(model, prompt, MAX_NEW_TOKENS, gen.Sampling(0.8, top_k=50, seed=7),
+                                         **speculation)
     if compile:
         steps = gen.compile_steps("cpu", compile_prefill=False)
         out["compiled_greedy"], _ = gen.generate(model, prompt, MAX_NEW_TOKENS, steps=steps)
