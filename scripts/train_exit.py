@@ -87,7 +87,8 @@ def prompt_sets(tokenizer, heldout: int, n_train: int) -> tuple:
 
 def pydoc_windows(tokenizer, n_tokens: int, window: int) -> torch.Tensor:
     from prompts import pydoc_text
-    ids = tokenizer.encode(pydoc_text()[: n_tokens * 8], add_special_tokens=False)
+    # from the end of the text: scripts/eval.py's exit_ppl scores its start
+    ids = tokenizer.encode(pydoc_text()[-n_tokens * 8:], add_special_tokens=False)
     n = min(n_tokens, len(ids)) // window
     return torch.tensor(ids[: n * window]).view(n, window)
 
@@ -186,21 +187,21 @@ def restricted_targets(values, ids, slot):
 
 @torch.no_grad()
 def agreement(model, heads, draft_weight, vocab, data, exits, batch=4096) -> dict:
-    """Held-out top-1 agreement with the full model's argmax, per exit: the plain exit (full head), the head with the
-    full vocabulary, the head with the draft vocabulary."""
+    """Held-out top-1 agreement with the full model's argmax, per exit: the plain exit (final norm + head) over the
+    full and the draft vocabulary, then the trained head over the full and the draft vocabulary."""
     out = {}
     full_weight = model.output.weight
     teacher = data["ids"][:, 0].long()
     for j, e in enumerate(exits):
-        hits = torch.zeros(3)
+        hits = torch.zeros(4)
         for i in range(0, len(teacher), batch):
             h, t = data["states"][j, i:i + batch].float(), teacher[i:i + batch]
-            plain = linear(model.norm(h), full_weight).argmax(-1)
-            headed = model.norm(heads[str(e)](h))
-            hits += torch.stack([(plain == t).sum(), (linear(headed, full_weight).argmax(-1) == t).sum(),
-                                 (vocab[linear(headed, draft_weight).argmax(-1)] == t).sum()]).float()
-        plain, head_full, head_draft = (hits / len(teacher)).tolist()
-        out[e] = dict(plain=round(plain, 4), head_full_vocab=round(head_full, 4), head_draft_vocab=round(head_draft, 4))
+            plain, headed = model.norm(h), model.norm(heads[str(e)](h))
+            hits += torch.stack([(linear(x, full_weight).argmax(-1) == t).sum() for x in (plain, headed)]
+                                + [(vocab[linear(x, draft_weight).argmax(-1)] == t).sum() for x in (plain, headed)])
+        plain, head_full, plain_draft, head_draft = (hits / len(teacher)).tolist()
+        out[e] = dict(plain=round(plain, 4), plain_draft_vocab=round(plain_draft, 4),
+                      head_full_vocab=round(head_full, 4), head_draft_vocab=round(head_draft, 4))
     return out
 
 
@@ -334,9 +335,10 @@ def train(a) -> dict:
     write_text_atomic(out_dir / "train_report.json", json.dumps(report, indent=2) + "\n")
     print(f"{n} training tokens, {report['heldout_tokens']} held-out; draft vocabulary of {len(vocab)} covers "
           f"{coverage:.1%} of held-out argmaxes")
-    print("held-out top-1 agreement with the full model (plain exit / head, full vocab / head, draft vocab):")
+    print("held-out top-1 agreement with the full model (plain exit: full / draft vocab; head: full / draft vocab):")
     for e, r in agree.items():
-        print(f"  E={e}: {r['plain']:.3f} / {r['head_full_vocab']:.3f} / {r['head_draft_vocab']:.3f}")
+        print(f"  E={e}: {r['plain']:.3f} / {r['plain_draft_vocab']:.3f}; "
+              f"{r['head_full_vocab']:.3f} / {r['head_draft_vocab']:.3f}")
     print(f"wrote {model_path}")
     return report
 
