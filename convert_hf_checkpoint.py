@@ -5,16 +5,13 @@ model.pth (our state dict) + config.json + tokenizer files.
 """
 import argparse
 import json
-import os
 import re
-import shutil
-import signal
-import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from cli import copy_atomic, main_guard, save_atomic  # noqa: F401  (save_atomic: scripts import it from here)
 from model import ModelArgs, Transformer
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
@@ -49,16 +46,6 @@ WEIGHT_MAP = {
     "model.draft_vocab": "draft_vocab",
 }
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-def save_atomic(obj, path: Path):
-    """torch.save to a temporary name beside `path`, then rename: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def our_name(hf_name: str):
@@ -115,8 +102,16 @@ def read_config(folder: Path) -> dict:
         raise FileNotFoundError(f"{path} not found")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path} is not valid JSON: {e}")
+
+
+def read_model_args(folder: Path) -> ModelArgs:
+    """config.json as ModelArgs; a value of the wrong type or a zero where a count belongs is a bad file too."""
+    try:
+        return ModelArgs.from_hf_config(read_config(folder))
+    except (TypeError, ZeroDivisionError, AttributeError) as e:
+        raise ValueError(f"{folder / 'config.json'} is not a usable Llama config: {type(e).__name__}: {e}") from None
 
 
 def convert(checkpoint_dir: Path, output_dir: Path = None) -> Path:
@@ -124,8 +119,7 @@ def convert(checkpoint_dir: Path, output_dir: Path = None) -> Path:
     output_dir = Path(output_dir or checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder {checkpoint_dir} not found")
-    config = read_config(checkpoint_dir)
-    args = ModelArgs.from_hf_config(config)
+    args = read_model_args(checkpoint_dir)
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     if args.tie_embeddings:
@@ -148,6 +142,8 @@ def convert(checkpoint_dir: Path, output_dir: Path = None) -> Path:
             if tuple(tensor.shape) != tuple(expected[name]):
                 raise ValueError(f"{hf_name} has shape {tuple(tensor.shape)}, config.json implies "
                                  f"{tuple(expected[name])}")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"{path.name}: {hf_name} holds NaN or Inf values (a corrupt or diverged checkpoint)")
             state_dict[name] = tensor.contiguous()
     missing = sorted(set(expected) - set(state_dict))
     if missing:
@@ -157,23 +153,17 @@ def convert(checkpoint_dir: Path, output_dir: Path = None) -> Path:
     for name in ["config.json"] + TOKENIZER_FILES:
         src = checkpoint_dir / name
         if src.exists() and src.resolve() != (output_dir / name).resolve():
-            shutil.copy(src, output_dir / name)
+            copy_atomic(src, output_dir / name)
     save_atomic(state_dict, output_dir / "model.pth")
     return output_dir / "model.pth"
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="Convert a Hugging Face Llama folder to model.pth")
     parser.add_argument("--checkpoint_dir", type=Path, required=True, help="HF folder (config.json + weights)")
     parser.add_argument("--output_dir", type=Path, default=None, help="where model.pth goes (default: the same)")
-    args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("error: conversion interrupted"))
-    try:
-        out = convert(args.checkpoint_dir, args.output_dir)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("error: conversion interrupted")
+    args = parser.parse_args(argv)
+    out = main_guard(lambda: convert(args.checkpoint_dir, args.output_dir), "conversion")
     print(f"wrote {out}")
 
 

@@ -49,6 +49,12 @@ class ModelArgs:
                                "num_attention_heads") if k not in config]
         if missing:
             raise ValueError(f"config.json lacks {', '.join(missing)}")
+        given = {k: config[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                        "num_attention_heads", "num_key_value_heads", "head_dim") if k in config}
+        given = {k: v for k, v in given.items() if not (k in ("num_key_value_heads", "head_dim") and v is None)}
+        bad = [f"{k}={v!r}" for k, v in given.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"config.json sizes must be positive integers: {', '.join(bad)}")
         n_heads = config["num_attention_heads"]
         dim = config["hidden_size"]
         # transformers >= 5 writes rope_parameters; hub checkpoints carry rope_theta and rope_scaling.

@@ -15,8 +15,6 @@ device, so load_model packs at load time (pack_for_device). The file carries its
 "quantization", which is how generate.py recognises it.
 """
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
@@ -24,8 +22,9 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
-from convert_hf_checkpoint import save_atomic
-from model import ModelArgs, Transformer
+from cli import main_guard, save_atomic
+from convert_hf_checkpoint import read_model_args
+from model import Transformer
 
 MODES = ("int8", "int4")
 GROUPSIZES = (32, 64, 128, 256)
@@ -197,10 +196,7 @@ def quantize(checkpoint_path, mode: str, groupsize=None) -> Path:
     quantization = check_quantization({"mode": mode} if mode == "int8" else {"mode": mode, "groupsize": groupsize})
     if not checkpoint_path.exists():
         raise FileNotFoundError(f"{checkpoint_path} not found")
-    config_path = checkpoint_path.parent / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found")
-    args = ModelArgs.from_hf_config(json.loads(config_path.read_text()))
+    args = read_model_args(checkpoint_path.parent)
     try:
         state_dict = torch.load(checkpoint_path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
@@ -250,18 +246,14 @@ def main(argv=None):
     parser.add_argument("--mode", type=str, default="int8", help="int8 or int4")
     parser.add_argument("--groupsize", type=str, default=None, help="int4 group size: 32, 64, 128 or 256")
     args = parser.parse_args(argv)
-    try:
-        groupsize = None
-        if args.groupsize is not None:
-            if not args.groupsize.isdigit():
-                raise ValueError(f"--groupsize must be one of {', '.join(map(str, GROUPSIZES))}, "
-                                 f"got {args.groupsize!r}")
-            groupsize = int(args.groupsize)
-        path = quantize(args.checkpoint_path, args.mode, groupsize)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("error: quantization interrupted")
+
+    def run():
+        if args.groupsize is not None and not args.groupsize.isdigit():
+            raise ValueError(f"--groupsize must be one of {', '.join(map(str, GROUPSIZES))}, got {args.groupsize!r}")
+        groupsize = None if args.groupsize is None else int(args.groupsize)
+        return quantize(args.checkpoint_path, args.mode, groupsize)
+
+    path = main_guard(run, "quantization")
     print(f"wrote {path}")
 
 

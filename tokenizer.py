@@ -21,7 +21,25 @@ LLAMA3_SPECIAL_TOKENS = 256
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _pick_template(template, source: Path):
+    """A template is a string, or (transformers' multi-template form) a list of {name, template}: take "default"."""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{source}: chat_template is a {type(template).__name__}, not a template string")
+    return template
 
 
 def _token_text(value):
@@ -36,7 +54,13 @@ class Tokenizer:
         self.folder = folder
         self.config = _read_json(folder / "tokenizer_config.json")
         template_file = folder / "chat_template.jinja"
-        self.chat_template = template_file.read_text() if template_file.exists() else self.config.get("chat_template")
+        if template_file.exists():
+            try:
+                self.chat_template = template_file.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{template_file} is not UTF-8 text: {e}") from None
+        else:
+            self.chat_template = _pick_template(self.config.get("chat_template"), folder / "tokenizer_config.json")
 
     def _finish_setup(self):
         generation = _read_json(self.folder / "generation_config.json")
@@ -75,6 +99,10 @@ class Tokenizer:
             raise ValueError(f"the checkpoint's chat template tried an unsafe operation and was stopped: {e}") from None
         except jinja2.exceptions.TemplateError as e:
             raise ValueError(f"the checkpoint's chat template cannot be rendered: {e}") from None
+        except ValueError:
+            raise  # raise_exception's message, already worded for the user
+        except Exception as e:  # a template can fail in plain Python too ({{ 1 + 'a' }}): still the file's fault
+            raise ValueError(f"the checkpoint's chat template failed: {type(e).__name__}: {e}") from None
 
 
 class HFTokenizer(Tokenizer):

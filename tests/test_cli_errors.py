@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import DEFAULT_CHECKPOINT, ROOT, assert_one_line_error, make_converted_llama, make_hf_llama, run_cli
+from conftest import (DEFAULT_CHECKPOINT, ROOT, RunsCode, assert_one_line_error, make_converted_llama, make_hf_llama,
+                      run_cli)
 
 SMOLLM2_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
 CONTEXT = 64
@@ -98,6 +99,50 @@ def invalid_json_config(folder):
     (folder / "config.json").write_text('{"model_type": "llama", ')
 
 
+def edit_config(folder, drop=(), **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config = {k: v for k, v in dict(config, **changes).items() if k not in drop}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def vocab_size_1e12(folder):
+    edit_config(folder, vocab_size=10 ** 12)
+
+
+def negative_intermediate_size(folder):
+    edit_config(folder, intermediate_size=-128)
+
+
+def odd_head_dim(folder):
+    edit_config(folder, head_dim=15)
+
+
+def zero_attention_heads(folder):
+    edit_config(folder, num_attention_heads=0, drop=["head_dim"])  # head_dim then comes from hidden_size / heads
+
+
+def string_hidden_size(folder):
+    edit_config(folder, hidden_size="64", drop=["head_dim"])
+
+
+def config_is_a_list(folder):
+    (folder / "config.json").write_text("[1, 2, 3]")
+
+
+def poisoned_weight(value):
+    def damage(folder):
+        weights = load_file(str(folder / "model.safetensors"))
+        weights["model.layers.2.mlp.up_proj.weight"][3, 5] = value
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    damage.__name__ = f"{value}_in_weights".lower()
+    return damage
+
+
+def pickle_bin_that_runs_code(folder):
+    remove_weights(folder)
+    torch.save({"model.embed_tokens.weight": RunsCode(folder / "MARKER")}, folder / "pytorch_model.bin")
+
+
 def missing_shard(folder):
     weights = load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors.index.json").write_text(json.dumps(dict(
@@ -116,6 +161,15 @@ def missing_shard(folder):
     (invalid_json_config, "not valid JSON", False),
     (config_without_hidden_size, "config.json lacks hidden_size", False),
     (missing_shard, "shards that are missing: model-00002-of-00002.safetensors", False),
+    (vocab_size_1e12, "that is not a real checkpoint", False),
+    (negative_intermediate_size, "sizes must be positive integers: intermediate_size=-128", False),
+    (odd_head_dim, "head_dim 15 is odd", False),
+    (zero_attention_heads, "sizes must be positive integers: num_attention_heads=0", False),
+    (string_hidden_size, "sizes must be positive integers: hidden_size=", False),
+    (config_is_a_list, "does not hold a JSON object", False),
+    (poisoned_weight(float("nan")), "up_proj.weight holds NaN or Inf", False),
+    (poisoned_weight(float("inf")), "up_proj.weight holds NaN or Inf", False),
+    (pickle_bin_that_runs_code, "cannot read weights from .*pytorch_model.bin", False),
 ], ids=lambda v: v.__name__ if callable(v) else ("subprocess" if v is True else "main" if v is False else ""))
 def test_convert_refuses(hf_folder, tmp_path, capfd, monkeypatch, damage, pattern, in_subprocess):
     folder = tmp_path / "hf"
@@ -124,6 +178,7 @@ def test_convert_refuses(hf_folder, tmp_path, capfd, monkeypatch, damage, patter
     result = run_either(in_subprocess, "convert_hf_checkpoint.py", ["--checkpoint_dir", folder], capfd, monkeypatch)
     assert_one_line_error(result, pattern)
     assert_no_partial_file(folder)
+    assert not (folder / "MARKER").exists()
 
 
 def test_convert_missing_folder(tmp_path):
@@ -142,38 +197,6 @@ def test_convert_good_folder(hf_folder, tmp_path, monkeypatch):
                                                                     "model.pth"]
 
 
-# An interruption while model.pth is being written: torch.save writes a little, then hangs until the signal.
-INTERRUPTED_CONVERTER = """
-import sys, time, torch
-def hanging_save(obj, f, *args, **kwargs):
-    with open(f, "wb") as out:
-        out.write(b"partial")
-    print("saving", flush=True)
-    time.sleep(120)
-torch.save = hanging_save
-sys.argv = ["convert_hf_checkpoint.py", "--checkpoint_dir", sys.argv[1]]
-import convert_hf_checkpoint
-convert_hf_checkpoint.main()
-"""
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_convert_interrupted_leaves_no_file(hf_folder, tmp_path, sig):
-    folder = tmp_path / "hf"
-    shutil.copytree(hf_folder, folder)
-    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED_CONVERTER, str(folder)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "saving"
-        assert (folder / ".model.pth.tmp").exists()  # the partial file is there while it writes
-        proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert_one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), "interrupted")
-    assert_no_partial_file(folder)
-
-
 def test_failed_save_keeps_the_old_model(hf_folder, tmp_path, monkeypatch):
     """A save that fails part-way (disk full, say) leaves the previous model.pth as it was."""
     import convert_hf_checkpoint
@@ -190,7 +213,28 @@ def test_failed_save_keeps_the_old_model(hf_folder, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         convert_hf_checkpoint.convert(folder)
     assert (folder / "model.pth").read_bytes() == before
-    assert not (folder / ".model.pth.tmp").exists()
+    assert not list(folder.glob(".model.pth*.tmp"))
+
+
+def test_failed_copy_keeps_the_old_config(hf_folder, tmp_path, monkeypatch):
+    """The config and tokenizer copies are atomic too: a copy that fails part-way leaves the previous file."""
+    import shutil as shutil_module
+    import convert_hf_checkpoint
+    out = tmp_path / "out"
+    convert_hf_checkpoint.convert(hf_folder, out)
+    before = (out / "config.json").read_bytes()
+
+    def failing_copy(src, dst, *args, **kwargs):
+        with open(dst, "wb") as f:
+            f.write(b"{")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(shutil_module, "copyfile", failing_copy)
+    monkeypatch.setattr(shutil_module, "copy", lambda src, dst, **kw: failing_copy(src, dst))
+    with pytest.raises(OSError):
+        convert_hf_checkpoint.convert(hf_folder, out)
+    assert (out / "config.json").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.pth"]
 
 
 # ---------------------------------------------------------------- generate.py
@@ -217,10 +261,52 @@ def run_generate(checkpoint, *args):
 
 
 def test_generate_good_checkpoint(tiny_checkpoint):
-    """The baseline the cases below damage generates fine, up to the last position ("Hello" is one token)."""
-    result = run_generate(tiny_checkpoint, "--max_new_tokens", CONTEXT - 1)
+    """The baseline the cases below damage generates fine, up to the last position ("Hello" is one token): exactly
+    the tokens asked for, none past the context (no wrap-around)."""
+    result = run_generate(tiny_checkpoint, "--max_new_tokens", CONTEXT - 1, "--ignore_eos")
     assert result.returncode == 0, result.stderr
     assert "error" not in result.stderr and "tok/s" in result.stdout
+    assert "prompt 1 tokens, " in result.stdout and f"generated {CONTEXT - 1} tokens" in result.stdout
+
+
+@pytest.mark.parametrize("flags, generated", [
+    (["--temperature", "1", "--top_k", "0", "--seed", "0", "--max_new_tokens", "4"], 4),  # top-k off, not an error
+    (["--prompt", "Hello" + " Hello" * (CONTEXT - 2), "--max_new_tokens", "1"], 1),  # the prompt fills all but one
+], ids=["top_k_0_is_off", "prompt_one_short_of_the_context"])
+def test_generate_edges_that_work(tiny_checkpoint, capfd, monkeypatch, flags, generated):
+    import generate
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    generate.main(list(map(str, generate_argv(tiny_checkpoint, "--ignore_eos", *flags))))
+    stdout, stderr = capfd.readouterr()
+    assert f"generated {generated} tokens" in stdout and "error" not in stderr
+
+
+def test_generate_depth_html_in_unwritable_folder(tiny_checkpoint, tmp_path, capfd, monkeypatch):
+    """A FlexiDepth checkpoint (the only kind --depth_html applies to) and a folder the user cannot write: one error
+    line, no file. root writes through a chmod 555 folder, so as root the folder is /sys, where even root cannot
+    create a file; that failure surfaces at the write, after generation, still as one line."""
+    import os
+    from model import ModelArgs, Transformer
+    folder = tmp_path / "flexidepth"
+    shutil.copytree(tiny_checkpoint.parent, folder)
+    edit_config(folder, model_type="ddllama", routing_layers=[1])
+    config = json.loads((folder / "config.json").read_text())
+    with torch.device("meta"):
+        names = Transformer(ModelArgs.from_hf_config(config)).state_dict()
+    state_dict = torch.load(folder / "model.pth", weights_only=True)
+    torch.manual_seed(0)
+    state_dict.update({k: torch.randn(v.shape) * 0.1 for k, v in names.items() if ".router." in k or ".adapter." in k})
+    torch.save(state_dict, folder / "model.pth")
+    if os.geteuid() == 0:
+        unwritable = ROOT.anchor + "sys"
+    else:
+        unwritable = tmp_path / "read_only"
+        unwritable.mkdir(mode=0o555)
+    html = f"{unwritable}/flexfast_depth_test.html"
+    result = run_main("generate.py", generate_argv(folder / "model.pth", "--max_new_tokens", "3", "--depth_html", html),
+                      capfd, monkeypatch)
+    assert_one_line_error(result, "not writable|Permission denied")
+    assert not os.path.exists(html)
 
 
 def corrupt_checkpoint(checkpoint):
@@ -264,7 +350,69 @@ def garbage_tokenizer_json(checkpoint):
     (checkpoint.parent / "tokenizer.json").write_text('{"model": {"type": "nonsense"}}')
 
 
+def edit_state_dict(checkpoint, edit):
+    state_dict = torch.load(checkpoint, weights_only=True)
+    edit(state_dict)
+    torch.save(state_dict, checkpoint)
+
+
+def nan_checkpoint(checkpoint):
+    edit_state_dict(checkpoint, lambda sd: sd["layers.1.feed_forward.w2.weight"].__setitem__((0, 0), float("nan")))
+
+
+def inf_checkpoint(checkpoint):
+    edit_state_dict(checkpoint, lambda sd: sd["norm.weight"].__setitem__(3, float("-inf")))
+
+
+def list_checkpoint(checkpoint):
+    torch.save([torch.zeros(2), torch.ones(2)], checkpoint)
+
+
+def tensor_checkpoint(checkpoint):
+    torch.save(torch.zeros(4, 4), checkpoint)
+
+
+def pickle_pth_that_runs_code(checkpoint):
+    torch.save({"tok_embeddings.weight": RunsCode(checkpoint.parent / "MARKER")}, checkpoint)
+
+
+def generate_vocab_size_1e12(checkpoint):
+    vocab_size_1e12(checkpoint.parent)
+
+
+def generate_odd_head_dim(checkpoint):
+    odd_head_dim(checkpoint.parent)
+
+
+def generate_config_is_a_list(checkpoint):
+    config_is_a_list(checkpoint.parent)
+
+
+def generate_zero_attention_heads(checkpoint):
+    zero_attention_heads(checkpoint.parent)
+
+
+def truncated_tokenizer_json(checkpoint):
+    path = checkpoint.parent / "tokenizer.json"
+    path.write_bytes(path.read_bytes()[:100_000])
+
+
+def invalid_tokenizer_config(checkpoint):
+    (checkpoint.parent / "tokenizer_config.json").write_text('{"bos_token": ')
+
+
 @pytest.mark.parametrize("damage, pattern, in_subprocess", [
+    (nan_checkpoint, "w2.weight holds NaN or Inf", False),
+    (inf_checkpoint, "norm.weight holds NaN or Inf", False),
+    (list_checkpoint, "holds a list, not a state dict", False),
+    (tensor_checkpoint, "holds a Tensor, not a state dict", False),
+    (pickle_pth_that_runs_code, "cannot read .*model.pth", True),
+    (generate_vocab_size_1e12, "that is not a real checkpoint", False),
+    (generate_odd_head_dim, "head_dim 15 is odd", False),
+    (generate_config_is_a_list, "does not hold a JSON object", False),
+    (generate_zero_attention_heads, "num_attention_heads", False),
+    (truncated_tokenizer_json, "cannot read .*tokenizer.json", False),
+    (invalid_tokenizer_config, "tokenizer_config.json is not valid JSON", False),
     (remove_checkpoint, "model.pth not found", False),
     (corrupt_checkpoint, "cannot read .*model.pth", True),
     (truncate_checkpoint, "cannot read .*model.pth", False),
@@ -283,6 +431,27 @@ def test_generate_refuses(tiny_checkpoint, tmp_path, capfd, monkeypatch, damage,
     result = run_either(in_subprocess, "generate.py", generate_argv(checkpoint, "--max_new_tokens", "4"), capfd,
                         monkeypatch)
     assert_one_line_error(result, pattern)
+    assert not (folder / "MARKER").exists()
+
+
+@pytest.mark.parametrize("template_file, in_subprocess", [("tokenizer_config.json", True),
+                                                          ("chat_template.jinja", False)])
+def test_generate_chat_refuses_hostile_template(tiny_checkpoint, tmp_path, capfd, monkeypatch, template_file,
+                                                in_subprocess):
+    """A template that reaches Python's os module: one error line, and the command never runs."""
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_checkpoint.parent, folder)
+    template = f"{{{{ cycler.__init__.__globals__.os.system('touch {folder / 'MARKER'}') }}}}"
+    if template_file == "chat_template.jinja":
+        (folder / template_file).write_text(template)
+    else:
+        (folder / "chat_template.jinja").unlink()
+        edit_config_file = folder / "tokenizer_config.json"
+        edit_config_file.write_text(json.dumps(dict(json.loads(edit_config_file.read_text()), chat_template=template)))
+    argv = generate_argv(folder / tiny_checkpoint.name, "--chat", "--max_new_tokens", "4")
+    result = run_either(in_subprocess, "generate.py", argv, capfd, monkeypatch)
+    assert_one_line_error(result, "chat template tried an unsafe operation")
+    assert not (folder / "MARKER").exists()
 
 
 @pytest.mark.parametrize("flags, pattern", [
@@ -294,6 +463,15 @@ def test_generate_refuses(tiny_checkpoint, tmp_path, capfd, monkeypatch, damage,
     (["--self_speculative", "--early_exit", "2"], "--early_exit must be in 1..1 for this 2-layer model"),
     (["--self_speculative", "--early_exit", "1", "--speculate_k", "0"], "--speculate_k must be at least 1"),
     (["--draft_checkpoint_path", "/nowhere/model.pth"], "/nowhere not found"),
+    (["--temperature", "-0.5"], r"--temperature must be 0 \(greedy\) or positive, got -0.5"),
+    (["--temperature", "nan", "--max_new_tokens", "4"], "--temperature"),
+    (["--early_exit", "1"], "--early_exit does nothing without --self_speculative"),
+    (["--speculate_k", "3"], "--speculate_k does nothing without"),
+    (["--compile_prefill"], "--compile_prefill does nothing without --compile"),
+    (["--depth_html", "/nowhere/depth.html"], "--depth_html: folder /nowhere does not exist"),
+    (["--show_depth", "--max_new_tokens", "4"], "need a FlexiDepth checkpoint"),
+    (["--prompt", "Hello" + " Hello" * (CONTEXT - 1), "--max_new_tokens", "1"],
+     rf"prompt \({CONTEXT} tokens\) \+ max_new_tokens \(1\) needs {CONTEXT + 1} positions"),
 ])
 def test_generate_refuses_flags(tiny_checkpoint, capfd, monkeypatch, flags, pattern):
     result = run_main("generate.py", generate_argv(tiny_checkpoint, *flags), capfd, monkeypatch)

@@ -2,11 +2,14 @@
 (Llama 2's kind), a tiktoken ranks file written here (Llama 3's kind), and the real SmolLM2 tokenizer.json."""
 import base64
 import json
+import random
+import signal
 
 import pytest
+import torch
 
 from conftest import DEFAULT_CHECKPOINT
-from tokenizer import HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, load_tokenizer
+from tokenizer import HFTokenizer, SentencePieceTokenizer, StreamDecoder, TiktokenTokenizer, load_tokenizer
 
 TEXTS = [
     "Hello world",
@@ -201,3 +204,48 @@ def test_no_tokenizer_is_a_clear_error(tmp_path):
         (tmp_path / "tokenizer.model").write_bytes(garbage)
         with pytest.raises(ValueError, match="neither a sentencepiece model nor a tiktoken ranks file"):
             load_tokenizer(tmp_path)
+
+
+# ---------------------------------------------------------------- streaming (real SmolLM2 tokenizer)
+
+MULTI_BYTE = "日本語のテキスト, café naïve Ünïcödé, emoji 🙂🎉👍🏽 and 中文字符 — «ok» 😀"
+SHORT_MULTI_BYTE = "中文 café 🙂👍🏽"  # through the real model: every token is a forward, keep it short
+
+
+def streamed(tokenizer, ids, skip_ids=()):
+    """What a stream of ids prints, pushed one token at a time as generation does."""
+    stream = StreamDecoder(tokenizer, skip_ids)
+    return "".join(stream.push(ids[:i + 1]) for i in range(len(ids))) + stream.flush()
+
+
+def test_stream_decoder_never_splits_a_character(smollm2):
+    tok, _ = smollm2
+    ids = tok.encode(MULTI_BYTE, add_special_tokens=False)
+    assert sum("\ufffd" in tok.decode([i]) for i in ids) > 10  # many characters really are split across tokens
+    assert streamed(tok, ids) == tok.decode(ids) == MULTI_BYTE
+    # random ids, half of them byte fragments: invalid UTF-8 included, the stream still equals the full decode
+    fragments = [i for i in range(tok.vocab_size) if "\ufffd" in tok.decode([i])]
+    rng = random.Random(0)
+    for _ in range(100):
+        ids = [rng.choice(fragments) if rng.random() < 0.5 else rng.randrange(tok.vocab_size)
+               for _ in range(rng.randrange(1, 24))]
+        assert streamed(tok, ids) == tok.decode(ids), ids
+
+
+def test_generate_streams_multi_byte_text_to_stdout(default_checkpoint, capsys, monkeypatch):
+    """generate.py's own printer on the real model: the tokens are scripted (the sampler returns them in turn), the
+    text printed between the summary line and the figures is their decode, exactly."""
+    import generate
+    from sampling import Sampling
+    tok = load_tokenizer(default_checkpoint.parent)
+    ids = tok.encode(SHORT_MULTI_BYTE, add_special_tokens=False)
+    assert sum("\ufffd" in tok.decode([i]) for i in ids) >= 3
+    script = iter(ids)
+    monkeypatch.setattr(Sampling, "sample", lambda self, logits: torch.tensor([next(script)]))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    generate.main(["--checkpoint_path", str(default_checkpoint), "--device", "cpu", "--precision", "fp32",
+                   "--prompt", "Hi", "--max_new_tokens", str(len(ids)), "--ignore_eos"])
+    out = capsys.readouterr().out
+    summary, blank, rest = out.split("\n", 2)
+    assert "layers, dim" in summary and blank == ""
+    assert rest.split("\n\nprompt ")[0] == SHORT_MULTI_BYTE
