@@ -2,10 +2,12 @@
 `error:` line with a non-zero exit, and the layer-list flag. Imports nothing heavy, so any module can use it.
 """
 import os
+import platform
 import re
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -49,14 +51,21 @@ def catch_interrupts():
 
 def main_guard(run: Callable, what: str = "run"):
     """Call run() as a command-line entry point: bad input (ValueError, FileNotFoundError, OSError) and interrupts
-    end in one `error:` line and exit status 1, never a traceback. Returns run()'s result."""
-    catch_interrupts()
+    end in one `error:` line and exit status 1, never a traceback. Returns run()'s result. The signal handlers it
+    sets are put back afterwards, so a caller in the same process (a test) keeps its own."""
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works only there
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
+    if in_main_thread:
+        catch_interrupts()
     try:
         return run()
     except KeyboardInterrupt:
         sys.exit(f"error: {what} interrupted")
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def parse_layers(spec: str, n_layers: int, flag: str = "--routing_layers") -> list:
@@ -75,3 +84,14 @@ def parse_layers(spec: str, n_layers: int, flag: str = "--routing_layers") -> li
         raise ValueError(f"{flag} {spec!r}: layer {bad[0]} is outside the model's {n_layers} layers "
                          f"(0-{n_layers - 1})")
     return sorted(layers)
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (every benchmark table prints it), or the architecture where Linux does not say."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -39,15 +39,20 @@ WEIGHT_MAP = {
     "model.layers.{}.router_proj.gate_proj.weight": "layers.{}.adapter.gate_proj.weight",
     "model.layers.{}.router_proj.down_proj.weight": "layers.{}.adapter.down_proj.weight",
     "model.layers.{}.router_proj.up_proj.weight": "layers.{}.adapter.up_proj.weight",
+    # self-speculation (scripts/train_exit.py; config.json exit_heads / draft_vocab_size): the affine exit head at
+    # layer E computes h + proj(h) + bias; draft_vocab holds the token ids of the draft's trimmed LM head (int64)
+    "model.exit_heads.{}.proj.weight": "exit_heads.{}.proj.weight",
+    "model.exit_heads.{}.bias": "exit_heads.{}.bias",
+    "model.draft_vocab": "draft_vocab",
 }
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
 def our_name(hf_name: str):
-    m = re.match(r"model\.layers\.(\d+)\.(.*)", hf_name)
+    m = re.match(r"model\.(layers|exit_heads)\.(\d+)\.(.*)", hf_name)
     if m:
-        pattern = f"model.layers.{{}}.{m.group(2)}"
-        return WEIGHT_MAP[pattern].format(m.group(1)) if pattern in WEIGHT_MAP else None
+        pattern = f"model.{m.group(1)}.{{}}.{m.group(3)}"
+        return WEIGHT_MAP[pattern].format(m.group(2)) if pattern in WEIGHT_MAP else None
     return WEIGHT_MAP.get(hf_name)
 
 
@@ -58,8 +63,8 @@ def hf_state_dict(state_dict: dict, tie_embeddings: bool) -> dict:
     for name, t in state_dict.items():
         if tie_embeddings and name == "output.weight":
             continue
-        m = re.fullmatch(r"layers\.(\d+)\.(.*)", name)
-        out[ours_to_hf[f"layers.{{}}.{m.group(2)}"].format(m.group(1)) if m else ours_to_hf[name]] = t.contiguous()
+        m = re.fullmatch(r"(layers|exit_heads)\.(\d+)\.(.*)", name)
+        out[ours_to_hf[f"{m.group(1)}.{{}}.{m.group(3)}"].format(m.group(2)) if m else ours_to_hf[name]] = t.contiguous()
     return out
 
 
@@ -124,7 +129,8 @@ def convert(checkpoint_dir: Path, output_dir: Path = None) -> Path:
                 continue
             if name not in expected:
                 raise ValueError(f"{path.name}: {hf_name} does not belong to this config "
-                                 f"(a router or adapter on a layer outside routing_layers?)")
+                                 f"(a router or adapter outside routing_layers, or an exit head or draft vocabulary that "
+                                 f"config.json's exit_heads / draft_vocab_size do not declare?)")
             if tuple(tensor.shape) != tuple(expected[name]):
                 raise ValueError(f"{hf_name} has shape {tuple(tensor.shape)}, config.json implies "
                                  f"{tuple(expected[name])}")

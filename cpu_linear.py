@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import model
-from cli import write_text_atomic
+from cli import cpu_model, write_text_atomic
 
 CACHE_PATH = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexfast" / "one_token_linear.json"
 PROBE_SHAPES = ((1536, 576), (576, 1536))  # SmolLM2's MLP: the largest per-layer linears of the default model
@@ -32,15 +32,6 @@ PROBE_BYTES = 32 << 20  # per shape; both together twice a 32 MiB L3, so they st
 MARGIN = 0.05  # F.linear replaces the GEMV (the path before this probe existed) only if it is this much faster
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
 
 
 def probe_key(dtype: torch.dtype, mode=None) -> str:

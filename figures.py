@@ -1,6 +1,5 @@
 """What a generation measured (times, acceptance, layers used) and the weight bytes its steps read, from which the
 bandwidth figures come: a step counts what it really ran, not a full-depth token."""
-import platform
 import resource
 from dataclasses import dataclass, field
 from typing import Optional
@@ -10,7 +9,7 @@ import torch
 from model import FlexiDepthBlock, Transformer
 
 
-NOT_WEIGHTS = ("k_cache", "v_cache", "rope", "causal_mask", "ran")
+NOT_WEIGHTS = ("k_cache", "v_cache", "rope", "causal_mask", "ran", "draft_vocab")
 
 
 def tensor_bytes(module: torch.nn.Module, skip=()) -> int:
@@ -26,10 +25,23 @@ def weight_bytes(model: Transformer, n_layers: Optional[int] = None) -> int:
     """Bytes read per token through layers [0, n_layers) and the head, every layer run in full. The embedding
     table counts only when it is also the head (otherwise one row is read)."""
     L = model.args.n_layers
-    skip = [f"layers.{i}." for i in range(L if n_layers is None else n_layers, L)]
+    skip = [f"layers.{i}." for i in range(L if n_layers is None else n_layers, L)] + ["exit_heads."]
     if model.tok_embeddings.weight is not getattr(model.output, "weight", None):
         skip.append("tok_embeddings.")
     return tensor_bytes(model, skip)
+
+
+def draft_bytes(model: Transformer, early_exit: int) -> int:
+    """Bytes a self-speculative draft step reads: layers [0, E), the exit head at E if the model has one, the final
+    norm and the draft's LM head (only its draft-vocabulary rows when it has one)."""
+    total = weight_bytes(model, early_exit)
+    if str(early_exit) in model.exit_heads:
+        total += tensor_bytes(model.exit_heads[str(early_exit)])
+    trimmed = model.draft_output_weight
+    if trimmed is not None:
+        full = model.output.weight
+        total += trimmed.numel() * trimmed.element_size() - full.numel() * full.element_size()
+    return total
 
 
 def flexidepth_bytes(model: Transformer, layers_used: list) -> float:
@@ -137,7 +149,7 @@ def decode_bytes(model: Transformer, stats: GenerationStats, early_exit: Optiona
     draft's E layers count as what they read, not as full-depth tokens)."""
     full = weight_bytes(model)
     if stats.accepted:
-        draft = weight_bytes(draft_model) if draft_model is not None else weight_bytes(model, early_exit)
+        draft = weight_bytes(draft_model) if draft_model is not None else draft_bytes(model, early_exit)
         steps_bytes = sum(k * draft + full for k in stats.speculate_k)
         if draft_model is not None:  # a fully accepted step feeds the draft model its own last draft
             steps_bytes += draft * sum(1 for n, k in zip(stats.accepted, stats.speculate_k) if n == k)
@@ -148,15 +160,6 @@ def decode_bytes(model: Transformer, stats: GenerationStats, early_exit: Optiona
 
 # ---------------------------------------------------------------- the figures the CLI prints
 
-def cpu_model() -> str:
-    """The CPU's marketing name (every benchmark table prints it), or the architecture where Linux does not say."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def peak_memory_gb(device: str) -> float:

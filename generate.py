@@ -6,11 +6,11 @@
         --show_depth --depth_html depth.html     # FlexiDepth: routed layers really skipped at decode
 """
 import argparse
+import json
 import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,9 +20,10 @@ from torch import Tensor
 import tp
 from cli import main_guard
 from depth_view import stream_printer, token_texts, write_depth_html
+from figures import GenerationStats, decode_bytes, print_stats, summary_line
 from model import ModelArgs, Transformer
 from sampling import Sampling, speculative_accept
-from figures import GenerationStats, decode_bytes, print_stats, summary_line
+from steps import Steps, compile_steps, synchronize, warm_up
 from tokenizer import load_tokenizer
 
 DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
@@ -109,123 +110,6 @@ def load_model(checkpoint_path, device="cpu", precision=torch.float32, tensor_pa
     return model.eval().requires_grad_(False)
 
 
-# ---------------------------------------------------------------- model steps (the compiled units)
-
-def forward_last(model: Transformer, x: Tensor, input_pos: Tensor, skip_threshold: float = 0.5) -> Tensor:
-    """Full-depth forward; logits of the last row. Prefill and one-token decode."""
-    return model(x, input_pos, skip_threshold)[:, -1]
-
-
-def draft_step(model: Transformer, x: Tensor, input_pos: Tensor, early_exit: int):
-    """Early-exit draft of one token: layers [0, E) then the shared head. Returns (logits, layer-E hidden)."""
-    h = model.run_layers(model.embed(x), input_pos, 0, early_exit)
-    return model.head(h)[:, -1], h
-
-
-def verify_step(model: Transformer, last_draft: Tensor, last_index: Tensor, kept_hidden: Tensor,
-                input_pos: Tensor, early_exit: int):
-    """Verify drafts at positions input_pos. Only the last draft (row last_index) still needs layers [0, E): the
-    rows before it hold the layer-E inputs the draft steps kept, and their K/V below E are already in the cache.
-    Rows after it are padding, so that one compiled shape serves every k; they write K/V past the accepted
-    length, which the position mask hides until real tokens overwrite them."""
-    h_last = model.run_layers(model.embed(last_draft), input_pos[last_index], 0, early_exit)
-    h = kept_hidden.index_copy(1, last_index, h_last)
-    return model.head(model.run_layers(h, input_pos, early_exit, model.args.n_layers))[0]
-
-
-def verify_full(model: Transformer, tokens: Tensor, input_pos: Tensor) -> Tensor:
-    return model(tokens, input_pos)[0]
-
-
-@dataclass
-class Steps:
-    """The model steps generation calls; compile_steps() gives compiled ones."""
-    prefill: Callable = forward_last
-    decode: Callable = forward_last
-    draft: Callable = draft_step
-    verify: Callable = verify_step
-    verify_full: Callable = verify_full
-    compiled: bool = False
-    warm: set = field(default_factory=set)  # the step shapes already compiled (see warm_up)
-
-
-def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.dtype] = None) -> Steps:
-    """precision: the weights' dtype, when known; on CPU fp32 weights get inductor's own GEMM kernels (below)."""
-    if device.startswith("cuda"):
-        options = dict(mode="reduce-overhead", fullgraph=True)
-        prefill_options = dict(fullgraph=True, dynamic=True)
-    else:
-        import torch._inductor.config as inductor_config
-        # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead. For the multi-token steps (verify, prefill)
-        # freezing lets inductor prepack the weights, and concatenating the linears that share an input (wq/wk/wv,
-        # w1/w3) saves 3 of 7 matmul calls per layer.
-        # Set process-wide: passed as torch.compile(options=...) they did not take effect (measured no faster).
-        inductor_config.freezing = True
-        inductor_config.cpp.enable_concat_linear = True
-        inductor_config.autotune_num_choices_displayed = 0  # no autotune tables on stderr
-        inductor_config.max_autotune_report_choices_stats = False
-        options = dict(fullgraph=True)
-        prefill_options = dict(fullgraph=True, dynamic=True)
-        # max-autotune: inductor's CPP GEMM templates beat MKL's fp32 GEMMs but not oneDNN's bf16 ones, and cost
-        # ~2.5x the compile time; so fp32 only, and only when the caller says fp32 (tests don't). One-token linears
-        # are a GEMV inductor generates itself or F.linear, whichever cpu_linear's probe found faster on this machine.
-        mode = "max-autotune-no-cudagraphs" if precision == torch.float32 else None
-        if precision is not None:  # one-token linears: this machine's faster kernel (a probe cached on disk)
-            import cpu_linear
-            cpu_linear.choose(precision, mode)
-        if mode:
-            options["mode"] = mode
-    torch._dynamo.config.cache_size_limit = 64
-    return Steps(
-        prefill=torch.compile(forward_last, **prefill_options) if compile_prefill else forward_last,
-        decode=torch.compile(forward_last, **options),
-        draft=torch.compile(draft_step, **options),
-        verify=torch.compile(verify_step, **options),
-        verify_full=torch.compile(verify_full, **options),
-        compiled=True,
-    )
-
-
-def warm_up(model: Transformer, steps: Steps, prompt_len: int, start_pos: int = 0, speculate_k: int = 0,
-            early_exit: Optional[int] = None, draft_model: Optional[Transformer] = None,
-            skip_threshold: float = 0.5) -> float:
-    """Call each compiled step the coming generation will use once, so that compiling is not timed as decoding.
-    Returns the seconds spent (compiling on a first run, little once cached). Harmless to the cache: it writes only
-    at positions >= start_pos, which prefill and decode overwrite before anything reads them."""
-    if not steps.compiled:
-        return 0.0
-    device = model.norm.weight.device
-    t0 = time.perf_counter()
-    one = torch.zeros(1, 1, dtype=torch.long, device=device)
-    pos = torch.tensor([start_pos], device=device)
-    todo = []
-    if steps.prefill is not forward_last:
-        prompt_pos = torch.arange(start_pos, start_pos + prompt_len, device=device)
-        prompt = torch.zeros(1, prompt_len, dtype=torch.long, device=device)
-        todo.append((("prefill", id(model), prompt_len == 1, skip_threshold),
-                     lambda: steps.prefill(model, prompt, prompt_pos, skip_threshold)))
-    if not speculate_k:
-        todo.append((("decode", id(model), skip_threshold), lambda: steps.decode(model, one, pos, skip_threshold)))
-    elif draft_model is None:
-        rows = torch.arange(start_pos, start_pos + speculate_k + 1, device=device)
-        hidden = torch.zeros(1, speculate_k + 1, model.args.dim, device=device, dtype=model.norm.weight.dtype)
-        last = torch.tensor([speculate_k], device=device)
-        todo.append((("draft", id(model), early_exit), lambda: steps.draft(model, one, pos, early_exit)))
-        todo.append((("verify", id(model), early_exit, speculate_k),
-                     lambda: steps.verify(model, one, last, hidden, rows, early_exit)))
-    else:
-        rows = torch.arange(start_pos, start_pos + speculate_k + 1, device=device)
-        todo.append((("decode", id(draft_model), 0.5), lambda: steps.decode(draft_model, one, pos)))
-        todo.append((("verify_full", id(model), speculate_k),
-                     lambda: steps.verify_full(model, one.expand(1, speculate_k + 1), rows)))
-    for key, call in todo:
-        if key not in steps.warm:
-            call()
-            steps.warm.add(key)
-    synchronize(device)
-    return time.perf_counter() - t0
-
-
 # ---------------------------------------------------------------- generation
 
 def cache_length_needed(prompt_end: int, max_new_tokens: int, speculate_k: int) -> int:
@@ -245,11 +129,6 @@ def check_fits(model: Transformer, prompt_end: int, max_new_tokens: int, specula
 def check_early_exit(early_exit, n_layers: int):
     if early_exit is None or not 1 <= early_exit < n_layers:
         raise ValueError(f"--early_exit must be in 1..{n_layers - 1} for this {n_layers}-layer model, got {early_exit}")
-
-
-def synchronize(device):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -377,6 +256,28 @@ def speculate_once(model, draft_model, steps, token, pos, k, k_max, early_exit, 
 
 # ---------------------------------------------------------------- command line
 
+def self_speculative_defaults(args) -> str:
+    """--self_speculative without --early_exit / --speculate_k: take them from the checkpoint's config.json
+    "self_speculative" {"early_exit": E, "speculate_k": k} (written by scripts/sweep.py --write_best).
+    Sets args.chosen, the note for the summary line."""
+    args.chosen = ""
+    if args.early_exit is not None and args.speculate_k is not None:
+        return
+    config_path = Path(args.checkpoint_path).parent / "config.json"
+    try:
+        best = json.loads(config_path.read_text()).get("self_speculative") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        best = {}  # load_model reports an unreadable config
+    taken = []
+    if args.early_exit is None and "early_exit" in best:
+        args.early_exit = best["early_exit"]
+        taken.append("early exit")
+    if args.speculate_k is None and "speculate_k" in best:
+        args.speculate_k = str(best["speculate_k"])
+        taken.append("k")
+    args.chosen = f" ({' and '.join(taken)} from config.json, best of scripts/sweep.py)" if taken else ""
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate text with a converted Llama checkpoint.")
     p.add_argument("--prompt", type=str, default=None, help="default: 'Hello, my name is'")
@@ -396,7 +297,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="compile the decode steps")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
     p.add_argument("--draft_checkpoint_path", type=Path, default=None)
-    p.add_argument("--speculate_k", type=str, default=None, help="drafts per step (default 5), or 'auto'")
+    p.add_argument("--speculate_k", type=str, default=None,
+                   help="drafts per step, or 'auto' (default: the checkpoint's self_speculative, else 5)")
     p.add_argument("--self_speculative", action="store_true")
     p.add_argument("--early_exit", type=int, default=None, help="draft layers E for --self_speculative")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -415,6 +317,8 @@ def check_args(args):
     """Every check on the flags alone, in one place; returns (speculate_k, adaptive_k). Checks that need the model
     (the early-exit range, FlexiDepth flags) are in check_model_args."""
     speculating = args.self_speculative or args.draft_checkpoint_path is not None
+    if args.self_speculative:
+        self_speculative_defaults(args)
     if args.self_speculative and args.draft_checkpoint_path:
         raise ValueError("choose one of --self_speculative and --draft_checkpoint_path")
     if args.speculate_k is not None and not speculating:
@@ -501,6 +405,9 @@ def run(args):
         seed = tp.broadcast_seed(seed)
     sampling = Sampling(args.temperature, args.top_k, args.top_p, seed, device)
     print(summary_line(args, model, precision, device, world, time.perf_counter() - t0))
+    if args.self_speculative:
+        print(f"self-speculation: early exit {args.early_exit}, k={speculate_k if not adaptive_k else 'auto'}"
+              f"{args.chosen}")
 
     routed = model.args.routing_layers
     skip_threshold = 0.5 if args.skip_threshold is None else args.skip_threshold

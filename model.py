@@ -38,6 +38,11 @@ class ModelArgs:
     routing_layers: list = field(default_factory=list)
     router_dim: int = 0
     adapter_dim: int = 0
+    # Self-speculation extras (config.json fields of the same names, written by scripts/train_exit.py):
+    # exit_heads {E: "affine"} puts a trained head on the layer-E exit of the draft; draft_vocab_size N > 0 gives the
+    # draft an LM head of N rows (the buffer draft_vocab holds their token ids).
+    exit_heads: dict = field(default_factory=dict)
+    draft_vocab_size: int = 0
 
     @classmethod
     def from_folder(cls, folder) -> "ModelArgs":
@@ -125,6 +130,19 @@ class ModelArgs:
             raise ValueError(f"config.json describes about {params:.2g} parameters; that is not a real checkpoint")
         if not (isinstance(args.norm_eps, (int, float)) and 0 < args.norm_eps < 1 and args.rope_base > 0):
             raise ValueError(f"rms_norm_eps ({args.norm_eps}) must be in (0, 1) and rope_theta ({args.rope_base}) > 0")
+        exit_heads = config.get("exit_heads") or {}
+        if not isinstance(exit_heads, dict):
+            raise ValueError(f"config.json: exit_heads must map layer numbers to a head kind, got {exit_heads!r}")
+        for e, kind in exit_heads.items():
+            if not (str(e).isdigit() and 1 <= int(e) < args.n_layers):
+                raise ValueError(f"config.json: exit head at {e!r} is outside 1..{args.n_layers - 1}")
+            if kind not in EXIT_HEAD_KINDS:
+                raise ValueError(f"config.json: exit head kind {kind!r} at {e} is not one of {', '.join(EXIT_HEAD_KINDS)}")
+        args.exit_heads = {int(e): kind for e, kind in sorted(exit_heads.items(), key=lambda item: int(item[0]))}
+        args.draft_vocab_size = config.get("draft_vocab_size", 0)
+        if not (isinstance(args.draft_vocab_size, int) and 0 <= args.draft_vocab_size <= args.vocab_size):
+            raise ValueError(f"config.json: draft_vocab_size must be an integer in 0..{args.vocab_size}, "
+                             f"got {args.draft_vocab_size!r}")
         if args.n_heads % args.n_kv_heads:
             raise ValueError(f"{args.n_heads} attention heads are not a multiple of {args.n_kv_heads} KV heads")
         return args
@@ -175,10 +193,15 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if (torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1
-                and ONE_TOKEN_LINEAR.get((x.dtype, self.in_branch), "gemv") == "gemv"):
-            return (x.unsqueeze(-2) * self.weight).sum(-1, dtype=torch.float32).to(x.dtype)
-        return F.linear(x, self.weight)
+        return linear(x, self.weight, self.in_branch)
+
+
+def linear(x: Tensor, weight: Tensor, in_branch: bool = False) -> Tensor:
+    """x @ weight.T, one-token CPU steps under compile as ONE_TOKEN_LINEAR chose (see Linear)."""
+    if (torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1
+            and ONE_TOKEN_LINEAR.get((x.dtype, in_branch), "gemv") == "gemv"):
+        return (x.unsqueeze(-2) * weight).sum(-1, dtype=torch.float32).to(x.dtype)
+    return F.linear(x, weight)
 
 
 def rope_frequencies(args: ModelArgs) -> Tensor:
@@ -368,6 +391,22 @@ class FlexiDepthBlock(TransformerBlock):
         return out
 
 
+EXIT_HEAD_KINDS = ("affine",)
+
+
+class AffineExitHead(nn.Module):
+    """h + A h + b on the layer-E hidden state (a "tuned lens" translator), before the shared final norm and LM head.
+    A and b start at zero, so an untrained head is the plain early exit."""
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.proj = Linear(args.dim, args.dim)
+        self.bias = nn.Parameter(torch.zeros(args.dim))
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.proj(h) + self.bias
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -379,10 +418,29 @@ class Transformer(nn.Module):
         self.output = Linear(args.dim, args.vocab_size)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        self.exit_heads = nn.ModuleDict({str(e): AffineExitHead(args) for e in args.exit_heads})
+        if args.draft_vocab_size:
+            self.register_buffer("draft_vocab", torch.arange(args.draft_vocab_size))
+        # the draft's LM head: rows draft_vocab of output.weight, cut by setup_caches once the weights have their
+        # final dtype and device (not a buffer: it is no part of the checkpoint, and plain decoding never reads it)
+        self.draft_output_weight = None
         self.max_batch_size = -1
         self.max_seq_length = -1
 
+    def trim_draft_head(self):
+        weight = getattr(self.output, "weight", None)
+        if not self.args.draft_vocab_size or weight is None or not weight.is_floating_point():
+            return  # no draft vocabulary, or a quantized head: the draft reads the full head (still exact)
+        stale = self.draft_output_weight is None or self.draft_output_weight.dtype != weight.dtype \
+            or self.draft_output_weight.device != weight.device
+        if stale:
+            vocab = self.draft_vocab
+            if vocab.dtype != torch.long or len(vocab) and not (0 <= int(vocab.min()) and int(vocab.max()) < len(weight)):
+                raise ValueError(f"draft_vocab must hold token ids in 0..{len(weight) - 1} (int64)")
+            self.draft_output_weight = weight.detach().index_select(0, vocab).contiguous()
+
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
+        self.trim_draft_head()
         if self.max_batch_size >= max_batch_size and self.max_seq_length >= max_seq_length:
             return
         dtype = self.norm.weight.dtype
@@ -427,6 +485,18 @@ class Transformer(nn.Module):
 
     def head(self, x: Tensor) -> Tensor:
         return self.output(self.norm(x))
+
+    def exit_logits(self, h: Tensor, early_exit: int) -> Tensor:
+        """The self-speculative draft's logits from the layer-E hidden state h: the exit head at E if the model has
+        one, the final norm, then the draft LM head. With a draft vocabulary the logits of every other token are
+        -inf (probability 0 in the draft: the acceptance rule stays exact), in full-vocabulary order."""
+        head = self.exit_heads[str(early_exit)] if str(early_exit) in self.exit_heads else None
+        x = self.norm(head(h) if head is not None else h)
+        if self.draft_output_weight is None:
+            return self.output(x)
+        logits = linear(x, self.draft_output_weight)
+        full = logits.new_full((*logits.shape[:-1], self.args.vocab_size), float("-inf"))
+        return full.index_copy(-1, self.draft_vocab, logits)
 
     def forward(self, idx: Tensor, input_pos: Tensor, skip_threshold: float = 0.5, masking: bool = False) -> Tensor:
         return self.head(self.run_layers(self.embed(idx), input_pos, 0, self.args.n_layers, skip_threshold, masking))

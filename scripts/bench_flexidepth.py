@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from cli import main_guard, parse_layers  # noqa: E402
 from convert_hf_checkpoint import convert, with_random_routers  # noqa: E402
-from figures import cpu_model, merge_stats, weight_bytes  # noqa: E402
+from cli import cpu_model  # noqa: E402
+from figures import merge_stats, weight_bytes  # noqa: E402
 from generate import PRECISIONS, Steps, compile_steps, generate, load_model  # noqa: E402
 from model import FlexiDepthBlock  # noqa: E402
 from prompts import humaneval_prompts  # noqa: E402

@@ -13,7 +13,6 @@ thread row is there because OpenMP can run differently off the main thread (on a
 """
 import argparse
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -25,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from cli import cpu_model  # noqa: E402
 from figures import weight_bytes  # noqa: E402
 from generate import (DEFAULT_CHECKPOINT, PRECISIONS, Steps, compile_steps, default_precision,  # noqa: E402
                       generate, load_model)
@@ -34,11 +34,6 @@ from tokenizer import load_tokenizer  # noqa: E402
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def decode_rate(stamps: list) -> float:

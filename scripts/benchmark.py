@@ -24,7 +24,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import generate as ff  # noqa: E402
-from cpu_linear import cpu_model  # noqa: E402
+from cli import cpu_model  # noqa: E402
 from figures import weight_bytes  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 

@@ -41,9 +41,12 @@ HEAD_CHUNK = 1024  # positions per LM-head call when scoring: [T, vocab] logits 
 
 
 @torch.no_grad()
-def exit_perplexities(model, tokens: torch.Tensor, window: int, batch_size: int = 4) -> list:
-    """Perplexity of `tokens` [N] when exiting after layer e, for e = 1..L, over non-overlapping windows."""
+def exit_perplexities(model, tokens: torch.Tensor, window: int, batch_size: int = 4):
+    """Perplexity of `tokens` [N] when exiting after layer e, for e = 1..L, over non-overlapping windows; and
+    {e: perplexity} through the trained exit head at e (full vocabulary) for every exit that has one."""
     L = model.args.n_layers
+    heads = {int(e): head for e, head in model.exit_heads.items()}
+    nll_head = {e: torch.zeros((), dtype=torch.float64) for e in heads}
     n_windows = (len(tokens) - 1) // window
     if n_windows < 1:
         raise ValueError(f"{len(tokens)} tokens are fewer than one window of {window} + 1")
@@ -59,7 +62,11 @@ def exit_perplexities(model, tokens: torch.Tensor, window: int, batch_size: int 
             h = model.run_layers(h, input_pos, e, e + 1)
             logits = model.head(h).float()
             nll[e] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double().cpu()
-    return [math.exp(v / (n_windows * window)) for v in nll.tolist()]
+            if e + 1 in heads:
+                logits = model.head(heads[e + 1](h)).float()
+                nll_head[e + 1] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double().cpu()
+    n = n_windows * window
+    return [math.exp(v / n) for v in nll.tolist()], {e: math.exp(v.item() / n) for e, v in nll_head.items()}
 
 
 # ---------------------------------------------------------------- lm-eval model
@@ -343,9 +350,16 @@ def parse_args(argv=None):
 
 def print_exit_perplexities(args, model, tokenizer, device):
     tokens = torch.tensor(tokenizer.encode(pydoc_text())[:args.max_tokens + 1], device=device)
-    ppl = exit_perplexities(model, tokens, args.window)
+    ppl, ppl_head = exit_perplexities(model, tokens, args.window)
     print(f"\n{args.checkpoint_path.parent.name}, {args.precision}, {len(tokens) - 1} tokens of pydoc_data.topics, "
           f"windows of {args.window}\n")
+    if ppl_head:  # a checkpoint with exit heads (scripts/train_exit.py): both curves
+        print("| exit after layer | perplexity | x full model | with its exit head | x full model |")
+        print("|---|---|---|---|---|")
+        for e, v in enumerate(ppl, start=1):
+            h = ppl_head.get(e)
+            print(f"| {e} | {v:.2f} | {v / ppl[-1]:.2f} | " + (f"{h:.2f} | {h / ppl[-1]:.2f} |" if h else "| |"))
+        return
     print("| exit after layer | perplexity | x full model |")
     print("|---|---|---|")
     for e, v in enumerate(ppl, start=1):

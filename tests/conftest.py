@@ -2,6 +2,7 @@
 saves them, run through our real converter, FlexiDepth ones with random routers; the real offline default model
 (prepared by ./scripts/prepare.sh); running a CLI and checking its one-line error. docs/design.md has the
 contracts they test."""
+import dataclasses
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from convert_hf_checkpoint import convert, with_random_routers  # noqa: E402
+from model import Transformer  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth"
 
@@ -69,6 +71,23 @@ def make_flexidepth(folder: Path, routing_layers=FLEXIDEPTH_LAYERS, **overrides)
     """A tiny random FlexiDepth model as an HF folder (not yet converted)."""
     make_hf_llama(folder, num_key_value_heads=2, **overrides)
     return add_routers(folder, routing_layers)
+
+
+def with_exit_heads(model, exits, vocab, seed=0, scale=0.3):
+    """A copy of model with a random affine head at every exit in exits and the draft vocabulary vocab."""
+    args = dataclasses.replace(model.args, exit_heads={e: "affine" for e in exits}, draft_vocab_size=len(vocab))
+    out = Transformer(args)
+    missing, unexpected = out.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("exit_heads.") or k == "draft_vocab" for k in missing)
+    if args.tie_embeddings:
+        out.output.weight = out.tok_embeddings.weight
+    gen = torch.Generator().manual_seed(seed)
+    dim = args.dim
+    for head in out.exit_heads.values():
+        head.proj.weight.data = torch.randn(dim, dim, generator=gen) * scale / dim ** 0.5
+        head.bias.data = torch.randn(dim, generator=gen) * scale
+    out.draft_vocab.copy_(torch.as_tensor(vocab))
+    return out.to(model.norm.weight.dtype).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="session")

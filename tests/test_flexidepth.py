@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from conftest import (DEFAULT_CHECKPOINT, FLEXIDEPTH_LAYERS, PROMPT, assert_one_line_error,
                       make_converted_llama, make_flexidepth, run_cli, run_generate)
 from convert_hf_checkpoint import convert
-from generate import compile_steps, forward_last, generate, load_model
+from generate import generate, load_model
+from steps import compile_steps, forward_last
 
 STEPS = 32
 

@@ -210,7 +210,7 @@ def test_one_token_linear_as_f_linear_matches_eager(monkeypatch):
     FlexiDepth's torch.cond branches). A tiny FlexiDepth model decoded by the compiled step gives eager's logits,
     with routed layers both running and skipping."""
     import model
-    from generate import compile_steps, forward_last
+    from steps import compile_steps, forward_last
     from model import ModelArgs, Transformer
     monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {(torch.float32, False): "linear", (torch.float32, True): "linear"})
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import generate as g
-from conftest import assert_one_line_error, greedy, make_converted_llama, run_cli
+from conftest import assert_one_line_error, greedy, make_converted_llama, run_cli, with_exit_heads
 from sampling import sample_from
 
 
@@ -74,11 +74,15 @@ def test_verify_runs_layers_below_exit_for_one_token(tiny):
         assert calls[i][1:] == [k + 1] * steps  # layers above the exit run only in verify
 
 
-def test_speculative_sampling_matches_plain_sampling(tmp_path):
+@pytest.mark.parametrize("draft", ["plain exit", "exit head, trimmed vocabulary"])
+def test_speculative_sampling_matches_plain_sampling(tmp_path, draft):
     """Tokens 2 and 3 come from one speculation step (k=2); their joint distribution must be the model's own.
-    The same check with a wrong acceptance rule (always accept the draft) must fail."""
+    The same check with a wrong acceptance rule (always accept the draft) must fail. The second case drafts through
+    an affine exit head and an LM head of 5 of the 8 tokens (draft probability 0 for the other 3)."""
     model = g.load_model(make_converted_llama(tmp_path, seed=3, num_hidden_layers=4, vocab_size=8), "cpu",
                          torch.float32)
+    if draft != "plain exit":
+        model = with_exit_heads(model, [1], torch.tensor([0, 2, 3, 5, 6]))
     prompt = torch.tensor([1, 5])
     V, E, draws = 8, 1, 2000
     # exact joint distribution of (t2, t3), marginalising t1

@@ -1,0 +1,133 @@
+"""The model steps generation calls (prefill, one-token decode, early-exit draft, verify) and how they are compiled
+and warmed up before anything is timed. generate.py drives them; they hold no generation state."""
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from model import Transformer
+
+
+def synchronize(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def forward_last(model: Transformer, x: Tensor, input_pos: Tensor, skip_threshold: float = 0.5) -> Tensor:
+    """Full-depth forward; logits of the last row. Prefill and one-token decode."""
+    return model(x, input_pos, skip_threshold)[:, -1]
+
+
+def draft_step(model: Transformer, x: Tensor, input_pos: Tensor, early_exit: int):
+    """Early-exit draft of one token: layers [0, E), then the exit head at E (if trained), the final norm and the
+    draft LM head (model.exit_logits). Returns (logits, raw layer-E hidden, which the verify continues from)."""
+    h = model.run_layers(model.embed(x), input_pos, 0, early_exit)
+    return model.exit_logits(h, early_exit)[:, -1], h
+
+
+def verify_step(model: Transformer, last_draft: Tensor, last_index: Tensor, kept_hidden: Tensor,
+                input_pos: Tensor, early_exit: int):
+    """Verify drafts at positions input_pos. Only the last draft (row last_index) still needs layers [0, E): the
+    rows before it hold the layer-E inputs the draft steps kept, and their K/V below E are already in the cache.
+    Rows after it are padding, so that one compiled shape serves every k; they write K/V past the accepted
+    length, which the position mask hides until real tokens overwrite them."""
+    h_last = model.run_layers(model.embed(last_draft), input_pos[last_index], 0, early_exit)
+    h = kept_hidden.index_copy(1, last_index, h_last)
+    return model.head(model.run_layers(h, input_pos, early_exit, model.args.n_layers))[0]
+
+
+def verify_full(model: Transformer, tokens: Tensor, input_pos: Tensor) -> Tensor:
+    return model(tokens, input_pos)[0]
+
+
+@dataclass
+class Steps:
+    """The model steps generation calls; compile_steps() gives compiled ones."""
+    prefill: Callable = forward_last
+    decode: Callable = forward_last
+    draft: Callable = draft_step
+    verify: Callable = verify_step
+    verify_full: Callable = verify_full
+    compiled: bool = False
+    warm: set = field(default_factory=set)  # the step shapes already compiled (see warm_up)
+
+
+def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.dtype] = None) -> Steps:
+    """precision: the weights' dtype, when known; on CPU fp32 weights get inductor's own GEMM kernels (below)."""
+    if device.startswith("cuda"):
+        options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
+        prefill_options = dict(fullgraph=True, dynamic=True)
+    else:
+        import torch._inductor.config as inductor_config
+        # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead. For the multi-token steps (verify, prefill)
+        # freezing lets inductor prepack the weights, and concatenating the linears that share an input (wq/wk/wv,
+        # w1/w3) saves 3 of 7 matmul calls per layer.
+        # Set process-wide: passed as torch.compile(options=...) they did not take effect (measured no faster).
+        inductor_config.freezing = True
+        inductor_config.cpp.enable_concat_linear = True
+        inductor_config.autotune_num_choices_displayed = 0  # no autotune tables on stderr
+        inductor_config.max_autotune_report_choices_stats = False
+        options = dict(fullgraph=True, dynamic=False)
+        prefill_options = dict(fullgraph=True, dynamic=True)
+        # max-autotune: inductor's CPP GEMM templates beat MKL's fp32 GEMMs but not oneDNN's bf16 ones, and cost
+        # ~2.5x the compile time; so fp32 only, and only when the caller says fp32 (tests don't). One-token linears
+        # are a GEMV inductor generates itself or F.linear, whichever cpu_linear's probe found faster on this machine.
+        mode = "max-autotune-no-cudagraphs" if precision == torch.float32 else None
+        if precision is not None:  # one-token linears: this machine's faster kernel (a probe cached on disk)
+            import cpu_linear
+            cpu_linear.choose(precision, mode)
+        if mode:
+            options["mode"] = mode
+    # dynamic=False above: the fixed-shape steps get one graph per early exit E and skip threshold, which stay
+    # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
+    torch._dynamo.config.cache_size_limit = 64
+    return Steps(
+        prefill=torch.compile(forward_last, **prefill_options) if compile_prefill else forward_last,
+        decode=torch.compile(forward_last, **options),
+        draft=torch.compile(draft_step, **options),
+        verify=torch.compile(verify_step, **options),
+        verify_full=torch.compile(verify_full, **options),
+        compiled=True,
+    )
+
+
+def warm_up(model: Transformer, steps: Steps, prompt_len: int, start_pos: int = 0, speculate_k: int = 0,
+            early_exit: Optional[int] = None, draft_model: Optional[Transformer] = None,
+            skip_threshold: float = 0.5) -> float:
+    """Call each compiled step the coming generation will use once, so that compiling is not timed as decoding.
+    Returns the seconds spent (compiling on a first run, little once cached). Harmless to the cache: it writes only
+    at positions >= start_pos, which prefill and decode overwrite before anything reads them."""
+    if not steps.compiled:
+        return 0.0
+    device = model.norm.weight.device
+    t0 = time.perf_counter()
+    one = torch.zeros(1, 1, dtype=torch.long, device=device)
+    pos = torch.tensor([start_pos], device=device)
+    todo = []
+    if steps.prefill is not forward_last:
+        prompt_pos = torch.arange(start_pos, start_pos + prompt_len, device=device)
+        prompt = torch.zeros(1, prompt_len, dtype=torch.long, device=device)
+        todo.append((("prefill", id(model), prompt_len == 1, skip_threshold),
+                     lambda: steps.prefill(model, prompt, prompt_pos, skip_threshold)))
+    if not speculate_k:
+        todo.append((("decode", id(model), skip_threshold), lambda: steps.decode(model, one, pos, skip_threshold)))
+    elif draft_model is None:
+        rows = torch.arange(start_pos, start_pos + speculate_k + 1, device=device)
+        hidden = torch.zeros(1, speculate_k + 1, model.args.dim, device=device, dtype=model.norm.weight.dtype)
+        last = torch.tensor([speculate_k], device=device)
+        todo.append((("draft", id(model), early_exit), lambda: steps.draft(model, one, pos, early_exit)))
+        todo.append((("verify", id(model), early_exit, speculate_k),
+                     lambda: steps.verify(model, one, last, hidden, rows, early_exit)))
+    else:
+        rows = torch.arange(start_pos, start_pos + speculate_k + 1, device=device)
+        todo.append((("decode", id(draft_model), 0.5), lambda: steps.decode(draft_model, one, pos)))
+        todo.append((("verify_full", id(model), speculate_k),
+                     lambda: steps.verify_full(model, one.expand(1, speculate_k + 1), rows)))
+    for key, call in todo:
+        if key not in steps.warm:
+            call()
+            steps.warm.add(key)
+    synchronize(device)
+    return time.perf_counter() - t0
