@@ -13,6 +13,12 @@ The file is device-neutral: int8 weights [N, K] + scales [N]; int4 weights as tw
 (q - 8) * scale + zero, so `zeros` are stored in that form. The packed layout the int4 kernels want differs per
 device, so load_model packs at load time (pack_for_device). The file carries its mode under the key
 "quantization", which is how generate.py recognises it.
+
+Why torch's packed kernels and not an inductor-generated dequantize-and-reduce at batch 1 (BENCHMARKS.md,
+scripts/bench_quant_kernels.py): on every SmolLM2 shape the generated loops convert int8/int4 to float at ~5 GB/s
+a core, 2-5x slower than these kernels whatever the layout; and under compile_steps' freezing a `.float()`
+dequantization of a frozen int8 weight is constant-folded into an fp32 copy (4 bytes a weight read per token;
+inductor keeps only int8 -> bf16 conversions unfolded).
 """
 import argparse
 from pathlib import Path

@@ -13,7 +13,10 @@ counts the work a row does, not the time it waited for a core (with several thre
 Progress goes to stderr, the markdown table to stdout.
 """
 import argparse
+import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +27,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import generate as ff  # noqa: E402
-from cli import cpu_model  # noqa: E402
+from cli import cpu_model, main_guard  # noqa: E402
 from figures import weight_bytes  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -215,6 +218,143 @@ def benchmark_precision(args, name, prompt, bytes_per_token_holder, rows, progre
     del model
 
 
+# ---------------------------------------------------------------- llama.cpp's own llama-bench (optional)
+
+LLAMA_BENCH = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexfast/llama.cpp/bin/llama-bench"
+
+
+def find_llama_bench(path):
+    """The llama-bench binary: --llama_bench, else the one scripts/build_llamacpp.sh builds, else on PATH."""
+    if path is not None:
+        return path if path.exists() else None
+    if LLAMA_BENCH.exists():
+        return LLAMA_BENCH
+    on_path = shutil.which("llama-bench")
+    return Path(on_path) if on_path else None
+
+
+def find_gguf(args):
+    """--gguf, else the one GGUF in the checkpoint folder (prepare_default.py keeps the default model's Q4_1)."""
+    if args.gguf is not None:
+        return args.gguf
+    found = sorted(args.checkpoint_path.parent.glob("*.gguf"))
+    return found[0] if found else None
+
+
+def gguf_bytes_per_token(gguf_path) -> int:
+    """Bytes of the GGUF's tensors read per token: all of them, except the embedding table when there is a separate
+    output matrix (then only one row of the table is read)."""
+    from gguf import GGUFReader
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(gguf_path)).tensors}
+    if "output.weight" in tensors:
+        tensors.pop("token_embd.weight", None)
+    return sum(tensors.values())
+
+
+def llama_bench(binary, gguf_path, threads: int, n_gen: int, n_prompt: int = 0, repetitions: int = 1) -> dict:
+    """Runs llama-bench once; returns {"tg": tok/s of the n_gen test, "pp": tok/s of the n_prompt test} for the
+    tests asked (n_gen / n_prompt 0 skips one)."""
+    cmd = [str(binary), "-m", str(gguf_path), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
+           "-r", str(repetitions), "-o", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
+    return parse_llama_bench(out)
+
+
+def parse_llama_bench(text: str) -> dict:
+    result = {}
+    for test in json.loads(text):
+        key = "pp" if test["n_prompt"] and not test["n_gen"] else "tg"
+        result[key] = float(test["avg_ts"])
+    return result
+
+
+def llama_cpp_skip_reason(args):
+    """None when the llama-bench row can run, else why not (printed instead of the row)."""
+    if find_llama_bench(args.llama_bench) is None:
+        return (f"llama-bench not found ({args.llama_bench or LLAMA_BENCH} or PATH): "
+                f"build it with ./scripts/build_llamacpp.sh")
+    if find_gguf(args) is None:
+        return f"no GGUF in {args.checkpoint_path.parent} and no --gguf given"
+    return None
+
+
+def llama_cpp_table(args) -> str:
+    """The llama.cpp row under the main table: tg (--max_new_tokens) and pp512 on the same thread count."""
+    why = llama_cpp_skip_reason(args)
+    if why is not None:
+        log(f"llama.cpp row skipped: {why}")
+        return f"llama.cpp (llama-bench): skipped, {why}."
+    gguf_path = find_gguf(args)
+    n = args.max_new_tokens
+    figures = llama_bench(find_llama_bench(args.llama_bench), gguf_path, args.threads, n, 512, args.repeats)
+    return (f"| what | tg{n} tok/s | pp512 tok/s | MB per token |\n|---|---|---|---|\n"
+            f"| llama.cpp llama-bench, {gguf_path.name}, -t {args.threads} | {figures['tg']:.1f} | "
+            f"{figures['pp']:.1f} | {gguf_bytes_per_token(gguf_path) / 1e6:.0f} |")
+
+
+# ---------------------------------------------------------------- quantized files against bf16, interleaved
+
+def quantized_label(model) -> str:
+    quant = getattr(model, "quantization", None)
+    if quant is None:
+        return "bf16"
+    return quant["mode"] + (f" g{quant['groupsize']}" if "groupsize" in quant else "")
+
+
+def quantized_rounds(args, prompt, progress) -> list:
+    """bf16 compiled (--checkpoint_path) and every --quantized file compiled with bf16 activations, and llama.cpp's
+    tg when it can run: each warmed up, then --rounds rounds that run every row once, so drift shows in every row.
+    Returns [{what, bytes, rates: [tok/s per round], note}]."""
+    dtype, n = torch.bfloat16, args.max_new_tokens
+    rows, runners = [], []
+    steps = ff.compile_steps("cpu", False, dtype)
+    for path in [args.checkpoint_path] + list(args.quantized):
+        model = ff.load_model(path, "cpu", dtype)
+        model.setup_caches(1, prompt.shape[0] + n)
+        label = quantized_label(model)
+        progress.set_description(f"{label} compile")
+        t0 = time.perf_counter()
+        run = flexfast_runner(model, prompt, steps)
+        run(n)
+        rows.append(dict(what=f"FlexFast compiled, {label}", bytes=ff.weight_bytes(model), rates=[],
+                         note=f"{path.name}, warm-up {time.perf_counter() - t0:.0f} s"))
+        runners.append(run)
+        progress.update()
+    why = llama_cpp_skip_reason(args)
+    if why is None:
+        gguf_path, binary = find_gguf(args), find_llama_bench(args.llama_bench)
+        pp = llama_bench(binary, gguf_path, args.threads, 0, 512, 1)["pp"]
+        rows.append(dict(what=f"llama.cpp llama-bench tg{n}", bytes=gguf_bytes_per_token(gguf_path), rates=[],
+                         note=f"{gguf_path.name}, -t {args.threads}; pp512 {pp:.0f} tok/s"))
+        runners.append(lambda _: ((llama_bench(binary, gguf_path, args.threads, n)["tg"], None), None))
+    else:
+        log(f"llama.cpp row skipped: {why}")
+    for _ in range(args.rounds):
+        for row, run in zip(rows, runners):
+            progress.set_description(row["what"])
+            (rate, _), _ = run(n)
+            row["rates"].append(rate)
+            log(f"{row['what']}: {rate:.1f} tok/s (load {os.getloadavg()[0]:.1f})")
+        progress.update()
+    if why is not None:
+        rows.append(dict(what="llama.cpp llama-bench", note=f"skipped: {why}"))
+    return rows
+
+
+def quantized_markdown(rows, read_bw) -> str:
+    lines = ["| what | MB per token | tok/s per round | best tok/s | × bf16 (best) | limit tok/s | % of limit | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    bf16 = max(rows[0]["rates"])
+    for r in rows:
+        if not r.get("rates"):
+            lines.append(f"| {r['what']} | | | | | | | {r['note']} |")
+            continue
+        best, limit = max(r["rates"]), read_bw * 1e9 / r["bytes"]
+        lines.append(f"| {r['what']} | {r['bytes'] / 1e6:.0f} | {' / '.join(f'{x:.1f}' for x in r['rates'])} | "
+                     f"{best:.1f} | {best / bf16:.2f} | {limit:.0f} | {100 * best / limit:.0f}% | {r['note']} |")
+    return "\n".join(lines)
+
+
 def markdown_table(rows, read_bw: dict, read_gib: float, copy_bw: float, bytes_per_token: dict) -> str:
     """read_bw: per precision, the read bandwidth over a buffer the size of its weights (the limit's bandwidth)."""
     lines = ["| precision | what | tok/s | GB/s | % of read bandwidth | × HF eager | tok/s by CPU time | "
@@ -325,7 +465,14 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2, help="timed runs per row after the warm-up; the best counts")
     p.add_argument("--prompt", type=str, default=DEFAULT_PROMPT)
     p.add_argument("--skip_hf", action="store_true", help="only the FlexFast rows")
-    p.add_argument("--gguf", type=Path, default=None, help="GGUF file of the same model, for the llama.cpp row")
+    p.add_argument("--gguf", type=Path, default=None,
+                   help="GGUF file of the same model, for the llama.cpp rows (default: the one in the checkpoint folder)")
+    p.add_argument("--llama_bench", type=Path, default=None,
+                   help=f"llama-bench binary (default: {LLAMA_BENCH}, as scripts/build_llamacpp.sh builds it, or PATH)")
+    p.add_argument("--quantized", type=Path, nargs="+", default=[],
+                   help="instead of the precision table: bf16 against these quantized files and llama.cpp, compiled, "
+                        "interleaved over --rounds")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the --quantized table")
     p.add_argument("--prefill_tokens", type=int, default=512, help="also time the compiled prefill of a prompt this "
                    "long (real text); 0: no prefill row")
     p.add_argument("--sdpa_row", action="store_true", help="also the compiled decode with F.scaled_dot_product_attention"
@@ -338,8 +485,8 @@ def parse_args(argv=None):
 def run(args):
     if args.max_new_tokens < 2:
         raise ValueError("--max_new_tokens must be at least 2 (decode speed is measured after the first token)")
-    if args.threads < 1 or args.repeats < 1 or args.prefill_tokens < 0:
-        raise ValueError("--threads and --repeats must be at least 1, --prefill_tokens at least 0")
+    if args.threads < 1 or args.repeats < 1 or args.rounds < 1 or args.prefill_tokens < 0:
+        raise ValueError("--threads, --repeats and --rounds must be at least 1, --prefill_tokens at least 0")
     if not args.checkpoint_path.exists():
         raise FileNotFoundError(f"{args.checkpoint_path} not found (run ./scripts/prepare.sh first)")
     if args.gguf is not None and not args.gguf.exists():
@@ -355,6 +502,8 @@ def run(args):
         return
     read_gib, copy_bw = measure_bandwidth()
     log(f"read bandwidth {read_gib:.1f} GB/s, copy {copy_bw:.1f} GB/s over 1 GiB")
+    if args.quantized:
+        return run_quantized(args, prompt, read_gib)
     rows, bytes_per_token, prefill_rows = [], {}, []
     long_prompt = prefill_prompt(tokenizer, args.prefill_tokens) if args.prefill_tokens else None
     with tqdm(total=(6 if args.sdpa_row else 5) * len(precisions), file=sys.stderr, unit="row") as progress:
@@ -372,16 +521,27 @@ def run(args):
     print(markdown_table(rows, read_bw, read_gib, copy_bw, bytes_per_token))
     if prefill_rows:
         print("\n" + prefill_table(prefill_rows))
+    print("\n" + llama_cpp_table(args))
+
+
+def run_quantized(args, prompt, read_bw):
+    for path in args.quantized:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found (write it with quantize.py)")
+    with tqdm(total=1 + len(args.quantized) + args.rounds, file=sys.stderr, unit="step") as progress:
+        rows = quantized_rounds(args, prompt, progress)
+    read_again, _ = measure_bandwidth()
+    read_bw = max(read_bw, read_again)
+    print(f"{cpu_model()}, {args.checkpoint_path.parent.name}, batch 1, "
+          f"greedy, {args.max_new_tokens} new tokens, {args.threads} threads, torch {torch.__version__}, load average "
+          f"at the end {os.getloadavg()[0]:.1f}\n")
+    print(quantized_markdown(rows, read_bw))
+    print(f"\nRead bandwidth {read_bw:.1f} GB/s (best of the start and the end, 1 GiB); limit = that / MB per token.")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("interrupted")
+    main_guard(lambda: run(args), "benchmark")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,8 @@ def gguf_to_hf_folder(gguf_path: Path, out_dir: Path) -> None:
         gen.setdefault("eos_token_id", tokenizer.eos_token_id)
         gen.setdefault("bos_token_id", tokenizer.bos_token_id)
         gen_path.write_text(json.dumps(gen, indent=2))
+        # the GGUF itself stays beside the converted weights: the llama.cpp row of scripts/benchmark.py runs on it
+        shutil.copy(gguf_path, tmp / gguf_path.name)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)

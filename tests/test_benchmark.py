@@ -94,3 +94,30 @@ def test_kernel_times_counts_what_the_compiled_graph_launched():
     rows = benchmark.kernel_times(events, steps=2)
     assert rows == [("cpp_fused_layer_0", 2.0, 110.0, 220.0),
                     ("aten::_scaled_dot_product_flash_attention_for_cpu", 1.0, 30.0, 30.0)]
+def test_llama_bench_output_parsed():
+    text = ('[{"n_prompt": 512, "n_gen": 0, "avg_ts": 212.5, "stddev_ts": 3.0},'
+            ' {"n_prompt": 0, "n_gen": 128, "avg_ts": 64.25, "stddev_ts": 1.0}]')
+    assert benchmark.parse_llama_bench(text) == {"pp": 212.5, "tg": 64.25}
+
+
+def test_llama_cpp_row_skipped_with_a_reason(tmp_path, capsys):
+    args = benchmark.parse_args(["--checkpoint_path", str(tmp_path / "model.pth"),
+                                 "--llama_bench", str(tmp_path / "no-llama-bench")])
+    assert "llama-bench not found" in benchmark.llama_cpp_table(args)
+    binary = tmp_path / "llama-bench"
+    binary.write_text("")
+    args.llama_bench = binary
+    assert f"no GGUF in {tmp_path}" in benchmark.llama_cpp_table(args)
+    (tmp_path / "m.Q4_1.gguf").write_text("")
+    assert benchmark.llama_cpp_skip_reason(args) is None and benchmark.find_gguf(args) == tmp_path / "m.Q4_1.gguf"
+
+
+def test_quantized_table_figures():
+    rows = [dict(what="FlexFast compiled, bf16", bytes=250e6, rates=[40.0, 50.0], note=""),
+            dict(what="FlexFast compiled, int4 g32", bytes=100e6, rates=[90.0, 110.0], note=""),
+            dict(what="llama.cpp llama-bench", note="skipped: llama-bench not found")]
+    lines = benchmark.quantized_markdown(rows, read_bw=25.0).splitlines()
+    assert "| 250 | 40.0 / 50.0 | 50.0 | 1.00 | 100 | 50% |" in lines[2]  # 25 GB/s / 0.25 GB per token = 100 tok/s
+    assert "| 100 | 90.0 / 110.0 | 110.0 | 2.20 | 250 | 44% |" in lines[3]
+    assert "skipped: llama-bench not found" in lines[4]
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
