@@ -12,12 +12,11 @@ import openai
 import pytest
 import torch
 
-from conftest import assert_one_line_error, make_hf_llama, run_cli
+from conftest import add_routers, assert_one_line_error, make_hf_llama, run_cli
 from convert_hf_checkpoint import TOKENIZER_FILES, convert
 from depth_view import depth_rgb
 from generate import generate, load_model
 from server import spawn
-from test_flexidepth import add_routers
 from tokenizer import load_tokenizer
 
 CONTEXT = 384
