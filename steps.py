@@ -106,24 +106,26 @@ def warm_up(model: Transformer, steps: Steps, prompt_len: int, start_pos: int = 
     one = torch.zeros(1, 1, dtype=torch.long, device=device)
     pos = torch.tensor([start_pos], device=device)
     todo = []
+    # a step shape is warm per model and cache size: the fixed-shape steps recompile for a new cache
+    cache, draft_cache = (id(model), model.max_seq_length), (id(draft_model), getattr(draft_model, "max_seq_length", 0))
     if steps.prefill is not forward_last:
         prompt_pos = torch.arange(start_pos, start_pos + prompt_len, device=device)
         prompt = torch.zeros(1, prompt_len, dtype=torch.long, device=device)
-        todo.append((("prefill", id(model), prompt_len == 1, skip_threshold),
+        todo.append((("prefill", cache, prompt_len == 1, skip_threshold),
                      lambda: steps.prefill(model, prompt, prompt_pos, skip_threshold)))
     if not speculate_k:
-        todo.append((("decode", id(model), skip_threshold), lambda: steps.decode(model, one, pos, skip_threshold)))
+        todo.append((("decode", cache, skip_threshold), lambda: steps.decode(model, one, pos, skip_threshold)))
     elif draft_model is None:
         rows = torch.arange(start_pos, start_pos + speculate_k + 1, device=device)
         hidden = torch.zeros(1, speculate_k + 1, model.args.dim, device=device, dtype=model.norm.weight.dtype)
         last = torch.tensor([speculate_k], device=device)
-        todo.append((("draft", id(model), early_exit), lambda: steps.draft(model, one, pos, early_exit)))
-        todo.append((("verify", id(model), early_exit, speculate_k),
+        todo.append((("draft", cache, early_exit), lambda: steps.draft(model, one, pos, early_exit)))
+        todo.append((("verify", cache, early_exit, speculate_k),
                      lambda: steps.verify(model, one, last, hidden, rows, early_exit)))
     else:
         rows = torch.arange(start_pos, start_pos + speculate_k + 1, device=device)
-        todo.append((("decode", id(draft_model), 0.5), lambda: steps.decode(draft_model, one, pos)))
-        todo.append((("verify_full", id(model), speculate_k),
+        todo.append((("decode", draft_cache, 0.5), lambda: steps.decode(draft_model, one, pos)))
+        todo.append((("verify_full", cache, speculate_k),
                      lambda: steps.verify_full(model, one.expand(1, speculate_k + 1), rows)))
     for key, call in todo:
         if key not in steps.warm:

@@ -90,6 +90,8 @@ def sweep(args):
         raise ValueError(f"--temperatures must be >= 0 (0: greedy), got {args.temperatures}")
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
     prompts = [torch.tensor(tokenizer.encode(p), device=device) for p in load_prompts(args.prompts, args.num_prompts)]
+    # one cache for every prompt and configuration: the compiled fixed-shape steps recompile for a new cache size
+    model.setup_caches(1, g.cache_length_needed(max(len(p) for p in prompts), args.max_new_tokens, max(ks)))
     steps = g.compile_steps(device, False, precision) if args.compile else g.Steps()
     full_bytes = weight_bytes(model)
 
