@@ -93,6 +93,7 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
     )
 
 
+@torch.no_grad()  # as generate() runs the steps: grad mode is part of what a compiled graph is guarded on
 def warm_up(model: Transformer, steps: Steps, prompt_len: int, start_pos: int = 0, speculate_k: int = 0,
             early_exit: Optional[int] = None, draft_model: Optional[Transformer] = None,
             skip_threshold: float = 0.5) -> float:
