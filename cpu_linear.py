@@ -1,14 +1,16 @@
 """One-token linears on CPU under torch.compile: which kernel, chosen per machine by measurement.
 
-A one-token linear reads its whole weight to produce one row, so it should stream at the memory bandwidth. Two ways
+A one-token linear reads its whole weight to produce one row, so it should stream at the memory bandwidth. Three ways
 of writing it compete, and which wins depends on the CPU (BENCHMARKS.md; issue 17 measured the opposite winner on a
 Xeon with AMX than on an AMD EPYC with AVX-512):
     "gemv":   (x * weight).sum(-1), which inductor generates as its own vectorized reduction kernel, the same in
               every graph and every torch.cond branch;
     "linear": F.linear, which freezing turns into a oneDNN (or MKL) call on a prepacked weight in the main graph,
               but which inside a torch.cond branch (FlexiDepth's run/skip branches) stays an mm on the unpacked
-              weight, which oneDNN reorders at every call in bf16.
-So the choice is made twice per dtype: for the main graph and for the branches. The probe compiles a stack of
+              weight, which oneDNN reorders at every call in bf16;
+    "kernel": cpu_kernels.cpp (where it builds), which also takes the verify's few rows.
+So the choice is made twice per dtype: for the main graph and for the branches; and a third time, between "linear"
+and "kernel", for linears of 2 to cpu_kernels.MAX_ROWS rows (the self-speculative verify). The probe compiles a stack of
 different weights (more bytes than a last-level cache holds) both ways, the way compile_steps compiles the model,
 and times them in alternation (the best round of each); its result is kept in ~/.cache/flexfast/
 one_token_linear.json under the CPU model, the torch version, the dtype, the thread count and the compile mode, so
@@ -23,20 +25,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import cpu_kernels
 import model
 from cli import cpu_model, write_text_atomic
 
 CACHE_PATH = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexfast" / "one_token_linear.json"
 PROBE_SHAPES = ((1536, 576), (576, 1536))  # SmolLM2's MLP: the largest per-layer linears of the default model
 PROBE_BYTES = 32 << 20  # per shape; both together twice a 32 MiB L3, so they stream from memory as the model does
-MARGIN = 0.05  # F.linear replaces the GEMV (the path before this probe existed) only if it is this much faster
+MARGIN = 0.05  # another kind replaces the GEMV (the path before this probe existed) only if it is this much faster
+KINDS = ("gemv", "linear", "kernel")
+PROBE_VERSION = 3  # 3: the kernel joined the candidates and few-row linears are probed, so older entries are not used
+FEW_ROWS = 3  # rows of the few-row probe: the verify of k = 2 drafts
 
 
 
 
 def probe_key(dtype: torch.dtype, mode=None) -> str:
     return (f"{cpu_model()} | torch {torch.__version__} | {dtype} | {torch.get_num_threads()} threads | "
-            f"mode {mode or 'default'}")
+            f"mode {mode or 'default'} | probe {PROBE_VERSION}")
 
 
 class LinearStack(torch.nn.Module):
@@ -53,6 +59,8 @@ class LinearStack(torch.nn.Module):
             xw = x[..., :w.shape[1]]
             if self.kind == "gemv":
                 outs.append((xw.unsqueeze(-2) * w).sum(-1, dtype=torch.float32).to(x.dtype))
+            elif self.kind == "kernel":
+                outs.append(torch.ops.flexfast.linear(xw, w))
             else:
                 outs.append(F.linear(xw, w))
         return torch.cat(outs, dim=-1)
@@ -64,7 +72,7 @@ class LinearStack(torch.nn.Module):
         return torch.cond(run, self.apply_all, lambda x: x.new_zeros(*x.shape[:-1], width), (x,))
 
 
-def time_kinds(kinds: list, dtype: torch.dtype, in_branch: bool, mode=None, rounds: int = 30) -> dict:
+def time_kinds(kinds: list, dtype: torch.dtype, in_branch: bool, mode=None, rounds: int = 30, rows: int = 1) -> dict:
     """{kind: microseconds per MB of weights} for one-token linears of each kind, compiled as compile_steps compiles
     decode (mode, freezing). The kinds are timed in alternation and the best round counts, so that load from other
     processes, which only ever slows a round, touches them alike."""
@@ -73,7 +81,7 @@ def time_kinds(kinds: list, dtype: torch.dtype, in_branch: bool, mode=None, roun
     weights = [torch.randn(shape, generator=gen).to(dtype) for shape in PROBE_SHAPES
                for _ in range(max(2, PROBE_BYTES // (shape[0] * shape[1] * dtype.itemsize)))]
     nbytes = sum(w.numel() * w.element_size() for w in weights)
-    x, run = torch.randn(1, 1, max(w.shape[1] for w in weights), generator=gen).to(dtype), torch.tensor(True)
+    x, run = torch.randn(1, rows, max(w.shape[1] for w in weights), generator=gen).to(dtype), torch.tensor(True)
     # no concat_linear: it would fuse the whole stack (all one input) into one wide linear
     with inductor_config.patch({"freezing": True, "cpp.enable_concat_linear": False}), torch.no_grad():
         compiled = {kind: torch.compile(LinearStack(weights, kind, in_branch).eval(), fullgraph=True, mode=mode)
@@ -88,17 +96,26 @@ def time_kinds(kinds: list, dtype: torch.dtype, in_branch: bool, mode=None, roun
 
 
 def probe(dtype: torch.dtype, mode=None) -> dict:
-    """{"graph": kind, "branch": kind, "us_per_mb": {context: {kind: time}}}. "linear" must win by MARGIN to replace
-    the gemv. In the branches F.linear loses freezing's prepacking, so they are probed only if it wins the graph."""
-    us_per_mb = {"graph": time_kinds(["gemv", "linear"], dtype, False, mode)}
-    if wins(us_per_mb["graph"]):
-        us_per_mb["branch"] = time_kinds(["gemv", "linear"], dtype, True, mode)
-    return dict(graph="linear" if wins(us_per_mb["graph"]) else "gemv",
-                branch="linear" if wins(us_per_mb.get("branch")) else "gemv", us_per_mb=us_per_mb)
+    """{"graph": kind, "branch": kind, "rows": kind, "us_per_mb": {context: {kind: time}}}. Another kind must beat
+    the gemv by MARGIN to replace it. The branches are probed only if the gemv loses the graph (the same kernels run
+    there, but F.linear loses freezing's prepacking). "rows": the faster of F.linear and the kernel at FEW_ROWS rows."""
+    kinds = [kind for kind in KINDS if kind != "kernel" or cpu_kernels.load()]
+    us_per_mb = {"graph": time_kinds(kinds, dtype, False, mode)}
+    if fastest(us_per_mb["graph"]) != "gemv":
+        us_per_mb["branch"] = time_kinds(kinds, dtype, True, mode)
+    rows = "linear"
+    if "kernel" in kinds:
+        us_per_mb["rows"] = time_kinds(["linear", "kernel"], dtype, False, mode, rows=FEW_ROWS)
+        rows = min(us_per_mb["rows"], key=us_per_mb["rows"].get)
+    return dict(graph=fastest(us_per_mb["graph"]), branch=fastest(us_per_mb.get("branch")), rows=rows,
+                us_per_mb=us_per_mb)
 
 
-def wins(times) -> bool:
-    return bool(times) and times["linear"] * (1 + MARGIN) < times["gemv"]
+def fastest(times) -> str:
+    if not times:
+        return "gemv"
+    best = min(times, key=times.get)
+    return best if times[best] * (1 + MARGIN) < times["gemv"] else "gemv"
 
 
 def read_cache(path: Path) -> dict:
@@ -115,7 +132,7 @@ def choose(dtype: torch.dtype, mode=None, path: Path = CACHE_PATH, run_probe=pro
     key = probe_key(dtype, mode)
     cache = read_cache(path)
     entry = cache.get(key)
-    if not (isinstance(entry, dict) and all(entry.get(c) in ("gemv", "linear") for c in ("graph", "branch"))):
+    if not (isinstance(entry, dict) and all(entry.get(c) in KINDS for c in ("graph", "branch", "rows"))):
         print(f"timing one-token linear kernels on this CPU for {dtype} (once; kept in {path})", file=sys.stderr,
               flush=True)
         entry = run_probe(dtype, mode)
@@ -126,6 +143,9 @@ def choose(dtype: torch.dtype, mode=None, path: Path = CACHE_PATH, run_probe=pro
             write_text_atomic(path, json.dumps(cache, indent=1, sort_keys=True))
         except OSError:
             pass  # an unwritable cache only costs a probe next time
+    if "kernel" in (entry["graph"], entry["branch"], entry["rows"]):
+        cpu_kernels.load()  # built when probed; model.linear falls back to the gemv if it cannot load now
     model.ONE_TOKEN_LINEAR[(dtype, False)] = entry["graph"]
     model.ONE_TOKEN_LINEAR[(dtype, True)] = entry["branch"]
+    model.FEW_ROW_LINEAR[dtype] = entry["rows"]
     return entry

@@ -9,7 +9,10 @@ import torch
 from model import FlexiDepthBlock, Transformer
 
 
-NOT_WEIGHTS = ("k_cache", "v_cache", "rope", "causal_mask", "ran", "draft_vocab")
+# Not read per token: caches and masks, and int4's second copy for cpu_kernels (Int4Linear), the same bytes as its
+# torch-packed copy, of which each call reads one.
+NOT_WEIGHTS = ("k_cache", "v_cache", "rope", "causal_mask", "ran", "draft_vocab", "nibbles",
+               "kernel_scales_zeros")
 
 
 def tensor_bytes(module: torch.nn.Module, skip=()) -> int:

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+import cpu_kernels
+
 
 # quantize.py's int4 weights and tp.py's split of them both need it, so it sits below both
 INT4_ROW_MULTIPLE = 16  # the CPU int4 packer needs out_features % 16 == 0 (CUDA needs % 8)
@@ -176,17 +178,19 @@ class RMSNorm(nn.Module):
         return self.weight * normed.type_as(x)
 
 
-# One-token linears on CPU under torch.compile, per (dtype, inside a torch.cond branch): "gemv" (multiply-and-sum,
-# inductor's own reduction kernel) or "linear" (F.linear: oneDNN/MKL, prepacked by freezing in the main graph only).
-# cpu_linear.choose() fills it from a per-machine measurement; "gemv" where it has not run.
+# Linears of few rows on CPU under torch.compile, chosen per machine by cpu_linear.choose() (a measurement cached on
+# disk). One row, per (dtype, inside a FlexiDepth torch.cond branch): "gemv" (multiply-and-sum, inductor's own
+# reduction kernel, fused with its neighbours), "linear" (F.linear: oneDNN/MKL, prepacked by freezing in the main
+# graph only) or "kernel" (cpu_kernels.cpp); "gemv" where the probe has not run. 2 to cpu_kernels.MAX_ROWS rows (the
+# self-speculative verify), per dtype: "linear" or "kernel"; "linear" where the probe has not run.
 ONE_TOKEN_LINEAR = {}
+FEW_ROW_LINEAR = {}
 
 
 class Linear(nn.Linear):
-    """A bias-free nn.Linear. For one token on CPU under torch.compile it follows ONE_TOKEN_LINEAR (above): either
-    F.linear, or multiply-and-sum, which inductor turns into a GEMV kernel that streams the weight once in every
-    graph and branch. in_branch: this linear runs inside a FlexiDepth torch.cond branch, where freezing does not
-    prepack weights (BENCHMARKS.md has the figures)."""
+    """A bias-free nn.Linear. For few rows on CPU under torch.compile it follows ONE_TOKEN_LINEAR (above), so that
+    it streams its weight once in every graph and branch. in_branch: this linear runs inside a FlexiDepth torch.cond
+    branch, where freezing does not prepack weights (BENCHMARKS.md has the figures)."""
     in_branch = False
 
     def __init__(self, in_features: int, out_features: int):
@@ -197,10 +201,14 @@ class Linear(nn.Linear):
 
 
 def linear(x: Tensor, weight: Tensor, in_branch: bool = False) -> Tensor:
-    """x @ weight.T, one-token CPU steps under compile as ONE_TOKEN_LINEAR chose (see Linear)."""
-    if (torch.compiler.is_compiling() and x.device.type == "cpu" and x.shape[:-1].numel() == 1
-            and ONE_TOKEN_LINEAR.get((x.dtype, in_branch), "gemv") == "gemv"):
-        return (x.unsqueeze(-2) * weight).sum(-1, dtype=torch.float32).to(x.dtype)
+    """x @ weight.T; few-row CPU steps under compile as ONE_TOKEN_LINEAR chose (see Linear). Eager is F.linear."""
+    if torch.compiler.is_compiling() and x.device.type == "cpu":
+        rows = x.shape[:-1].numel()
+        kind = ONE_TOKEN_LINEAR.get((x.dtype, in_branch), "gemv") if rows == 1 else FEW_ROW_LINEAR.get(x.dtype)
+        if kind == "kernel" and cpu_kernels.supports(x, weight, weight.shape[1]):
+            return torch.ops.flexfast.linear(x, weight)
+        if rows == 1 and kind != "linear":
+            return (x.unsqueeze(-2) * weight).sum(-1, dtype=torch.float32).to(x.dtype)
     return F.linear(x, weight)
 
 
@@ -235,20 +243,22 @@ def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
 
 
 # False: every step uses F.scaled_dot_product_attention (scripts/benchmark.py times both in one run)
-ONE_TOKEN_ATTENTION = True
+FEW_TOKEN_ATTENTION = True
+FEW_TOKENS = 8  # the most query rows few_token_attention takes: decode, draft and the self-speculative verify
 
 
-def one_token_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Attention of one query per sequence, q [B, H, 1, D], against the cache k, v [B, KV, S, D] (mask [1, 1, 1, S]),
-    written as two reductions that inductor fuses into the layer's own kernel. On CPU the flash-attention kernel
-    costs 0.1-0.5 ms a call for one query (more than the layer's weights take to read; BENCHMARKS.md)."""
-    B, H, _, D = q.shape
+def few_token_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of a few queries per sequence, q [B, H, T, D], against the cache k, v [B, KV, S, D] (mask
+    [1, 1, T, S]), written as two reductions that inductor fuses into the layer's own kernel. On CPU the
+    flash-attention kernel costs 0.1-0.5 ms a call for one query (more than the layer's weights take to read;
+    BENCHMARKS.md), and the self-speculative verify calls it in every layer above the exit."""
+    B, H, T, D = q.shape
     n_kv = k.shape[1]
-    q = q.reshape(B, n_kv, H // n_kv, 1, D)  # the query heads that share each KV head
-    scores = (q * k.unsqueeze(2)).sum(-1, dtype=torch.float32) * D ** -0.5  # [B, KV, H/KV, S]
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    y = (probs.unsqueeze(-1) * v.unsqueeze(2)).sum(-2, dtype=torch.float32)  # [B, KV, H/KV, D]
-    return y.to(q.dtype).reshape(B, H, 1, D)
+    q = q.reshape(B, n_kv, H // n_kv, T, 1, D)  # the query heads that share each KV head
+    scores = (q * k[:, :, None, None]).sum(-1, dtype=torch.float32) * D ** -0.5  # [B, KV, H/KV, T, S]
+    probs = torch.softmax(scores.masked_fill(~mask[:, :, None], float("-inf")), dim=-1)
+    y = (probs.unsqueeze(-1) * v[:, :, None, None]).sum(-2, dtype=torch.float32)  # [B, KV, H/KV, T, D]
+    return y.to(q.dtype).reshape(B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -273,8 +283,8 @@ class Attention(nn.Module):
         """Queries of x against the cache k, v (already holding this step's keys and values)."""
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
-        if ONE_TOKEN_ATTENTION and T == 1 and torch.compiler.is_compiling() and x.device.type == "cpu":
-            y = one_token_attention(q, k, v, mask)
+        if FEW_TOKEN_ATTENTION and T <= FEW_TOKENS and torch.compiler.is_compiling() and x.device.type == "cpu":
+            y = few_token_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

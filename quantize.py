@@ -3,22 +3,22 @@
     python quantize.py --checkpoint_path checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth --mode int8
     python quantize.py --checkpoint_path .../model.pth --mode int4 --groupsize 32
 
-int8: symmetric, one scale per output channel; computed with torch._weight_int8pack_mm.
-int4: asymmetric, a scale and a zero per group of `groupsize` input columns; computed with
-torch._weight_int4pack_mm (CUDA, bf16) or torch._weight_int4pack_mm_for_cpu (CPU). The LM head is int8 in
-both modes (linear_modes says why); FlexiDepth routers and adapters are not quantized.
+int8: symmetric, one scale per output channel. int4: asymmetric, a scale and a zero per group of `groupsize` input
+columns. The LM head is int8 in both modes (linear_modes says why); FlexiDepth routers and adapters are not
+quantized.
 
 The file is device-neutral: int8 weights [N, K] + scales [N]; int4 weights as two 4-bit values per byte
-[N, K/2] (even column in the high nibble) + scales and zeros [N, K/groupsize]. Both kernels dequantize int4 as
-(q - 8) * scale + zero, so `zeros` are stored in that form. The packed layout the int4 kernels want differs per
-device, so load_model packs at load time (pack_for_device). The file carries its mode under the key
+[N, K/2] (even column in the high nibble) + scales and zeros [N, K/groupsize]. Every kernel dequantizes int4 as
+(q - 8) * scale + zero, so `zeros` are stored in that form. The file carries its mode under the key
 "quantization", which is how generate.py recognises it.
 
-Why torch's packed kernels and not an inductor-generated dequantize-and-reduce at batch 1 (BENCHMARKS.md,
-scripts/bench_quant_kernels.py): on every SmolLM2 shape the generated loops convert int8/int4 to float at ~5 GB/s
-a core, 2-5x slower than these kernels whatever the layout; and under compile_steps' freezing a `.float()`
-dequantization of a frozen int8 weight is constant-folded into an fp32 copy (4 bytes a weight read per token;
-inductor keeps only int8 -> bf16 conversions unfolded).
+Kernels: calls of at most cpu_kernels.MAX_ROWS rows on CPU (decode, draft, verify) take cpu_kernels.cpp's int8 and
+int4 kernels, which read the file's layout and stream it (BENCHMARKS.md: 1.6-2.3x torch's at one row); more rows
+(prefill), CUDA, and CPUs where the kernels cannot be built take torch._weight_int8pack_mm and
+torch._weight_int4pack_mm(_for_cpu), whose packed int4 layout differs per device, so load_model packs at load time
+(pack_for_device). An inductor-generated dequantize-and-reduce loses to both (scripts/bench_quant_kernels.py): it
+converts int8/int4 to float at ~5 GB/s a core, and under compile_steps' freezing a `.float()` dequantization of a
+frozen int8 weight is constant-folded into an fp32 copy (4 bytes a weight read per token).
 """
 import argparse
 from pathlib import Path
@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch import Tensor
 from tqdm import tqdm
 
+import cpu_kernels
 from cli import main_guard, save_atomic
 from model import INT4_ROW_MULTIPLE, ModelArgs, Transformer
 
@@ -98,13 +99,17 @@ class Int8Linear(nn.Module):
         self.scales = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if cpu_kernels.supports(x, self.weight, self.in_features):
+            return torch.ops.flexfast.linear_int8(x, self.weight, self.scales)
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
         return y.reshape(*x.shape[:-1], -1)
 
 
 class Int4Linear(nn.Module):
     """Holds the file's device-neutral form (weight uint8 [N, K/2], scales, zeros [N, K/g]) until pack() turns it
-    into the kernel's layout for one device (weight packed, scales_and_zeros [K/g, N, 2]). TP shards the neutral
+    into the kernel's layout for one device (weight packed, scales_and_zeros [K/g, N, 2]). On CPU with cpu_kernels
+    it also keeps the neutral form (nibbles, kernel_scales_zeros [N, K/g, 2]) for few-row calls: int4 weights are held
+    twice, still half the bf16 bytes, and each call reads one copy. TP shards the neutral
     form, before pack(): column-parallel splits rows of all three; row-parallel splits columns (K/N_ranks must stay
     a multiple of groupsize)."""
 
@@ -131,6 +136,10 @@ class Int4Linear(nn.Module):
             packed = torch._convert_weight_to_int4pack(self.weight.contiguous(), inner_k_tiles)
         elif device.type == "cpu":
             packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).to(torch.int32), 2)
+            if cpu_kernels.load():  # few rows take cpu_kernels' int4 kernel, which reads the file's layout
+                self.nibbles = nn.Parameter(self.weight, requires_grad=False)
+                self.kernel_scales_zeros = nn.Parameter(torch.stack([self.scales, self.zeros], dim=-1).contiguous(),
+                                                        requires_grad=False)
         else:
             raise ValueError(f"int4 has no kernel on device {device.type!r}")
         del self.scales, self.zeros
@@ -139,6 +148,8 @@ class Int4Linear(nn.Module):
         self.packed_for = device.type
 
     def forward(self, x: Tensor) -> Tensor:
+        if hasattr(self, "nibbles") and cpu_kernels.supports(x, self.nibbles, self.in_features):
+            return torch.ops.flexfast.linear_int4(x, self.nibbles, self.kernel_scales_zeros)
         x2 = x.reshape(-1, x.shape[-1])
         if self.packed_for == "cuda":
             y = torch._weight_int4pack_mm(x2, self.weight, self.groupsize, self.scales_and_zeros)
@@ -175,7 +186,10 @@ def prepare_quantized_model(model: Transformer, quantization: dict) -> Transform
 
 
 def pack_for_device(model: nn.Module, device) -> None:
-    """Turn int4 weights into the layout of the device they are on (int8 needs no packing)."""
+    """Turn int4 weights into the layout of the device they are on (int8 needs no packing); on CPU load
+    cpu_kernels, which take calls of few rows."""
+    if torch.device(device).type == "cpu":
+        cpu_kernels.load()
     for m in model.modules():
         if isinstance(m, Int4Linear) and m.packed_for is None:
             m.pack()

@@ -75,17 +75,22 @@ class TokenClock:
         return (n - 1) / (stamps[-1] - stamps[0]), (n - 1) / (cpu[-1] - cpu[0])
 
 
-def flexfast_runner(model, prompt, steps, one_token_attention=True):
+def flexfast_runner(model, prompt, steps, few_token_attention=True, linear_kind=None):
+    """linear_kind: the one-token linear kind to use instead of cpu_linear's choice ("gemv", "linear", "kernel")."""
     import model as model_code
 
     def run(n):
         clock = TokenClock()
-        model_code.ONE_TOKEN_ATTENTION = one_token_attention  # read when compiling and guarded on by each call
+        chosen = dict(model_code.ONE_TOKEN_LINEAR)
+        model_code.FEW_TOKEN_ATTENTION = few_token_attention  # read when compiling and guarded on by each call
+        if linear_kind is not None:
+            model_code.ONE_TOKEN_LINEAR.update({key: linear_kind for key in chosen})
         try:
             tokens, stats = ff.generate(model, prompt, n, steps=steps,
                                         callback=lambda out: clock.put(torch.tensor(out[-1:])))
         finally:
-            model_code.ONE_TOKEN_ATTENTION = True
+            model_code.FEW_TOKEN_ATTENTION = True
+            model_code.ONE_TOKEN_LINEAR.update(chosen)
         return clock.rates(), tokens.tolist()
     return run
 
@@ -188,10 +193,17 @@ def benchmark_precision(args, name, prompt, bytes_per_token_holder, rows, progre
     add("FlexFast eager", lambda: flexfast_runner(model, prompt, ff.Steps()))
     add("FlexFast compiled", lambda: flexfast_runner(model, prompt, ff.compile_steps("cpu", False, dtype)),
         "generate.compile_steps")
+    import model as model_code
     if args.sdpa_row:
         add("FlexFast compiled, SDPA at one token", lambda: flexfast_runner(
-            model, prompt, ff.compile_steps("cpu", False, dtype), one_token_attention=False),
-            "model.ONE_TOKEN_ATTENTION = False: the decode before issue 17")
+            model, prompt, ff.compile_steps("cpu", False, dtype), few_token_attention=False),
+            "model.FEW_TOKEN_ATTENTION = False: the decode before issue 17")
+    chosen = model_code.ONE_TOKEN_LINEAR.get((dtype, False), "gemv")
+    for kind in args.linear_rows:
+        if kind != chosen:
+            add(f"FlexFast compiled, one-token linear = {kind}", lambda: flexfast_runner(
+                model, prompt, ff.compile_steps("cpu", False, dtype), linear_kind=kind),
+                f"cpu_linear chose {chosen} on this machine")
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM, CompileConfig
         hf_model = AutoModelForCausalLM.from_pretrained(args.checkpoint_path.parent, dtype=dtype).eval()
@@ -316,7 +328,7 @@ def quantized_rounds(args, prompt, progress) -> list:
         t0 = time.perf_counter()
         run = flexfast_runner(model, prompt, steps)
         run(n)
-        rows.append(dict(what=f"FlexFast compiled, {label}", bytes=ff.weight_bytes(model), rates=[],
+        rows.append(dict(what=f"FlexFast compiled, {label}", bytes=weight_bytes(model), rates=[],
                          note=f"{path.name}, warm-up {time.perf_counter() - t0:.0f} s"))
         runners.append(run)
         progress.update()
@@ -475,8 +487,10 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="rounds of the --quantized table")
     p.add_argument("--prefill_tokens", type=int, default=512, help="also time the compiled prefill of a prompt this "
                    "long (real text); 0: no prefill row")
+    p.add_argument("--linear_rows", nargs="*", default=[], choices=("gemv", "linear", "kernel"),
+                   help="also the compiled decode with these one-token linear kinds in place of cpu_linear's choice")
     p.add_argument("--sdpa_row", action="store_true", help="also the compiled decode with F.scaled_dot_product_attention"
-                   " at one token (the path before model.one_token_attention), interleaved with the default one")
+                   " at one token (the path before model.few_token_attention), interleaved with the default one")
     p.add_argument("--profile", action="store_true",
                    help="instead of the table: the per-token cost model of the compiled decode (kernels by time)")
     return p.parse_args(argv)
@@ -506,7 +520,8 @@ def run(args):
         return run_quantized(args, prompt, read_gib)
     rows, bytes_per_token, prefill_rows = [], {}, []
     long_prompt = prefill_prompt(tokenizer, args.prefill_tokens) if args.prefill_tokens else None
-    with tqdm(total=(6 if args.sdpa_row else 5) * len(precisions), file=sys.stderr, unit="row") as progress:
+    per_precision = 5 + bool(args.sdpa_row) + len(args.linear_rows)
+    with tqdm(total=per_precision * len(precisions), file=sys.stderr, unit="row") as progress:
         for name in precisions:
             benchmark_precision(args, name, prompt, bytes_per_token, rows, progress)
             if long_prompt is not None:

@@ -236,15 +236,17 @@ def test_linear_choice_probe_is_cached_atomically(tmp_path, monkeypatch):
     import cpu_linear
     import model
     monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {})
+    monkeypatch.setattr(model, "FEW_ROW_LINEAR", {})
     probes = []
 
     def fake_probe(dtype, mode):
         probes.append((dtype, mode))
-        return {"graph": "linear", "branch": "gemv", "us_per_mb": {}}
+        return {"graph": "linear", "branch": "gemv", "rows": "linear", "us_per_mb": {}}
 
     path = tmp_path / "cache/one_token_linear.json"
     assert cpu_linear.choose(torch.bfloat16, None, path, fake_probe)["graph"] == "linear"
     assert model.ONE_TOKEN_LINEAR == {(torch.bfloat16, False): "linear", (torch.bfloat16, True): "gemv"}
+    assert model.FEW_ROW_LINEAR == {torch.bfloat16: "linear"}
     assert cpu_linear.choose(torch.bfloat16, None, path, fake_probe)["branch"] == "gemv"  # read back, no probe
     assert len(probes) == 1 and cpu_linear.probe_key(torch.bfloat16) in json.loads(path.read_text())
     cpu_linear.choose(torch.float32, "max-autotune-no-cudagraphs", path, fake_probe)  # a second entry beside it
@@ -265,3 +267,18 @@ def test_linear_choice_probe_is_cached_atomically(tmp_path, monkeypatch):
     path.write_text("{not json")  # a damaged cache is probed again and replaced
     cpu_linear.choose(torch.bfloat16, None, path, fake_probe)
     assert len(probes) == 4 and cpu_linear.probe_key(torch.bfloat16) in json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+def test_few_token_attention_matches_sdpa(T):
+    """The decode/verify attention written as two reductions equals SDPA with GQA and the causal cache mask, including
+    cache slots past the queries that the mask hides."""
+    from model import few_token_attention
+    gen = torch.Generator().manual_seed(T)
+    B, H, KV, S, D, start = 1, 6, 2, 20, 16, 5
+    q = torch.randn(B, H, T, D, generator=gen)
+    k, v = torch.randn(B, KV, S, D, generator=gen), torch.randn(B, KV, S, D, generator=gen)
+    positions = torch.arange(start, start + T)
+    mask = (torch.arange(S)[None, :] <= positions[:, None])[None, None]  # [1, 1, T, S]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(few_token_attention(q, k, v, mask), want, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,309 @@
+// Few-row linears on x86 CPUs with AVX-512: y[M, N] = x[M, K] @ W[N, K]^T for M <= 8 (decode, draft, verify).
+// At these M a linear only has to read its weight once, so the kernel is written around the read: four weight rows
+// at a time (one contiguous chunk of memory), every activation row applied to each weight vector while it is in a
+// register, fp32 accumulation, and a software prefetch PREFETCH_BLOCKS blocks ahead, because the hardware prefetcher
+// alone does not follow four short row streams (measured: 17 GB/s a core without it, 30 with it, on a 43 GB/s core).
+// Weights: bf16 or fp32 (dense), int8 with a scale per row, int4 with a scale and zero per group of columns, in
+// quantize.py's file layout (two columns a byte, the even column in the high nibble): dequantized as
+// (q - 8) * scale + zero. The reference for every kernel is its pure-PyTorch form (cpu_kernels.reference).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int R = 4;                 // weight rows per block
+constexpr int MAX_M = 8;
+constexpr int PREFETCH_BLOCKS = 2;
+
+inline __m512 load16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+
+inline void prefetch_lines(const char* p, int lines) {
+  for (int i = 0; i < lines; ++i) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
+}
+
+template <typename T>
+inline float to_float(T v) { return static_cast<float>(v); }
+
+// Dense or int8 rows: out[r * MC + m] = sum_k w[r, k] * x[m, k]
+template <typename W, int MC>
+inline void block_dot(const W* w, int64_t K, const float* x, float* out) {
+  constexpr int step_bytes = R * 16 * sizeof(W);
+  const char* ahead = reinterpret_cast<const char*>(w) + PREFETCH_BLOCKS * R * K * sizeof(W);
+  __m512 acc[R][MC];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    prefetch_lines(ahead + (k / 16) * step_bytes, step_bytes / 64 > 0 ? step_bytes / 64 : 1);
+    __m512 xv[MC];
+    for (int m = 0; m < MC; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+    for (int r = 0; r < R; ++r) {
+      __m512 wv = load16(w + r * K + k);
+      for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MC; ++m) out[r * MC + m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+// Lane i of a 64-byte step belongs to block i / 4; its group, counted from the step's first group.
+inline __m512i lane_groups(int64_t blocks_per_group) {
+  alignas(64) int32_t lanes[16];
+  for (int i = 0; i < 16; ++i) lanes[i] = static_cast<int32_t>((i / 4) / blocks_per_group);
+  return _mm512_load_si512(lanes);
+}
+
+// int4 (llama.cpp's Q4 x Q8 scheme, on quantize.py's layout). Per call, each activation row is quantized to int8 in
+// blocks of 32 columns (xq = round(x / dx), dx = max|x| / 127), so that a block's 32 products q * xq are integer
+// dot products, 64 a instruction (VNNI vpdpbusd: the nibbles are its unsigned operand): converting every nibble to
+// float, as a float kernel must, cost 2.5x the uops and left it compute-bound at ~10 GB/s a core. Then
+//     sum_k w_k x_k ~ sum_blocks dx_b * (s_g * sum_b q_k xq_k + (z_g - 8 s_g) * sum_b xq_k)
+// for the block's group g. A step takes 64 bytes of a row, 4 blocks: int32 lane i holds block i / 4's partial dot.
+// The rounding of x is the one approximation (tests/test_cpu_kernels.py checks it against exact x and torch's kernel;
+// BENCHMARKS.md has its perplexity cost).
+constexpr int BLOCK = 32;         // activation columns per int8 scale
+constexpr int STEP_BLOCKS = 4;    // blocks per 64-byte step
+
+inline __m512i dot_u8_s8(__m512i acc, __m512i u, __m512i s) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpbusd_epi32(acc, u, s);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+
+// Scale and zero of each lane's group, for `count` groups starting at sz (pairs side by side); lane i takes group
+// lane_group[i]. bf16 pairs are one 32-bit lane each, so one permute places both.
+inline void scales_zeros(const at::BFloat16* sz, int count, __m512i lane_group, __m512& s, __m512& z) {
+  const __m512i pairs = _mm512_permutexvar_epi32(
+      lane_group, _mm512_castsi128_si512(_mm_maskz_loadu_epi32((1 << count) - 1, sz)));
+  s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+  z = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+inline void scales_zeros(const float* sz, int count, __m512i lane_group, __m512& s, __m512& z) {
+  const __m512 pairs = _mm512_castps256_ps512(_mm256_maskz_loadu_ps((1 << (2 * count)) - 1, sz));
+  const __m512i twice = _mm512_add_epi32(lane_group, lane_group);
+  s = _mm512_permutexvar_ps(twice, pairs);
+  z = _mm512_permutexvar_ps(_mm512_add_epi32(twice, _mm512_set1_epi32(1)), pairs);
+}
+
+// The quantized activations of one call. Per row m and step c: lo/hi [64] the int8 x meeting the low/high nibbles
+// (odd/even columns) byte for byte; dx [16] each lane's block scale; dxsum [16] dx_b * sum_b xq / 4 (a block's
+// 4 lanes add up to its zero term).
+struct Int8Rows {
+  int64_t steps;
+  const int8_t *lo, *hi;
+  const float *dx, *dxsum;
+};
+
+template <typename S, int MC>
+inline void block_int4(const uint8_t* w, int64_t half, int64_t groups, int64_t G, const S* sz, const Int8Rows& xr,
+                       int64_t m0, float* out) {
+  const int64_t blocks_per_group = G / BLOCK;
+  const char* ahead = reinterpret_cast<const char*>(w) + PREFETCH_BLOCKS * R * half;
+  const __m512i low4 = _mm512_set1_epi8(15);
+  const __m512i lane_group = lane_groups(blocks_per_group);
+  __m512 acc[R][MC];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < xr.steps; ++c) {
+    const int64_t bytes = std::min<int64_t>(64, half - c * 64);
+    const __mmask64 wmask = bytes == 64 ? ~0ULL : (1ULL << bytes) - 1;
+    const int64_t g0 = c * STEP_BLOCKS / blocks_per_group;
+    const int count = static_cast<int>(std::min<int64_t>((STEP_BLOCKS + blocks_per_group - 1) / blocks_per_group,
+                                                         groups - g0));
+    prefetch_lines(ahead + c * R * 64, R);
+    for (int r = 0; r < R; ++r) {
+      const __m512i v = _mm512_maskz_loadu_epi8(wmask, w + r * half + c * 64);
+      const __m512i lo = _mm512_and_si512(v, low4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      __m512 s, z;
+      scales_zeros(sz + (r * groups + g0) * 2, count, lane_group, s, z);
+      const __m512 zero_term = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z);  // z - 8 s
+      for (int m = 0; m < MC; ++m) {
+        const int64_t at = (m0 + m) * xr.steps + c;
+        __m512i d = dot_u8_s8(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr.lo + at * 64));
+        d = dot_u8_s8(d, hi, _mm512_loadu_si512(xr.hi + at * 64));
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_loadu_ps(xr.dx + at * 16)),
+                                    acc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(zero_term, _mm512_loadu_ps(xr.dxsum + at * 16), acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MC; ++m) out[r * MC + m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+// Runs block(b, m0, mc, out) over every block of R weight rows and chunk of up to 4 activation rows, in parallel
+// over blocks, and stores out (times row_scale when given) into y [M, N].
+template <typename Y, typename Block>
+void for_blocks(int64_t M, int64_t N, Y* y, const float* row_scale, const Block& block) {
+  at::parallel_for(0, N / R, 16, [&](int64_t b0, int64_t b1) {
+    float out[R * 4];
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
+        block(b, m0, mc, out);
+        for (int r = 0; r < R; ++r) {
+          const float scale = row_scale ? row_scale[b * R + r] : 1.f;
+          for (int m = 0; m < mc; ++m) y[(m0 + m) * N + b * R + r] = static_cast<Y>(out[r * mc + m] * scale);
+        }
+      }
+  });
+}
+
+template <typename W, typename... A>
+inline void dispatch_dot(int mc, const W* w, int64_t K, const float* x, float* out) {
+  switch (mc) {
+    case 1: block_dot<W, 1>(w, K, x, out); break;
+    case 2: block_dot<W, 2>(w, K, x, out); break;
+    case 3: block_dot<W, 3>(w, K, x, out); break;
+    default: block_dot<W, 4>(w, K, x, out); break;
+  }
+}
+
+// x as fp32 rows [M, K] (a reused per-thread buffer: the call itself allocates only y)
+const float* float_rows(const at::Tensor& x, int64_t M, int64_t K) {
+  static thread_local std::vector<float> buffer;
+  buffer.resize(M * K);
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  const at::BFloat16* src = x.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < M * K; ++i) buffer[i] = static_cast<float>(src[i]);
+  return buffer.data();
+}
+
+void check_x(const at::Tensor& x, int64_t K, int64_t N) {
+  TORCH_CHECK(x.device().is_cpu(), "flexfast: x must be a CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "flexfast: x must be fp32 or bf16");
+  TORCH_CHECK(x.size(-1) == K, "flexfast: x has ", x.size(-1), " columns, the weight ", K);
+  TORCH_CHECK(x.numel() / K <= MAX_M, "flexfast: at most ", MAX_M, " rows");
+  TORCH_CHECK(K % 32 == 0 && N % R == 0, "flexfast: K must be a multiple of 32 and N of ", R);
+}
+
+at::Tensor output(const at::Tensor& x, int64_t N) {
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return at::empty(shape, x.options());
+}
+
+template <typename W>
+void run_dot(const at::Tensor& x, const W* w, int64_t N, int64_t K, const float* row_scale, at::Tensor& y) {
+  const int64_t M = x.numel() / K;
+  const float* xf = float_rows(x, M, K);
+  auto block = [&](int64_t b, int64_t m0, int mc, float* out) { dispatch_dot(mc, w + b * R * K, K, xf + m0 * K, out); };
+  if (y.scalar_type() == at::kFloat) for_blocks(M, N, y.data_ptr<float>(), row_scale, block);
+  else for_blocks(M, N, y.data_ptr<at::BFloat16>(), row_scale, block);
+}
+
+}  // namespace
+
+at::Tensor linear(const at::Tensor& x_any, const at::Tensor& w) {
+  const at::Tensor x = x_any.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  check_x(x, K, N);
+  TORCH_CHECK(w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
+              "flexfast::linear: weight must be contiguous fp32 or bf16");
+  at::Tensor y = output(x, N);
+  if (w.scalar_type() == at::kFloat) run_dot(x, w.data_ptr<float>(), N, K, nullptr, y);
+  else run_dot(x, w.data_ptr<at::BFloat16>(), N, K, nullptr, y);
+  return y;
+}
+
+at::Tensor linear_int8(const at::Tensor& x_any, const at::Tensor& w, const at::Tensor& scales) {
+  const at::Tensor x = x_any.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  check_x(x, K, N);
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kChar, "flexfast::linear_int8: weight must be int8");
+  at::Tensor s = scales.to(at::kFloat).contiguous();  // N values: negligible beside the weight
+  at::Tensor y = output(x, N);
+  run_dot(x, w.data_ptr<int8_t>(), N, K, s.data_ptr<float>(), y);
+  return y;
+}
+
+// Quantizes x [M, K] to Int8Rows (buffers reused per thread; the kernel reads them from every thread).
+Int8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
+  static thread_local std::vector<int8_t> lo, hi;
+  static thread_local std::vector<float> dx, dxsum;
+  const int64_t half = K / 2, steps = (half + 63) / 64;
+  lo.assign(M * steps * 64, 0);
+  hi.assign(M * steps * 64, 0);
+  dx.assign(M * steps * 16, 0.f);
+  dxsum.assign(M * steps * 16, 0.f);
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < K / BLOCK; ++b) {
+      const __m512 first = _mm512_loadu_ps(x + m * K + b * BLOCK), second = _mm512_loadu_ps(x + m * K + b * BLOCK + 16);
+      const float d = std::max(_mm512_reduce_max_ps(_mm512_abs_ps(first)),
+                               _mm512_reduce_max_ps(_mm512_abs_ps(second))) / 127.f;
+      const int64_t step = b / STEP_BLOCKS, in_step = b % STEP_BLOCKS, base = (m * steps + step) * 64 + in_step * 16;
+      // round(x / d) to nearest even, as torch.round (a zero block stays zero)
+      const __m512 dv = _mm512_set1_ps(d > 0.f ? d : 1.f);
+      const __m512i even = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_permutex2var_ps(first, evens, second), dv));
+      const __m512i odd = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_permutex2var_ps(first, odds, second), dv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi.data() + base), _mm512_cvtepi32_epi8(even));  // high nibble: even column
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo.data() + base), _mm512_cvtepi32_epi8(odd));
+      const float sum = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(even, odd)));
+      for (int i = 0; i < 4; ++i) {
+        dx[(m * steps + step) * 16 + in_step * 4 + i] = d;
+        dxsum[(m * steps + step) * 16 + in_step * 4 + i] = d * sum / 4.f;
+      }
+    }
+  return Int8Rows{steps, lo.data(), hi.data(), dx.data(), dxsum.data()};
+}
+
+template <typename S>
+void run_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_zeros, at::Tensor& y) {
+  const int64_t N = w.size(0), K = w.size(1) * 2, groups = scales_zeros.size(1), G = K / groups, half = K / 2;
+  const int64_t M = x.numel() / K;
+  const Int8Rows xr = quantize_rows(float_rows(x, M, K), M, K);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const S* szp = scales_zeros.data_ptr<S>();
+  auto block = [&](int64_t b, int64_t m0, int mc, float* out) {
+    const uint8_t* wb = wp + b * R * half;
+    const S* szb = szp + b * R * groups * 2;
+    switch (mc) {
+      case 1: block_int4<S, 1>(wb, half, groups, G, szb, xr, m0, out); break;
+      case 2: block_int4<S, 2>(wb, half, groups, G, szb, xr, m0, out); break;
+      case 3: block_int4<S, 3>(wb, half, groups, G, szb, xr, m0, out); break;
+      default: block_int4<S, 4>(wb, half, groups, G, szb, xr, m0, out); break;
+    }
+  };
+  if (y.scalar_type() == at::kFloat) for_blocks(M, N, y.data_ptr<float>(), nullptr, block);
+  else for_blocks(M, N, y.data_ptr<at::BFloat16>(), nullptr, block);
+}
+
+at::Tensor linear_int4(const at::Tensor& x_any, const at::Tensor& w, const at::Tensor& scales_zeros) {
+  const at::Tensor x = x_any.contiguous();
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  check_x(x, K, N);
+  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kByte, "flexfast::linear_int4: weight must be uint8 [N, K/2]");
+  TORCH_CHECK(scales_zeros.is_contiguous() && scales_zeros.dim() == 3 && scales_zeros.size(0) == N &&
+                  scales_zeros.size(2) == 2 && K % scales_zeros.size(1) == 0 && (K / scales_zeros.size(1)) % 32 == 0,
+              "flexfast::linear_int4: scales_zeros must be [N, K/groupsize, 2], groupsize a multiple of 32");
+  at::Tensor y = output(x, N);
+  if (scales_zeros.scalar_type() == at::kFloat) run_int4<float>(x, w, scales_zeros, y);
+  else if (scales_zeros.scalar_type() == at::kBFloat16) run_int4<at::BFloat16>(x, w, scales_zeros, y);
+  else TORCH_CHECK(false, "flexfast::linear_int4: scales must be fp32 or bf16");
+  return y;
+}
+
+TORCH_LIBRARY(flexfast, m) {
+  m.def("linear(Tensor x, Tensor w) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor w, Tensor scales_zeros) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(flexfast, CPU, m) {
+  m.impl("linear", &linear);
+  m.impl("linear_int8", &linear_int8);
+  m.impl("linear_int4", &linear_int4);
+}

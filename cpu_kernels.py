@@ -1,0 +1,85 @@
+"""Few-row CPU linears written for the memory read (cpu_kernels.cpp), built on first use, and their pure-PyTorch
+references.
+
+Decode, the self-speculative draft and the verify multiply at most 8 rows of activations by each weight, so they are
+bound by reading the weight once. cpu_kernels.cpp streams bf16, fp32, int8 and int4 weights at that rate on x86 CPUs
+with AVX-512 (BENCHMARKS.md has the figures against inductor's GEMV, F.linear and torch's int8/int4 kernels). It is
+compiled here with the C++ compiler torch.compile itself needs, once per machine (the name carries a hash of the
+source, the CPU and the torch version), into ~/.cache/flexfast/kernels. Where it cannot be built (no AVX-512, no
+compiler) or FLEXFAST_KERNELS=0, load() says so once and the callers keep torch's own kernels.
+
+The ops, each checked in tests/test_cpu_kernels.py against the torch path it replaces and a dequantized reference:
+    torch.ops.flexfast.linear(x, w)                       w [N, K] bf16 or fp32
+    torch.ops.flexfast.linear_int8(x, w, scales)          w [N, K] int8, scales [N]
+    torch.ops.flexfast.linear_int4(x, w, scales_zeros)   w [N, K/2] uint8 (quantize.py's layout), scales_zeros
+                                                         [N, K/groupsize, 2]: each group's scale and zero
+x is [..., K], fp32 or bf16, at most MAX_ROWS rows; the result has x's dtype. K must be a multiple of 32 and N of 4
+(supports()).
+"""
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from cli import cpu_model
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+BUILD_ROOT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexfast" / "kernels"
+MAX_ROWS = 8
+LOADED = False  # set by load(); a plain global, which torch.compile reads as a constant at trace time
+
+
+def supports(x: Tensor, weight: Tensor, in_features: int) -> bool:
+    """Whether the kernels take this call (checked at trace time in compiled steps, so it costs nothing per token).
+    False until load() has succeeded in this process."""
+    return (LOADED and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and x.shape[:-1].numel() <= MAX_ROWS and in_features % 32 == 0 and weight.shape[0] % 4 == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> bool:
+    """Builds (first time on this machine: ~20 s) and loads the kernels; False, with one line on stderr, if not.
+    FLEXFAST_KERNELS=0 turns them off."""
+    global LOADED
+    if os.environ.get("FLEXFAST_KERNELS", "1") == "0":
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        print(f"note: CPU kernels need AVX-512 (this CPU: {torch.backends.cpu.get_cpu_capability()}); "
+              "using torch's", file=sys.stderr)
+        return False
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + cpu_model().encode() + torch.__version__.encode()).hexdigest()[:12]
+    name = f"flexfast_cpu_{digest}"
+    build_dir = BUILD_ROOT / name
+    try:
+        from torch.utils.cpp_extension import load as build
+        build_dir.mkdir(parents=True, exist_ok=True)
+        if not any(build_dir.glob("*.so")):
+            print("building the CPU kernels (first run on this machine only)...", file=sys.stderr, flush=True)
+        build(name=name, sources=[str(SOURCE)], build_directory=str(build_dir), is_python_module=False,
+              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # a missing compiler or headers: torch's kernels still work
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"note: could not build the CPU kernels ({first_line}); using torch's", file=sys.stderr)
+        return False
+    register_fakes()
+    LOADED = True
+    return True
+
+
+def register_fakes():
+    """Shapes for torch.compile: the ops are opaque calls in compiled graphs."""
+    def rows_of(x, n):
+        return x.new_empty(*x.shape[:-1], n)
+
+    if getattr(register_fakes, "done", False):
+        return
+    torch.library.register_fake("flexfast::linear")(lambda x, w: rows_of(x, w.shape[0]))
+    torch.library.register_fake("flexfast::linear_int8")(lambda x, w, scales: rows_of(x, w.shape[0]))
+    torch.library.register_fake("flexfast::linear_int4")(lambda x, w, scales_zeros: rows_of(x, w.shape[0]))
+    register_fakes.done = True
+

@@ -1,0 +1,149 @@
+"""cpu_kernels.cpp against the paths it replaces: F.linear for bf16/fp32 weights, torch's int8 and int4 kernels and
+the dequantized weight for quantized ones; and compiled models that call it against eager ones."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cpu_kernels
+from conftest import greedy
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason="the CPU kernels need AVX-512 and a C++ compiler")
+
+ROWS = (1, 2, 3, 5, 8)
+
+
+def tolerance(dtype):
+    # bf16 results are rounded to bf16 once (relative 2^-8); fp32 differ from F.linear only in summation order
+    return dict(atol=2e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=8e-3)
+
+
+def ran_kernel(fn, name):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, any(e.name == f"flexfast::{name}" for e in prof.events())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", ROWS)
+def test_dense_matches_f_linear(dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    for N, K in ((4, 32), (96, 64), (200, 160)):
+        w = torch.randn(N, K, generator=gen).to(dtype)
+        x = torch.randn(1, rows, K, generator=gen).to(dtype)
+        got = torch.ops.flexfast.linear(x, w)
+        assert got.shape == (1, rows, N) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), **tolerance(dtype))
+        # a non-contiguous x (a slice, as compiled graphs may pass) reads the same values
+        wide = torch.randn(rows, 2 * K, generator=gen).to(dtype)
+        torch.testing.assert_close(torch.ops.flexfast.linear(wide[:, ::2], w).float(),
+                                   F.linear(wide[:, ::2].float(), w.float()), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", ROWS)
+def test_int8_matches_torch_and_dequantized(dtype, rows):
+    from quantize import dequantize_int8, quantize_int8
+    gen = torch.Generator().manual_seed(10 + rows)
+    w = torch.randn(100, 96, generator=gen).to(dtype)
+    q, scales = quantize_int8(w)
+    x = torch.randn(rows, 96, generator=gen).to(dtype)
+    got = torch.ops.flexfast.linear_int8(x, q, scales)
+    want = F.linear(x.float(), dequantize_int8(q, scales))
+    torch.testing.assert_close(got.float(), want, **tolerance(dtype))
+    torch.testing.assert_close(got.float(), torch._weight_int8pack_mm(x, q, scales).float(), **tolerance(dtype))
+
+
+def int8_blocks(x):
+    """x as the int4 kernel sees it: rounded to int8 in blocks of 32 columns, each with scale max|x| / 127."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / scale.clamp(min=1e-30)) * scale).reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("groupsize", [32, 64, 128, 256])
+@pytest.mark.parametrize("rows", (1, 3, 8))
+def test_int4_matches_torch_and_dequantized(dtype, groupsize, rows):
+    from quantize import Int4Linear, dequantize_int4, quantize_int4
+    gen = torch.Generator().manual_seed(groupsize + rows)
+    N, K = 64, 576 if groupsize <= 64 else 768  # 576: a last 64-byte step only half full
+    w = torch.randn(N, K, generator=gen).to(dtype)
+    nibbles, scales, zeros = quantize_int4(w, groupsize)
+    x = torch.randn(1, rows, K, generator=gen).to(dtype)
+    x[0, 0, :32] = 0  # an all-zero block
+    got = torch.ops.flexfast.linear_int4(x, nibbles, torch.stack([scales, zeros], dim=-1)).float()
+    weight = dequantize_int4(nibbles, scales, zeros)
+    # the scheme exactly: x rounded to int8 per block of 32
+    torch.testing.assert_close(got, F.linear(int8_blocks(x), weight), **tolerance(dtype))
+    # against exact x, and torch's own CPU int4 kernel (as Int4Linear calls it for more rows than the kernel takes),
+    # the rounding of x costs well under 2% of the output's range
+    exact = F.linear(x.float(), weight)
+    assert (got - exact).abs().max() < 0.02 * exact.abs().max()
+    linear = Int4Linear(K, N, groupsize)
+    linear.weight.data, linear.scales.data, linear.zeros.data = nibbles, scales, zeros
+    linear.pack()
+    x_many = torch.cat([x] * (cpu_kernels.MAX_ROWS // rows + 1), dim=1)
+    torch_rows, used_kernel = ran_kernel(lambda: linear(x_many), "linear_int4")
+    assert not used_kernel
+    kernel_rows, used_kernel = ran_kernel(lambda: linear(x), "linear_int4")
+    assert used_kernel and torch.equal(kernel_rows.float(), got)
+    assert (got - torch_rows[:, :rows].float()).abs().max() < 0.02 * exact.abs().max()
+
+
+def test_unsupported_shapes_keep_torch_paths():
+    x = torch.randn(1, 48)
+    assert not cpu_kernels.supports(x, torch.randn(8, 48), 48)  # K not a multiple of 32
+    assert not cpu_kernels.supports(torch.randn(1, 64), torch.randn(6, 64), 64)  # N not a multiple of 4
+    assert not cpu_kernels.supports(torch.randn(cpu_kernels.MAX_ROWS + 1, 64), torch.randn(8, 64), 64)
+    assert cpu_kernels.supports(torch.randn(cpu_kernels.MAX_ROWS, 64), torch.randn(8, 64), 64)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.flexfast.linear(x, torch.randn(8, 48))
+
+
+def tiny_model(**extra):
+    from model import ModelArgs, Transformer
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=128, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
+                     **extra)
+    return Transformer(args).eval().requires_grad_(False)
+
+
+def test_compiled_flexidepth_with_kernel_matches_eager(monkeypatch):
+    """The kernel chosen for one-token linears, in the main graph and inside FlexiDepth's torch.cond branches: the
+    compiled decode gives eager's logits with routed layers both running and skipping, and really calls it."""
+    import model
+    from steps import compile_steps, forward_last
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {(torch.float32, False): "kernel", (torch.float32, True): "kernel"})
+    tiny = tiny_model(routing_layers=[1, 2], router_dim=8, adapter_dim=12)
+    tiny.setup_caches(1, 16)
+    steps = compile_steps("cpu", False)
+    try:
+        ran, called = [], []
+        for pos, token in enumerate([5, 17, 99, 3, 64, 42]):
+            x, input_pos = torch.tensor([[token]]), torch.tensor([pos])
+            want = forward_last(tiny, x, input_pos)  # eager: writes this position's K/V and routing record
+            ran += [bool(layer.ran[0, pos]) for layer in tiny.layers[1:]]
+            got, used = ran_kernel(lambda: steps.decode(tiny, x, input_pos), "linear")
+            called.append(used)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        assert any(ran) and not all(ran), ran  # both branches were exercised
+        assert all(called)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compiled_self_speculation_with_kernel_is_plain_greedy(monkeypatch):
+    """Draft (one row) and verify (k + 1 rows) both through the kernel: fp32 greedy output equals plain decoding."""
+    import model
+    from steps import compile_steps
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {(torch.float32, False): "kernel", (torch.float32, True): "kernel"})
+    monkeypatch.setattr(model, "FEW_ROW_LINEAR", {torch.float32: "kernel"})
+    tiny = tiny_model()
+    prompt = torch.tensor([1, 7, 42, 9])
+    plain, _ = greedy(tiny, prompt, 12)
+    steps = compile_steps("cpu", False)
+    try:
+        spec, used = ran_kernel(lambda: greedy(tiny, prompt, 12, steps, early_exit=1, speculate_k=3), "linear")
+        assert used and spec[0] == plain
+    finally:
+        torch._dynamo.reset()
