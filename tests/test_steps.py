@@ -40,3 +40,28 @@ def test_compile_line_only_when_this_call_compiled(tiny, capsys):
     for stats, shown in ((eager, False), (again, False), (first, True)):
         print_stats(stats, tiny, cli_args, "cpu", 0.5)
         assert ("compile and warm-up:" in capsys.readouterr().out) == shown
+
+
+@pytest.mark.parametrize("spec", [{}, dict(early_exit=1, speculate_k=2)], ids=["plain", "self_speculative"])
+def test_no_compiling_in_the_timed_loop(tiny, monkeypatch, spec):
+    """After warm_up, generate() compiles nothing: its decode loop runs only graphs warm_up made, with the same
+    shapes, constants and grad mode. A step shape warm_up misses would be compiled inside the timed loop."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+    from steps import compile_steps, warm_up
+    for config, name in ((inductor_config, "freezing"), (inductor_config.cpp, "enable_concat_linear"),
+                         (torch._dynamo.config, "cache_size_limit")):
+        monkeypatch.setattr(config, name, getattr(config, name))  # compile_steps sets them process-wide; restore
+    torch._dynamo.reset()
+    try:
+        steps = compile_steps("cpu", compile_prefill=False)
+        tiny.setup_caches(1, cache_length_needed(len(PROMPT), NEW_TOKENS, spec.get("speculate_k", 0)))
+        counters.clear()
+        warm_up(tiny, steps, len(PROMPT), **spec)
+        assert counters["stats"]["unique_graphs"] > 0  # the counters see compiling at all
+        counters.clear()
+        stats = generate(tiny, PROMPT, NEW_TOKENS, steps=steps, **spec)[1]  # the cache warm_up saw, as in the CLI
+        assert stats.compile_seconds is None
+        assert counters["stats"]["unique_graphs"] == 0, {name: dict(c) for name, c in counters.items()}
+    finally:
+        torch._dynamo.reset()
