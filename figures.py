@@ -65,7 +65,7 @@ def flexidepth_bytes(model: Transformer, layers_used: list) -> float:
 class GenerationStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
-    compile_seconds: float = 0.0  # warm_up before the prompt: not part of prefill or decode
+    compile_seconds: Optional[float] = None  # warm_up before the prompt (None: nothing compiled in this call)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_cpu_seconds: float = 0.0  # this process's CPU time over the decode: steadier than wall on a shared machine
@@ -134,9 +134,11 @@ def merge_stats(all_stats: list) -> GenerationStats:
     for s in all_stats:
         total.prompt_tokens += s.prompt_tokens
         total.new_tokens += s.new_tokens - 1
-        for name in ("compile_seconds", "prefill_seconds", "decode_seconds", "decode_cpu_seconds", "decode_bytes",
-                     "draft_seconds", "verify_seconds"):
+        for name in ("prefill_seconds", "decode_seconds", "decode_cpu_seconds", "decode_bytes", "draft_seconds",
+                     "verify_seconds"):
             setattr(total, name, getattr(total, name) + getattr(s, name))
+        if s.compile_seconds is not None:
+            total.compile_seconds = (total.compile_seconds or 0.0) + s.compile_seconds
         total.accepted += s.accepted
         total.speculate_k += s.speculate_k
         total.from_draft += s.from_draft[1:]
@@ -175,7 +177,7 @@ def print_stats(stats: GenerationStats, model: Transformer, args, device: str, s
     tps = stats.tokens_per_second
     print(f"\nprompt {stats.prompt_tokens} tokens, prefill {stats.prefill_seconds * 1000:.1f} ms; "
           f"generated {stats.new_tokens} tokens")
-    if stats.compile_seconds > 0:
+    if stats.compile_seconds is not None:
         print(f"compile and warm-up: {stats.compile_seconds:.1f} s (not in the figures below)")
     if stats.accepted:
         print(f"acceptance probs: {[round(p, 3) for p in stats.acceptance_histogram()]}")
@@ -185,7 +187,7 @@ def print_stats(stats: GenerationStats, model: Transformer, args, device: str, s
         print(f"draft step {stats.draft_step_seconds * 1000:.2f} ms, verify step {stats.verify_step_seconds * 1000:.2f}"
               f" ms; loop efficiency {tps / stats.forward_bound_tokens_per_second:.2f} (achieved over what the "
               f"measured forwards alone allow, {stats.forward_bound_tokens_per_second:.2f} tok/s)")
-    print(f"decode: {tps:.2f} tok/s (compiled steps only, terminal output excluded)" if stats.compile_seconds > 0
+    print(f"decode: {tps:.2f} tok/s (compiled steps only, terminal output excluded)" if args.compile
           else f"decode: {tps:.2f} tok/s (terminal output excluded)")
     per_token = stats.decode_bytes / max(stats.new_tokens - 1, 1)
     print(f"bandwidth achieved: {stats.bandwidth / 1e9:.2f} GB/s ({per_token / 1e9:.3f} GB of weights read per "

@@ -6,7 +6,6 @@
         --show_depth --depth_html depth.html     # FlexiDepth: routed layers really skipped at decode
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -256,18 +255,17 @@ def speculate_once(model, draft_model, steps, token, pos, k, k_max, early_exit, 
 
 # ---------------------------------------------------------------- command line
 
-def self_speculative_defaults(args) -> str:
-    """--self_speculative without --early_exit / --speculate_k: take them from the checkpoint's config.json
-    "self_speculative" {"early_exit": E, "speculate_k": k} (written by scripts/sweep.py --write_best).
+def self_speculative_defaults(args):
+    """--self_speculative without --early_exit / --speculate_k: take them from the checkpoint's
+    ModelArgs.self_speculative (config.json, written by scripts/sweep.py --write_best).
     Sets args.chosen, the note for the summary line."""
     args.chosen = ""
     if args.early_exit is not None and args.speculate_k is not None:
         return
-    config_path = Path(args.checkpoint_path).parent / "config.json"
     try:
-        best = json.loads(config_path.read_text()).get("self_speculative") or {}
-    except (OSError, json.JSONDecodeError, AttributeError):
-        best = {}  # load_model reports an unreadable config
+        best = ModelArgs.from_folder(Path(args.checkpoint_path).parent).self_speculative
+    except FileNotFoundError:
+        return  # load_model reports a missing folder or config.json
     taken = []
     if args.early_exit is None and "early_exit" in best:
         args.early_exit = best["early_exit"]

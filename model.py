@@ -45,6 +45,9 @@ class ModelArgs:
     # draft an LM head of N rows (the buffer draft_vocab holds their token ids).
     exit_heads: dict = field(default_factory=dict)
     draft_vocab_size: int = 0
+    # self_speculative {"early_exit": E, "speculate_k": k}: the fastest pair scripts/sweep.py --write_best measured,
+    # which generate.py --self_speculative uses for the flags not given; either key may be absent.
+    self_speculative: dict = field(default_factory=dict)
 
     @classmethod
     def from_folder(cls, folder) -> "ModelArgs":
@@ -145,6 +148,18 @@ class ModelArgs:
         if not (isinstance(args.draft_vocab_size, int) and 0 <= args.draft_vocab_size <= args.vocab_size):
             raise ValueError(f"config.json: draft_vocab_size must be an integer in 0..{args.vocab_size}, "
                              f"got {args.draft_vocab_size!r}")
+        best = config.get("self_speculative") or {}
+        if not isinstance(best, dict):
+            raise ValueError(f'config.json: self_speculative must be {{"early_exit": E, "speculate_k": k}}, '
+                             f"got {best!r}")
+        args.self_speculative = {k: best[k] for k in ("early_exit", "speculate_k") if k in best}
+        bad = [f"{k}={v!r}" for k, v in args.self_speculative.items()
+               if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+        if bad:
+            raise ValueError(f"config.json: self_speculative values must be positive integers: {', '.join(bad)}")
+        if args.self_speculative.get("early_exit", 1) >= args.n_layers:
+            raise ValueError(f"config.json: self_speculative early_exit {args.self_speculative['early_exit']} is "
+                             f"outside 1..{args.n_layers - 1}")
         if args.n_heads % args.n_kv_heads:
             raise ValueError(f"{args.n_heads} attention heads are not a multiple of {args.n_kv_heads} KV heads")
         return args

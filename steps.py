@@ -96,12 +96,13 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
 @torch.no_grad()  # as generate() runs the steps: grad mode is part of what a compiled graph is guarded on
 def warm_up(model: Transformer, steps: Steps, prompt_len: int, start_pos: int = 0, speculate_k: int = 0,
             early_exit: Optional[int] = None, draft_model: Optional[Transformer] = None,
-            skip_threshold: float = 0.5) -> float:
+            skip_threshold: float = 0.5) -> Optional[float]:
     """Call each compiled step the coming generation will use once, so that compiling is not timed as decoding.
-    Returns the seconds spent (compiling on a first run, little once cached). Harmless to the cache: it writes only
-    at positions >= start_pos, which prefill and decode overwrite before anything reads them."""
+    Returns the seconds spent (compiling on a first run, little once cached), or None when nothing was compiled:
+    eager steps, or every step shape already warm. Harmless to the cache: it writes only at positions >= start_pos,
+    which prefill and decode overwrite before anything reads them."""
     if not steps.compiled:
-        return 0.0
+        return None
     device = model.norm.weight.device
     t0 = time.perf_counter()
     one = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -128,9 +129,11 @@ def warm_up(model: Transformer, steps: Steps, prompt_len: int, start_pos: int = 
         todo.append((("decode", draft_cache, 0.5), lambda: steps.decode(draft_model, one, pos)))
         todo.append((("verify_full", cache, speculate_k),
                      lambda: steps.verify_full(model, one.expand(1, speculate_k + 1), rows)))
-    for key, call in todo:
-        if key not in steps.warm:
-            call()
-            steps.warm.add(key)
+    cold = [(key, call) for key, call in todo if key not in steps.warm]
+    if not cold:
+        return None
+    for key, call in cold:
+        call()
+        steps.warm.add(key)
     synchronize(device)
     return time.perf_counter() - t0

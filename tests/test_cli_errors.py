@@ -478,6 +478,27 @@ def test_generate_refuses_flags(tiny_checkpoint, capfd, monkeypatch, flags, patt
     assert_one_line_error(result, pattern)
 
 
+@pytest.mark.parametrize("best, pattern, in_subprocess", [
+    ([1, 2], r'self_speculative must be \{"early_exit": E, "speculate_k": k\}, got \[1, 2\]', True),
+    ("E=1", "self_speculative must be", False),
+    ({"early_exit": "1", "speculate_k": 2}, "self_speculative values must be positive integers: early_exit='1'", False),
+    ({"early_exit": 1, "speculate_k": 0}, "self_speculative values must be positive integers: speculate_k=0", False),
+    ({"early_exit": True}, "self_speculative values must be positive integers: early_exit=True", False),
+    ({"early_exit": 2, "speculate_k": 2}, r"self_speculative early_exit 2 is outside 1\.\.1", False),
+], ids=["list", "string", "string_exit", "zero_k", "bool_exit", "exit_past_the_model"])
+def test_generate_refuses_malformed_self_speculative(tiny_checkpoint, tmp_path, capfd, monkeypatch, best, pattern,
+                                                     in_subprocess):
+    """config.json's self_speculative (scripts/sweep.py --write_best) is read with the rest of the config: a
+    malformed value is one error line, whether or not --self_speculative would take it."""
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_checkpoint.parent, folder)
+    edit_config(folder, self_speculative=best)
+    for flags in (["--self_speculative"], []):
+        argv = generate_argv(folder / tiny_checkpoint.name, "--max_new_tokens", "4", *flags)
+        result = run_either(in_subprocess, "generate.py", argv, capfd, monkeypatch)
+        assert_one_line_error(result, "config.json: " + pattern)
+
+
 def test_generate_missing_folder(tmp_path):
     assert_one_line_error(run_generate(tmp_path / "nowhere" / "model.pth"), "nowhere not found")
 

@@ -1,0 +1,67 @@
+"""steps.py: warm_up compiles each step shape before anything is timed, and says whether it compiled anything."""
+import argparse
+
+import pytest
+import torch
+
+from conftest import PROMPT
+from figures import merge_stats, print_stats
+from generate import cache_length_needed, generate
+from model import ModelArgs, Transformer
+from steps import Steps
+
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=256, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96)
+    return Transformer(args).eval().requires_grad_(False)
+
+
+def generate_tiny(model, steps, **spec):
+    model.setup_caches(1, cache_length_needed(len(PROMPT), NEW_TOKENS, spec.get("speculate_k", 0)))
+    return generate(model, PROMPT, NEW_TOKENS, steps=steps, **spec)[1]
+
+
+def test_compile_line_only_when_this_call_compiled(tiny, capsys):
+    """The figures say "compile and warm-up" only for a generate() call whose warm_up compiled something: not for
+    eager steps, nor for a call whose step shapes an earlier one (the CLI's own warm_up, a previous sample) made."""
+    eager = generate_tiny(tiny, Steps())
+    # eager functions marked compiled: warm_up's bookkeeping without the compile time
+    marked = Steps(compiled=True)
+    first, again = generate_tiny(tiny, marked), generate_tiny(tiny, marked)
+    assert eager.compile_seconds is None and again.compile_seconds is None
+    assert first.compile_seconds is not None
+    assert merge_stats([eager, again]).compile_seconds is None
+    assert merge_stats([eager, first, again]).compile_seconds == first.compile_seconds
+    cli_args = argparse.Namespace(compile=True, speculate_k=None)
+    for stats, shown in ((eager, False), (again, False), (first, True)):
+        print_stats(stats, tiny, cli_args, "cpu", 0.5)
+        assert ("compile and warm-up:" in capsys.readouterr().out) == shown
+
+
+@pytest.mark.parametrize("spec", [{}, dict(early_exit=1, speculate_k=2)], ids=["plain", "self_speculative"])
+def test_no_compiling_in_the_timed_loop(tiny, monkeypatch, spec):
+    """After warm_up, generate() compiles nothing: its decode loop runs only graphs warm_up made, with the same
+    shapes, constants and grad mode. A step shape warm_up misses would be compiled inside the timed loop."""
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+    from steps import compile_steps, warm_up
+    for config, name in ((inductor_config, "freezing"), (inductor_config.cpp, "enable_concat_linear"),
+                         (torch._dynamo.config, "cache_size_limit")):
+        monkeypatch.setattr(config, name, getattr(config, name))  # compile_steps sets them process-wide; restore
+    torch._dynamo.reset()
+    try:
+        steps = compile_steps("cpu", compile_prefill=False)
+        tiny.setup_caches(1, cache_length_needed(len(PROMPT), NEW_TOKENS, spec.get("speculate_k", 0)))
+        counters.clear()
+        warm_up(tiny, steps, len(PROMPT), **spec)
+        assert counters["stats"]["unique_graphs"] > 0  # the counters see compiling at all
+        counters.clear()
+        stats = generate(tiny, PROMPT, NEW_TOKENS, steps=steps, **spec)[1]  # the cache warm_up saw, as in the CLI
+        assert stats.compile_seconds is None
+        assert counters["stats"]["unique_graphs"] == 0, {name: dict(c) for name, c in counters.items()}
+    finally:
+        torch._dynamo.reset()
