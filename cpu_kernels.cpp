@@ -16,7 +16,9 @@ namespace {
 
 constexpr int R = 4;                 // weight rows per block
 constexpr int MAX_M = 8;
-constexpr int PREFETCH_BLOCKS = 2;
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 8192
+#endif
 
 inline __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -37,7 +39,7 @@ inline float to_float(T v) { return static_cast<float>(v); }
 template <typename W, int MC>
 inline void block_dot(const W* w, int64_t K, const float* x, float* out) {
   constexpr int step_bytes = R * 16 * sizeof(W);
-  const char* ahead = reinterpret_cast<const char*>(w) + PREFETCH_BLOCKS * R * K * sizeof(W);
+  const char* ahead = reinterpret_cast<const char*>(w) + PREFETCH_BYTES;
   __m512 acc[R][MC];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -108,7 +110,10 @@ template <typename S, int MC>
 inline void block_int4(const uint8_t* w, int64_t half, int64_t groups, int64_t G, const S* sz, const Int8Rows& xr,
                        int64_t m0, float* out) {
   const int64_t blocks_per_group = G / BLOCK;
-  const char* ahead = reinterpret_cast<const char*>(w) + PREFETCH_BLOCKS * R * half;
+  const char* ahead = reinterpret_cast<const char*>(w) + PREFETCH_BYTES;
+  // the scales as far ahead, in blocks, as the nibbles: a second stream the hardware prefetcher left behind
+  const char* scales_ahead = reinterpret_cast<const char*>(sz) +
+                             (PREFETCH_BYTES / (R * half) + 1) * R * groups * 2 * static_cast<int64_t>(sizeof(S));
   const __m512i low4 = _mm512_set1_epi8(15);
   const __m512i lane_group = lane_groups(blocks_per_group);
   __m512 acc[R][MC];
@@ -121,6 +126,7 @@ inline void block_int4(const uint8_t* w, int64_t half, int64_t groups, int64_t G
     const int count = static_cast<int>(std::min<int64_t>((STEP_BLOCKS + blocks_per_group - 1) / blocks_per_group,
                                                          groups - g0));
     prefetch_lines(ahead + c * R * 64, R);
+    _mm_prefetch(scales_ahead + c * 64, _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
       const __m512i v = _mm512_maskz_loadu_epi8(wmask, w + r * half + c * 64);
       const __m512i lo = _mm512_and_si512(v, low4);

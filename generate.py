@@ -6,6 +6,7 @@
         --show_depth --depth_html depth.html     # FlexiDepth: routed layers really skipped at decode
 """
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from depth_view import stream_printer, token_texts, write_depth_html
 from figures import GenerationStats, decode_bytes, print_stats, summary_line
 from model import ModelArgs, Transformer
 from sampling import Sampling, speculative_accept
-from steps import Steps, compile_steps, synchronize, warm_up
+from steps import Steps, checked_once, compile_steps, synchronize, warm_up
 from tokenizer import load_tokenizer
 
 DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
@@ -171,29 +172,34 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, sampling: 
     pos = start_pos + T  # position of `token`, which is not in the cache yet
     k = speculate_k
     t0, cpu0 = time.perf_counter(), time.process_time()
-    while not stop and len(out) < max_new_tokens and out[-1] not in stop_ids:
-        if not speculating:
-            logits = steps.decode(model, token.view(1, 1), torch.tensor([pos], device=device), skip_threshold)
-            token = sampling.sample(logits)[0]
-            new, drafted = [int(token)], [False]
-            pos += 1
-        else:
-            k_step = min(k, max_new_tokens - len(out))  # never draft past the end
-            n, token, drafts = speculate_once(model, draft_model, steps, token, pos, k_step, speculate_k,
-                                              early_exit, sampling, stats)
-            new, drafted = drafts[:n] + [int(token)], [True] * n + [False]
-            pos += n + 1
-            stats.accepted.append(n)
-            stats.speculate_k.append(k_step)
-            if adaptive_k:
-                k = next_k(k_step, n, speculate_k)
-        for t, d in zip(new, drafted):
-            if len(out) >= max_new_tokens or out[-1] in stop_ids:
-                break
-            out.append(t)
-            from_draft.append(d)
-        if callback:
-            stop = bool(callback(out))
+    all_guards_checked = False
+    with contextlib.ExitStack() as loop:
+        while not stop and len(out) < max_new_tokens and out[-1] not in stop_ids:
+            if not speculating:
+                logits = steps.decode(model, token.view(1, 1), torch.tensor([pos], device=device), skip_threshold)
+                token = sampling.sample(logits)[0]
+                new, drafted = [int(token)], [False]
+                pos += 1
+            else:
+                k_step = min(k, max_new_tokens - len(out))  # never draft past the end
+                n, token, drafts = speculate_once(model, draft_model, steps, token, pos, k_step, speculate_k,
+                                                  early_exit, sampling, stats)
+                new, drafted = drafts[:n] + [int(token)], [True] * n + [False]
+                pos += n + 1
+                stats.accepted.append(n)
+                stats.speculate_k.append(k_step)
+                if adaptive_k:
+                    k = next_k(k_step, n, speculate_k)
+            for t, d in zip(new, drafted):
+                if len(out) >= max_new_tokens or out[-1] in stop_ids:
+                    break
+                out.append(t)
+                from_draft.append(d)
+            if callback:
+                stop = bool(callback(out))
+            if not all_guards_checked:  # every step this loop takes has now run once with all of dynamo's guards
+                loop.enter_context(checked_once(steps))
+                all_guards_checked = True
     synchronize(device)
     stats.decode_seconds = time.perf_counter() - t0
     stats.decode_cpu_seconds = time.process_time() - cpu0

@@ -10,7 +10,8 @@ kernel's streaming rate without per-call overhead. Times are this process's CPU 
 zeros). The sum row is torch's read rate over a buffer of the same size, the memory limit.
 
 Kernels: bf16 = model.Linear's one-token multiply-and-sum; int8_torch / int4_torch = torch._weight_int8pack_mm /
-torch._weight_int4pack_mm_for_cpu (what quantize.py uses); the others are inductor-generated dequantize-and-reduce:
+torch._weight_int4pack_mm_for_cpu (quantize.py's path for many rows); *_ours = cpu_kernels.cpp (quantize.py's path
+for few rows; one call per copy, like the torch kernels); the others are inductor-generated dequantize-and-reduce:
 int8 converted to bf16 or to fp32 along the contiguous rows (_rows), or with the weight transposed so the
 reduction runs down columns (_cols); int4 with the group's scale applied after the group's reduction (_groups) or
 to every element (_elements), nibbles paired as (j, j + 16) within a group of 32 (contiguous activations) or as
@@ -25,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import cpu_kernels  # noqa: E402
 from quantize import quantize_int4, quantize_int8, unpack_int4  # noqa: E402
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]  # SmolLM2-135M: (out, in)
@@ -81,7 +83,20 @@ def int4_groups_file(x, b, s, z8):
     return ((dot * s.float()).sum(-1) + (z8.float() * xg.sum((-1, -2))).sum(-1)).to(bf16)
 
 
-KERNELS = {"bf16": bf16_gemv, "int8_torch": int8_torch, "int8_rows_bf16": int8_rows_bf16,
+def bf16_ours(x, ws):
+    return torch.stack([torch.ops.flexfast.linear(x[i:i + 1], w)[0] for i, w in enumerate(ws)])
+
+
+def int8_ours(x, q, s):
+    return torch.stack([torch.ops.flexfast.linear_int8(x[i:i + 1], q[i], s[i])[0] for i in range(len(q))])
+
+
+def int4_ours(x, nibbles, scales_zeros):
+    return torch.stack([torch.ops.flexfast.linear_int4(x[i:i + 1], n, sz)[0]
+                        for i, (n, sz) in enumerate(zip(nibbles, scales_zeros))])
+
+
+KERNELS = {"bf16": bf16_gemv, "bf16_ours": bf16_ours, "int8_ours": int8_ours, "int4_ours": int4_ours, "int8_torch": int8_torch, "int8_rows_bf16": int8_rows_bf16,
            "int8_rows_fp32": int8_rows_fp32, "int8_cols": int8_cols, "int4_torch": int4_torch,
            "int4_groups": int4_groups, "int4_elements": int4_elements, "int4_groups_file": int4_groups_file}
 
@@ -91,12 +106,16 @@ def operands(kernel: str, ws: list) -> tuple:
     N, K = ws[0].shape
     if kernel == "bf16":
         return (torch.stack(ws).to(bf16),), N * K * 2
+    if kernel == "bf16_ours":
+        return ([w.to(bf16) for w in ws],), N * K * 2
     if kernel.startswith("int8"):
         qs = [quantize_int8(w) for w in ws]
         q = torch.stack([q.t().contiguous() if kernel == "int8_cols" else q for q, _ in qs])
         return (q, torch.stack([s for _, s in qs]).to(bf16)), N * K + N * 2
     qs = [quantize_int4(w, GS) for w in ws]
     nbytes = N * K // 2 + N * (K // GS) * 4
+    if kernel == "int4_ours":
+        return ([n for n, _, _ in qs], [torch.stack([s, z], -1).to(bf16).contiguous() for _, s, z in qs]), nbytes
     if kernel == "int4_torch":
         packed = [torch._convert_weight_to_int4pack_for_cpu(unpack_int4(n).to(torch.int32), 2) for n, _, _ in qs]
         sz = [torch.stack([s.to(bf16), z.to(bf16)], -1).transpose(0, 1).contiguous() for _, s, z in qs]
@@ -126,8 +145,16 @@ def main(argv=None):
     p.add_argument("--mb", type=float, default=48.0, help="bf16 MB per shape stack (above the last-level cache)")
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS))
+    p.add_argument("--quality", type=Path, default=None, metavar="MODEL_PTH",
+                   help="instead: the perplexity of one-token decode on real text with this model.pth, bf16 against "
+                        "its int8/int4 files (model_int8.pth, model_int4.g32.pth beside it) with cpu_kernels and "
+                        "with torch's kernels")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.quality:
+        return decode_quality(args.quality)
+    if any(name.endswith("ours") for name in args.kernels) and not cpu_kernels.load():
+        raise SystemExit("error: cpu_kernels could not be built here; leave out the *_ours kernels")
     torch._dynamo.config.recompile_limit = torch._dynamo.config.cache_size_limit = 64
     print(f"µs per linear and GB/s, {args.threads} thread(s), CPU time, torch {torch.__version__}\n")
     print("| shape (out x in) | copies | sum GB/s | " + " | ".join(args.kernels) + " |")
@@ -143,7 +170,7 @@ def main(argv=None):
         for name in args.kernels:
             weights, nbytes = operands(name, ws)
             fn = KERNELS[name]
-            run = fn if name.endswith("torch") else torch.compile(fn, fullgraph=True)
+            run = fn if name.endswith(("torch", "ours")) else torch.compile(fn, fullgraph=True)
             with torch.no_grad():
                 y = run(x, *weights).float()
                 error = float((y - reference).norm() / reference.norm())
@@ -152,6 +179,39 @@ def main(argv=None):
                 seconds = cpu_seconds(lambda: run(x, *weights), args.repeats)
             cells.append(f"{seconds / copies * 1e6:.1f} µs, {nbytes * copies / seconds / 1e9:.1f}")
         print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def decode_perplexity(model, tokens) -> float:
+    """exp(mean NLL) of tokens[1:], each predicted by a one-token decode step (eager: the path of few rows)."""
+    model.setup_caches(1, len(tokens))
+    nll = 0.0
+    with torch.no_grad():
+        for pos in range(len(tokens) - 1):
+            logits = model(tokens[pos].view(1, 1), torch.tensor([pos]))[0, -1].float()
+            nll -= torch.log_softmax(logits, -1)[tokens[pos + 1]].item()
+    return float(torch.tensor(nll / (len(tokens) - 1)).exp())
+
+
+def decode_quality(model_path: Path, n_tokens: int = 384):
+    """bf16 against its quantized files, int4's activations rounded to int8 by cpu_kernels or not (torch's)."""
+    import generate
+    from pydoc_data.topics import topics
+    from tokenizer import load_tokenizer
+    text = " ".join(topics[key] for key in sorted(topics))[:20000]
+    tokens = torch.tensor(load_tokenizer(model_path.parent).encode(text, add_special_tokens=False)[:n_tokens])
+    print(f"one-token decode perplexity, {len(tokens)} tokens of pydoc_data.topics, bf16 activations\n")
+    print("| weights | kernels | perplexity |\n|---|---|---|")
+    print(f"| bf16 | F.linear | {decode_perplexity(generate.load_model(model_path, 'cpu', bf16), tokens):.3f} |")
+    for name in ("model_int8.pth", "model_int4.g32.pth"):
+        path = model_path.parent / name
+        if not path.exists():
+            print(f"| {name} | – | not found (quantize.py writes it) |")
+            continue
+        for kernels in ("cpu_kernels", "torch"):
+            cpu_kernels.LOADED = kernels == "cpu_kernels" and cpu_kernels.load()
+            model = generate.load_model(path, "cpu", bf16)
+            print(f"| {name} | {kernels} | {decode_perplexity(model, tokens):.3f} |", flush=True)
+    cpu_kernels.LOADED = cpu_kernels.load()
 
 
 if __name__ == "__main__":

@@ -65,3 +65,26 @@ def test_no_compiling_in_the_timed_loop(tiny, monkeypatch, spec):
         assert counters["stats"]["unique_graphs"] == 0, {name: dict(c) for name, c in counters.items()}
     finally:
         torch._dynamo.reset()
+
+
+def test_one_set_of_steps_serves_two_models_after_checked_guards():
+    """generate() checks only the guards that tell cached graphs apart once every step has run with all of them
+    (steps.checked_once). Compiled steps hold a model's weights (freezing), so a second model of the same shapes
+    decoded by the same steps must still get its own graph, plain and self-speculative, and its own tokens."""
+    from steps import compile_steps
+    args = ModelArgs(vocab_size=256, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96)
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        models.append(Transformer(args).eval().requires_grad_(False))
+    steps = compile_steps("cpu", False)
+    try:
+        for spec in ({}, dict(early_exit=1, speculate_k=2)):
+            for model in models + models:  # back and forth: both graphs cached
+                model.setup_caches(1, cache_length_needed(len(PROMPT), NEW_TOKENS, spec.get("speculate_k", 0)))
+                want = generate(model, PROMPT, NEW_TOKENS, steps=Steps(), **spec)[0]
+                got = generate(model, PROMPT, NEW_TOKENS, steps=steps, **spec)[0]
+                assert got.tolist() == want.tolist()
+        assert generate(models[0], PROMPT, NEW_TOKENS)[0].tolist() != generate(models[1], PROMPT, NEW_TOKENS)[0].tolist()
+    finally:
+        torch._dynamo.reset()
