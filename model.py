@@ -157,7 +157,7 @@ class ModelArgs:
                if isinstance(v, bool) or not isinstance(v, int) or v < 1]
         if bad:
             raise ValueError(f"config.json: self_speculative values must be positive integers: {', '.join(bad)}")
-        if args.self_speculative.get("early_exit", 1) >= args.n_layers:
+        if args.self_speculative.get("early_exit", 0) >= args.n_layers:
             raise ValueError(f"config.json: self_speculative early_exit {args.self_speculative['early_exit']} is "
                              f"outside 1..{args.n_layers - 1}")
         if args.n_heads % args.n_kv_heads:
