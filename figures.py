@@ -204,7 +204,8 @@ def print_stats(stats: GenerationStats, model: Transformer, args, device: str, s
 def summary_line(args, model: Transformer, precision, device: str, world: int, load_seconds: float) -> str:
     quant = getattr(model, "quantization", None)
     return (f"{args.checkpoint_path.parent.name}: {model.args.n_layers} layers, dim {model.args.dim}, "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+            f"{sum(p.numel() for n, p in model.named_parameters() if n.rsplit('.', 1)[-1] not in NOT_WEIGHTS) / 1e6:.1f}"
+            f"M params, "
             f"{args.precision or str(precision).replace('torch.', '') + ' (default on ' + device + ')'}"
             f"{', ' + quant['mode'] if quant else ''}"
             f"{' g' + str(quant['groupsize']) if quant and 'groupsize' in quant else ''}, {device}"
