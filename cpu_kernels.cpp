@@ -1,11 +1,11 @@
 // Few-row linears on x86 CPUs with AVX-512: y[M, N] = x[M, K] @ W[N, K]^T for M <= 8 (decode, draft, verify).
 // At these M a linear only has to read its weight once, so the kernel is written around the read: four weight rows
 // at a time (one contiguous chunk of memory), every activation row applied to each weight vector while it is in a
-// register, fp32 accumulation, and a software prefetch PREFETCH_BLOCKS blocks ahead, because the hardware prefetcher
-// alone does not follow four short row streams (measured: 17 GB/s a core without it, 30 with it, on a 43 GB/s core).
+// register, fp32 accumulation, and a software prefetch PREFETCH_BYTES ahead, because the hardware prefetcher alone
+// does not follow four short row streams (measured: 17 GB/s a core without it, 30 with it, on a 43 GB/s core).
 // Weights: bf16 or fp32 (dense), int8 with a scale per row, int4 with a scale and zero per group of columns, in
 // quantize.py's file layout (two columns a byte, the even column in the high nibble): dequantized as
-// (q - 8) * scale + zero. The reference for every kernel is its pure-PyTorch form (cpu_kernels.reference).
+// (q - 8) * scale + zero. tests/test_cpu_kernels.py checks each against the torch path it replaces.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -31,9 +31,6 @@ inline __m512 load16(const int8_t* p) {
 inline void prefetch_lines(const char* p, int lines) {
   for (int i = 0; i < lines; ++i) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
 }
-
-template <typename T>
-inline float to_float(T v) { return static_cast<float>(v); }
 
 // Dense or int8 rows: out[r * MC + m] = sum_k w[r, k] * x[m, k]
 template <typename W, int MC>
@@ -150,8 +147,8 @@ inline void block_int4(const uint8_t* w, int64_t half, int64_t groups, int64_t G
 
 // Runs block(b, m0, mc, out) over every block of R weight rows and chunk of up to 4 activation rows, in parallel
 // over blocks, and stores out (times row_scale when given) into y [M, N].
-template <typename Y, typename Block>
-void for_blocks(int64_t M, int64_t N, Y* y, const float* row_scale, const Block& block) {
+template <typename Y, typename S, typename Block>
+void for_blocks(int64_t M, int64_t N, Y* y, const S* row_scale, const Block& block) {
   at::parallel_for(0, N / R, 16, [&](int64_t b0, int64_t b1) {
     float out[R * 4];
     for (int64_t b = b0; b < b1; ++b)
@@ -159,14 +156,14 @@ void for_blocks(int64_t M, int64_t N, Y* y, const float* row_scale, const Block&
         const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
         block(b, m0, mc, out);
         for (int r = 0; r < R; ++r) {
-          const float scale = row_scale ? row_scale[b * R + r] : 1.f;
+          const float scale = row_scale ? static_cast<float>(row_scale[b * R + r]) : 1.f;
           for (int m = 0; m < mc; ++m) y[(m0 + m) * N + b * R + r] = static_cast<Y>(out[r * mc + m] * scale);
         }
       }
   });
 }
 
-template <typename W, typename... A>
+template <typename W>
 inline void dispatch_dot(int mc, const W* w, int64_t K, const float* x, float* out) {
   switch (mc) {
     case 1: block_dot<W, 1>(w, K, x, out); break;
@@ -178,9 +175,9 @@ inline void dispatch_dot(int mc, const W* w, int64_t K, const float* x, float* o
 
 // x as fp32 rows [M, K] (a reused per-thread buffer: the call itself allocates only y)
 const float* float_rows(const at::Tensor& x, int64_t M, int64_t K) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
   static thread_local std::vector<float> buffer;
   buffer.resize(M * K);
-  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
   const at::BFloat16* src = x.data_ptr<at::BFloat16>();
   for (int64_t i = 0; i < M * K; ++i) buffer[i] = static_cast<float>(src[i]);
   return buffer.data();
@@ -200,8 +197,8 @@ at::Tensor output(const at::Tensor& x, int64_t N) {
   return at::empty(shape, x.options());
 }
 
-template <typename W>
-void run_dot(const at::Tensor& x, const W* w, int64_t N, int64_t K, const float* row_scale, at::Tensor& y) {
+template <typename W, typename S = float>
+void run_dot(const at::Tensor& x, const W* w, int64_t N, int64_t K, const S* row_scale, at::Tensor& y) {
   const int64_t M = x.numel() / K;
   const float* xf = float_rows(x, M, K);
   auto block = [&](int64_t b, int64_t m0, int mc, float* out) { dispatch_dot(mc, w + b * R * K, K, xf + m0 * K, out); };
@@ -218,8 +215,8 @@ at::Tensor linear(const at::Tensor& x_any, const at::Tensor& w) {
   TORCH_CHECK(w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
               "flexfast::linear: weight must be contiguous fp32 or bf16");
   at::Tensor y = output(x, N);
-  if (w.scalar_type() == at::kFloat) run_dot(x, w.data_ptr<float>(), N, K, nullptr, y);
-  else run_dot(x, w.data_ptr<at::BFloat16>(), N, K, nullptr, y);
+  if (w.scalar_type() == at::kFloat) run_dot(x, w.data_ptr<float>(), N, K, static_cast<const float*>(nullptr), y);
+  else run_dot(x, w.data_ptr<at::BFloat16>(), N, K, static_cast<const float*>(nullptr), y);
   return y;
 }
 
@@ -228,9 +225,12 @@ at::Tensor linear_int8(const at::Tensor& x_any, const at::Tensor& w, const at::T
   const int64_t N = w.size(0), K = w.size(1);
   check_x(x, K, N);
   TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kChar, "flexfast::linear_int8: weight must be int8");
-  at::Tensor s = scales.to(at::kFloat).contiguous();  // N values: negligible beside the weight
+  TORCH_CHECK(scales.is_contiguous() && scales.numel() == N &&
+                  (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
+              "flexfast::linear_int8: scales must be N contiguous fp32 or bf16 values");
   at::Tensor y = output(x, N);
-  run_dot(x, w.data_ptr<int8_t>(), N, K, s.data_ptr<float>(), y);
+  if (scales.scalar_type() == at::kFloat) run_dot(x, w.data_ptr<int8_t>(), N, K, scales.data_ptr<float>(), y);
+  else run_dot(x, w.data_ptr<int8_t>(), N, K, scales.data_ptr<at::BFloat16>(), y);
   return y;
 }
 
@@ -283,8 +283,8 @@ void run_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales
       default: block_int4<S, 4>(wb, half, groups, G, szb, xr, m0, out); break;
     }
   };
-  if (y.scalar_type() == at::kFloat) for_blocks(M, N, y.data_ptr<float>(), nullptr, block);
-  else for_blocks(M, N, y.data_ptr<at::BFloat16>(), nullptr, block);
+  if (y.scalar_type() == at::kFloat) for_blocks(M, N, y.data_ptr<float>(), static_cast<const float*>(nullptr), block);
+  else for_blocks(M, N, y.data_ptr<at::BFloat16>(), static_cast<const float*>(nullptr), block);
 }
 
 at::Tensor linear_int4(const at::Tensor& x_any, const at::Tensor& w, const at::Tensor& scales_zeros) {

@@ -1,5 +1,4 @@
-"""Few-row CPU linears written for the memory read (cpu_kernels.cpp), built on first use, and their pure-PyTorch
-references.
+"""Few-row CPU linears written for the memory read (cpu_kernels.cpp), built on first use.
 
 Decode, the self-speculative draft and the verify multiply at most 8 rows of activations by each weight, so they are
 bound by reading the weight once. cpu_kernels.cpp streams bf16, fp32, int8 and int4 weights at that rate on x86 CPUs
@@ -72,14 +71,11 @@ def load() -> bool:
 
 
 def register_fakes():
-    """Shapes for torch.compile: the ops are opaque calls in compiled graphs."""
+    """Shapes for torch.compile: the ops are opaque calls in compiled graphs. Once per process (load() is cached)."""
     def rows_of(x, n):
         return x.new_empty(*x.shape[:-1], n)
 
-    if getattr(register_fakes, "done", False):
-        return
     torch.library.register_fake("flexfast::linear")(lambda x, w: rows_of(x, w.shape[0]))
     torch.library.register_fake("flexfast::linear_int8")(lambda x, w, scales: rows_of(x, w.shape[0]))
     torch.library.register_fake("flexfast::linear_int4")(lambda x, w, scales_zeros: rows_of(x, w.shape[0]))
-    register_fakes.done = True
 

@@ -165,8 +165,6 @@ def decode_bytes(model: Transformer, stats: GenerationStats, early_exit: Optiona
 
 # ---------------------------------------------------------------- the figures the CLI prints
 
-
-
 def peak_memory_gb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 1e9

@@ -27,6 +27,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import generate as ff  # noqa: E402
+import model as model_code  # noqa: E402
 from cli import cpu_model, main_guard  # noqa: E402
 from figures import weight_bytes  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
@@ -77,7 +78,6 @@ class TokenClock:
 
 def flexfast_runner(model, prompt, steps, few_token_attention=True, linear_kind=None):
     """linear_kind: the one-token linear kind to use instead of cpu_linear's choice ("gemv", "linear", "kernel")."""
-    import model as model_code
 
     def run(n):
         clock = TokenClock()
@@ -193,7 +193,6 @@ def benchmark_precision(args, name, prompt, bytes_per_token_holder, rows, progre
     add("FlexFast eager", lambda: flexfast_runner(model, prompt, ff.Steps()))
     add("FlexFast compiled", lambda: flexfast_runner(model, prompt, ff.compile_steps("cpu", False, dtype)),
         "generate.compile_steps")
-    import model as model_code
     if args.sdpa_row:
         add("FlexFast compiled, SDPA at one token", lambda: flexfast_runner(
             model, prompt, ff.compile_steps("cpu", False, dtype), few_token_attention=False),
