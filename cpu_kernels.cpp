@@ -5,11 +5,14 @@
 // does not follow four short row streams (measured: 17 GB/s a core without it, 30 with it, on a 43 GB/s core).
 // Weights: bf16 or fp32 (dense), int8 with a scale per row, int4 with a scale and zero per group of columns, in
 // quantize.py's file layout (two columns a byte, the even column in the high nibble): dequantized as
-// (q - 8) * scale + zero. tests/test_cpu_kernels.py checks each against the torch path it replaces.
+// (q - 8) * scale + zero. Each op takes a list of weights of one K (wq/wk/wv, w1/w3) and returns their outputs side by
+// side: one call, so one fork and join of the threads, reads them all. tests/test_cpu_kernels.py checks each against
+// the torch path it replaces.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -145,22 +148,39 @@ inline void block_int4(const uint8_t* w, int64_t half, int64_t groups, int64_t G
     for (int m = 0; m < MC; ++m) out[r * MC + m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-// Runs block(b, m0, mc, out) over every block of R weight rows and chunk of up to 4 activation rows, in parallel
-// over blocks, and stores out (times row_scale when given) into y [M, N].
-template <typename Y, typename S, typename Block>
-void for_blocks(int64_t M, int64_t N, Y* y, const S* row_scale, const Block& block) {
-  at::parallel_for(0, N / R, 16, [&](int64_t b0, int64_t b1) {
+// Runs block(b, m0, mc, out) over `blocks` blocks of R weight rows and chunks of up to 4 activation rows, in parallel
+// over blocks; block returns the column of y [M, ldy] its first row goes to and leaves in out its R x mc results.
+template <typename Y, typename Block>
+void for_blocks(int64_t M, int64_t ldy, int64_t blocks, Y* y, const Block& block) {
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     float out[R * 4];
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
-        block(b, m0, mc, out);
-        for (int r = 0; r < R; ++r) {
-          const float scale = row_scale ? static_cast<float>(row_scale[b * R + r]) : 1.f;
-          for (int m = 0; m < mc; ++m) y[(m0 + m) * N + b * R + r] = static_cast<Y>(out[r * mc + m] * scale);
-        }
+        const int64_t col = block(b, m0, mc, out);
+        for (int r = 0; r < R; ++r)
+          for (int m = 0; m < mc; ++m) y[(m0 + m) * ldy + col + r] = static_cast<Y>(out[r * mc + m]);
       }
   });
+}
+
+// Several weights of the same input width as one run of blocks (one parallel region for all: a small weight takes
+// less time to read than a fork and join of the threads). Block b lies in weight part(b), at row first_row(b).
+struct Parts {
+  std::vector<int64_t> ends;  // cumulative row counts
+  int part(int64_t row) const {
+    int j = 0;
+    while (row >= ends[j]) ++j;
+    return j;
+  }
+  int64_t first_row(int j) const { return j ? ends[j - 1] : 0; }
+};
+
+Parts parts_of(const std::vector<int64_t>& rows) {
+  Parts p;
+  int64_t total = 0;
+  for (int64_t n : rows) p.ends.push_back(total += n);
+  return p;
 }
 
 template <typename W>
@@ -197,40 +217,76 @@ at::Tensor output(const at::Tensor& x, int64_t N) {
   return at::empty(shape, x.options());
 }
 
+// y [M, sum N_j] = x @ [W_0; W_1; ...]^T, each W_j [N_j, K] of type W, times row_scales[j] per row when given.
 template <typename W, typename S = float>
-void run_dot(const at::Tensor& x, const W* w, int64_t N, int64_t K, const S* row_scale, at::Tensor& y) {
+void run_dot(const at::Tensor& x, const std::vector<const W*>& ws, const std::vector<int64_t>& rows, int64_t K,
+             const std::vector<const S*>& row_scales, at::Tensor& y) {
   const int64_t M = x.numel() / K;
+  const Parts parts = parts_of(rows);
+  const int64_t N = parts.ends.back();
   const float* xf = float_rows(x, M, K);
-  auto block = [&](int64_t b, int64_t m0, int mc, float* out) { dispatch_dot(mc, w + b * R * K, K, xf + m0 * K, out); };
-  if (y.scalar_type() == at::kFloat) for_blocks(M, N, y.data_ptr<float>(), row_scale, block);
-  else for_blocks(M, N, y.data_ptr<at::BFloat16>(), row_scale, block);
+  auto block = [&](int64_t b, int64_t m0, int mc, float* out) {
+    const int64_t row = b * R;
+    const int j = parts.part(row);
+    const int64_t local = row - parts.first_row(j);
+    dispatch_dot(mc, ws[j] + local * K, K, xf + m0 * K, out);
+    if (!row_scales.empty())
+      for (int r = 0; r < R; ++r)
+        for (int m = 0; m < mc; ++m) out[r * mc + m] *= static_cast<float>(row_scales[j][local + r]);
+    return row;
+  };
+  if (y.scalar_type() == at::kFloat) for_blocks(M, N, N / R, y.data_ptr<float>(), block);
+  else for_blocks(M, N, N / R, y.data_ptr<at::BFloat16>(), block);
 }
 
 }  // namespace
 
-at::Tensor linear(const at::Tensor& x_any, const at::Tensor& w) {
+// The weights' rows of one K, with pointers to them and (int8) to their scales, checked.
+template <typename W>
+std::vector<const W*> pointers(at::TensorList ws) {
+  std::vector<const W*> ptrs;
+  for (const auto& w : ws) ptrs.push_back(w.data_ptr<W>());
+  return ptrs;
+}
+
+std::vector<int64_t> checked_rows(const at::Tensor& x, at::TensorList ws, const char* what) {
+  TORCH_CHECK(!ws.empty(), what, ": no weights");
+  std::vector<int64_t> rows;
+  for (const auto& w : ws) {
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == ws[0].size(1) && w.is_contiguous() &&
+                    w.scalar_type() == ws[0].scalar_type(),
+                what, ": weights must be contiguous [N, K] of one dtype and K");
+    check_x(x, w.size(1), w.size(0));
+    rows.push_back(w.size(0));
+  }
+  return rows;
+}
+
+at::Tensor linear(const at::Tensor& x_any, at::TensorList ws) {
   const at::Tensor x = x_any.contiguous();
-  const int64_t N = w.size(0), K = w.size(1);
-  check_x(x, K, N);
-  TORCH_CHECK(w.is_contiguous() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16),
-              "flexfast::linear: weight must be contiguous fp32 or bf16");
-  at::Tensor y = output(x, N);
-  if (w.scalar_type() == at::kFloat) run_dot(x, w.data_ptr<float>(), N, K, static_cast<const float*>(nullptr), y);
-  else run_dot(x, w.data_ptr<at::BFloat16>(), N, K, static_cast<const float*>(nullptr), y);
+  const std::vector<int64_t> rows = checked_rows(x, ws, "flexfast::linear");
+  const auto dtype = ws[0].scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "flexfast::linear: weights must be fp32 or bf16");
+  at::Tensor y = output(x, std::accumulate(rows.begin(), rows.end(), int64_t{0}));
+  if (dtype == at::kFloat) run_dot<float>(x, pointers<float>(ws), rows, ws[0].size(1), {}, y);
+  else run_dot<at::BFloat16>(x, pointers<at::BFloat16>(ws), rows, ws[0].size(1), {}, y);
   return y;
 }
 
-at::Tensor linear_int8(const at::Tensor& x_any, const at::Tensor& w, const at::Tensor& scales) {
+at::Tensor linear_int8(const at::Tensor& x_any, at::TensorList ws, at::TensorList scales) {
   const at::Tensor x = x_any.contiguous();
-  const int64_t N = w.size(0), K = w.size(1);
-  check_x(x, K, N);
-  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kChar, "flexfast::linear_int8: weight must be int8");
-  TORCH_CHECK(scales.is_contiguous() && scales.numel() == N &&
-                  (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
-              "flexfast::linear_int8: scales must be N contiguous fp32 or bf16 values");
-  at::Tensor y = output(x, N);
-  if (scales.scalar_type() == at::kFloat) run_dot(x, w.data_ptr<int8_t>(), N, K, scales.data_ptr<float>(), y);
-  else run_dot(x, w.data_ptr<int8_t>(), N, K, scales.data_ptr<at::BFloat16>(), y);
+  const std::vector<int64_t> rows = checked_rows(x, ws, "flexfast::linear_int8");
+  TORCH_CHECK(ws[0].scalar_type() == at::kChar, "flexfast::linear_int8: weights must be int8");
+  TORCH_CHECK(scales.size() == ws.size(), "flexfast::linear_int8: one scales tensor per weight");
+  const auto s_dtype = scales[0].scalar_type();
+  for (size_t j = 0; j < ws.size(); ++j)
+    TORCH_CHECK(scales[j].is_contiguous() && scales[j].numel() == rows[j] && scales[j].scalar_type() == s_dtype &&
+                    (s_dtype == at::kFloat || s_dtype == at::kBFloat16),
+                "flexfast::linear_int8: scales must be N contiguous fp32 or bf16 values, one dtype for all");
+  at::Tensor y = output(x, std::accumulate(rows.begin(), rows.end(), int64_t{0}));
+  const int64_t K = ws[0].size(1);
+  if (s_dtype == at::kFloat) run_dot<int8_t, float>(x, pointers<int8_t>(ws), rows, K, pointers<float>(scales), y);
+  else run_dot<int8_t, at::BFloat16>(x, pointers<int8_t>(ws), rows, K, pointers<at::BFloat16>(scales), y);
   return y;
 }
 
@@ -267,45 +323,67 @@ Int8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
 }
 
 template <typename S>
-void run_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_zeros, at::Tensor& y) {
-  const int64_t N = w.size(0), K = w.size(1) * 2, groups = scales_zeros.size(1), G = K / groups, half = K / 2;
+void run_int4(const at::Tensor& x, at::TensorList ws, at::TensorList scales_zeros, at::Tensor& y) {
+  const int64_t K = ws[0].size(1) * 2, groups = scales_zeros[0].size(1), G = K / groups, half = K / 2;
   const int64_t M = x.numel() / K;
+  std::vector<int64_t> rows;
+  std::vector<const uint8_t*> wps;
+  std::vector<const S*> szps;
+  for (size_t j = 0; j < ws.size(); ++j) {
+    rows.push_back(ws[j].size(0));
+    wps.push_back(ws[j].data_ptr<uint8_t>());
+    szps.push_back(scales_zeros[j].data_ptr<S>());
+  }
+  const Parts parts = parts_of(rows);
+  const int64_t N = parts.ends.back();
   const Int8Rows xr = quantize_rows(float_rows(x, M, K), M, K);
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const S* szp = scales_zeros.data_ptr<S>();
   auto block = [&](int64_t b, int64_t m0, int mc, float* out) {
-    const uint8_t* wb = wp + b * R * half;
-    const S* szb = szp + b * R * groups * 2;
+    const int64_t row = b * R;
+    const int j = parts.part(row);
+    const int64_t local = row - parts.first_row(j);
+    const uint8_t* wb = wps[j] + local * half;
+    const S* szb = szps[j] + local * groups * 2;
     switch (mc) {
       case 1: block_int4<S, 1>(wb, half, groups, G, szb, xr, m0, out); break;
       case 2: block_int4<S, 2>(wb, half, groups, G, szb, xr, m0, out); break;
       case 3: block_int4<S, 3>(wb, half, groups, G, szb, xr, m0, out); break;
       default: block_int4<S, 4>(wb, half, groups, G, szb, xr, m0, out); break;
     }
+    return row;
   };
-  if (y.scalar_type() == at::kFloat) for_blocks(M, N, y.data_ptr<float>(), static_cast<const float*>(nullptr), block);
-  else for_blocks(M, N, y.data_ptr<at::BFloat16>(), static_cast<const float*>(nullptr), block);
+  if (y.scalar_type() == at::kFloat) for_blocks(M, N, N / R, y.data_ptr<float>(), block);
+  else for_blocks(M, N, N / R, y.data_ptr<at::BFloat16>(), block);
 }
 
-at::Tensor linear_int4(const at::Tensor& x_any, const at::Tensor& w, const at::Tensor& scales_zeros) {
+at::Tensor linear_int4(const at::Tensor& x_any, at::TensorList ws, at::TensorList scales_zeros) {
   const at::Tensor x = x_any.contiguous();
-  const int64_t N = w.size(0), K = w.size(1) * 2;
-  check_x(x, K, N);
-  TORCH_CHECK(w.is_contiguous() && w.scalar_type() == at::kByte, "flexfast::linear_int4: weight must be uint8 [N, K/2]");
-  TORCH_CHECK(scales_zeros.is_contiguous() && scales_zeros.dim() == 3 && scales_zeros.size(0) == N &&
-                  scales_zeros.size(2) == 2 && K % scales_zeros.size(1) == 0 && (K / scales_zeros.size(1)) % 32 == 0,
-              "flexfast::linear_int4: scales_zeros must be [N, K/groupsize, 2], groupsize a multiple of 32");
+  TORCH_CHECK(!ws.empty() && ws.size() == scales_zeros.size(), "flexfast::linear_int4: one scales_zeros per weight");
+  const int64_t K = ws[0].size(1) * 2, groups = scales_zeros[0].dim() == 3 ? scales_zeros[0].size(1) : 0;
+  const auto sz_dtype = scales_zeros[0].scalar_type();
+  int64_t N = 0;
+  for (size_t j = 0; j < ws.size(); ++j) {
+    const at::Tensor& w = ws[j];
+    const at::Tensor& sz = scales_zeros[j];
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte && w.size(1) * 2 == K,
+                "flexfast::linear_int4: weights must be uint8 [N, K/2] of one K");
+    TORCH_CHECK(sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == w.size(0) && sz.size(1) == groups &&
+                    sz.size(2) == 2 && groups > 0 && K % groups == 0 && (K / groups) % 32 == 0 &&
+                    sz.scalar_type() == sz_dtype && (sz_dtype == at::kFloat || sz_dtype == at::kBFloat16),
+                "flexfast::linear_int4: scales_zeros must be fp32 or bf16 [N, K/groupsize, 2], one groupsize (a "
+                "multiple of 32) and dtype for all");
+    check_x(x, K, w.size(0));
+    N += w.size(0);
+  }
   at::Tensor y = output(x, N);
-  if (scales_zeros.scalar_type() == at::kFloat) run_int4<float>(x, w, scales_zeros, y);
-  else if (scales_zeros.scalar_type() == at::kBFloat16) run_int4<at::BFloat16>(x, w, scales_zeros, y);
-  else TORCH_CHECK(false, "flexfast::linear_int4: scales must be fp32 or bf16");
+  if (sz_dtype == at::kFloat) run_int4<float>(x, ws, scales_zeros, y);
+  else run_int4<at::BFloat16>(x, ws, scales_zeros, y);
   return y;
 }
 
 TORCH_LIBRARY(flexfast, m) {
-  m.def("linear(Tensor x, Tensor w) -> Tensor");
-  m.def("linear_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
-  m.def("linear_int4(Tensor x, Tensor w, Tensor scales_zeros) -> Tensor");
+  m.def("linear(Tensor x, Tensor[] ws) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor[] ws, Tensor[] scales) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor[] ws, Tensor[] scales_zeros) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flexfast, CPU, m) {

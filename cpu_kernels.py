@@ -7,11 +7,13 @@ compiled here with the C++ compiler torch.compile itself needs, once per machine
 source, the CPU and the torch version), into ~/.cache/flexfast/kernels. Where it cannot be built (no AVX-512, no
 compiler) or FLEXFAST_KERNELS=0, load() says so once and the callers keep torch's own kernels.
 
-The ops, each checked in tests/test_cpu_kernels.py against the torch path it replaces and a dequantized reference:
-    torch.ops.flexfast.linear(x, w)                       w [N, K] bf16 or fp32
-    torch.ops.flexfast.linear_int8(x, w, scales)          w [N, K] int8, scales [N]
-    torch.ops.flexfast.linear_int4(x, w, scales_zeros)   w [N, K/2] uint8 (quantize.py's layout), scales_zeros
-                                                         [N, K/groupsize, 2]: each group's scale and zero
+The ops, each checked in tests/test_cpu_kernels.py against the torch path it replaces and a dequantized reference,
+take a list of weights of one K and one format, and return x @ cat(weights).T without the cat (wq/wk/wv and w1/w3
+in one call; model.linears):
+    torch.ops.flexfast.linear(x, [w, ...])                        w [N, K] bf16 or fp32
+    torch.ops.flexfast.linear_int8(x, [w, ...], [scales, ...])    w [N, K] int8, scales [N]
+    torch.ops.flexfast.linear_int4(x, [w, ...], [sz, ...])        w [N, K/2] uint8 (quantize.py's layout), sz
+                                                                  [N, K/groupsize, 2]: each group's scale and zero
 x is [..., K], fp32 or bf16, at most MAX_ROWS rows; the result has x's dtype. K must be a multiple of 32 and N of 4
 (supports()).
 """
@@ -72,10 +74,9 @@ def load() -> bool:
 
 def register_fakes():
     """Shapes for torch.compile: the ops are opaque calls in compiled graphs. Once per process (load() is cached)."""
-    def rows_of(x, n):
-        return x.new_empty(*x.shape[:-1], n)
+    def rows_of(x, weights):
+        return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
 
-    torch.library.register_fake("flexfast::linear")(lambda x, w: rows_of(x, w.shape[0]))
-    torch.library.register_fake("flexfast::linear_int8")(lambda x, w, scales: rows_of(x, w.shape[0]))
-    torch.library.register_fake("flexfast::linear_int4")(lambda x, w, scales_zeros: rows_of(x, w.shape[0]))
-
+    torch.library.register_fake("flexfast::linear")(lambda x, ws: rows_of(x, ws))
+    torch.library.register_fake("flexfast::linear_int8")(lambda x, ws, scales: rows_of(x, ws))
+    torch.library.register_fake("flexfast::linear_int4")(lambda x, ws, scales_zeros: rows_of(x, ws))

@@ -30,11 +30,13 @@ import model
 from cli import cpu_model, write_text_atomic
 
 CACHE_PATH = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexfast" / "one_token_linear.json"
-PROBE_SHAPES = ((1536, 576), (576, 1536))  # SmolLM2's MLP: the largest per-layer linears of the default model
-PROBE_BYTES = 32 << 20  # per shape; both together twice a 32 MiB L3, so they stream from memory as the model does
+# One SmolLM2 layer's linears (the default model), grouped as the model calls them: wq/wk/wv, wo, w1/w3, w2. The
+# kernel takes a group in one call (model.linears); the other kinds take one weight at a time.
+PROBE_LAYER = (((576, 576), (192, 576), (192, 576)), ((576, 576),), ((1536, 576), (1536, 576)), ((576, 1536),))
+PROBE_BYTES = 64 << 20  # twice a 32 MiB L3, so that the weights stream from memory as the model's do
 MARGIN = 0.05  # another kind replaces the GEMV (the path before this probe existed) only if it is this much faster
 KINDS = ("gemv", "linear", "kernel")
-PROBE_VERSION = 3  # 3: the kernel joined the candidates and few-row linears are probed, so older entries are not used
+PROBE_VERSION = 4  # 4: the kernel reads a layer's grouped linears in one call each; older entries are not used
 FEW_ROWS = 3  # rows of the few-row probe: the verify of k = 2 drafts
 
 
@@ -46,29 +48,31 @@ def probe_key(dtype: torch.dtype, mode=None) -> str:
 
 
 class LinearStack(torch.nn.Module):
-    """Many different weights applied to one token, each as a one-token linear of `kind` (the input is cut to each
-    weight's width); in_branch puts them all inside a torch.cond branch, as FlexiDepth's real skip does."""
-    def __init__(self, weights, kind: str, in_branch: bool):
+    """Layers of linears applied to one token, each as a one-token linear of `kind` (the input is cut to each
+    weight's width; the kernel takes each group of weights in one call, as the model does); in_branch puts them all
+    inside a torch.cond branch, as FlexiDepth's real skip does."""
+    def __init__(self, groups, kind: str, in_branch: bool):
         super().__init__()
-        self.weights = torch.nn.ParameterList(torch.nn.Parameter(w, requires_grad=False) for w in weights)
+        self.groups = torch.nn.ModuleList(
+            torch.nn.ParameterList(torch.nn.Parameter(w, requires_grad=False) for w in group) for group in groups)
         self.kind, self.in_branch = kind, in_branch
 
     def apply_all(self, x):
         outs = []
-        for w in self.weights:
-            xw = x[..., :w.shape[1]]
-            if self.kind == "gemv":
-                outs.append((xw.unsqueeze(-2) * w).sum(-1, dtype=torch.float32).to(x.dtype))
-            elif self.kind == "kernel":
-                outs.append(torch.ops.flexfast.linear(xw, w))
+        for group in self.groups:
+            xw = x[..., :group[0].shape[1]]
+            if self.kind == "kernel":
+                outs.append(torch.ops.flexfast.linear(xw, list(group)))
+            elif self.kind == "gemv":
+                outs += [(xw.unsqueeze(-2) * w).sum(-1, dtype=torch.float32).to(x.dtype) for w in group]
             else:
-                outs.append(F.linear(xw, w))
+                outs += [F.linear(xw, w) for w in group]
         return torch.cat(outs, dim=-1)
 
     def forward(self, x, run):
         if not self.in_branch:
             return self.apply_all(x)
-        width = sum(w.shape[0] for w in self.weights)
+        width = sum(w.shape[0] for group in self.groups for w in group)
         return torch.cond(run, self.apply_all, lambda x: x.new_zeros(*x.shape[:-1], width), (x,))
 
 
@@ -78,13 +82,14 @@ def time_kinds(kinds: list, dtype: torch.dtype, in_branch: bool, mode=None, roun
     processes, which only ever slows a round, touches them alike."""
     import torch._inductor.config as inductor_config
     gen = torch.Generator().manual_seed(0)
-    weights = [torch.randn(shape, generator=gen).to(dtype) for shape in PROBE_SHAPES
-               for _ in range(max(2, PROBE_BYTES // (shape[0] * shape[1] * dtype.itemsize)))]
-    nbytes = sum(w.numel() * w.element_size() for w in weights)
-    x, run = torch.randn(1, rows, max(w.shape[1] for w in weights), generator=gen).to(dtype), torch.tensor(True)
+    layer_bytes = sum(n * k for group in PROBE_LAYER for n, k in group) * dtype.itemsize
+    groups = [[torch.randn(shape, generator=gen).to(dtype) for shape in group]
+              for _ in range(max(2, PROBE_BYTES // layer_bytes)) for group in PROBE_LAYER]
+    nbytes = sum(w.numel() * w.element_size() for group in groups for w in group)
+    x, run = torch.randn(1, rows, max(w.shape[1] for g in groups for w in g), generator=gen).to(dtype), torch.tensor(True)
     # no concat_linear: it would fuse the whole stack (all one input) into one wide linear
     with inductor_config.patch({"freezing": True, "cpp.enable_concat_linear": False}), torch.no_grad():
-        compiled = {kind: torch.compile(LinearStack(weights, kind, in_branch).eval(), fullgraph=True, mode=mode)
+        compiled = {kind: torch.compile(LinearStack(groups, kind, in_branch).eval(), fullgraph=True, mode=mode)
                     for kind in kinds}
         best = {kind: float("inf") for kind in kinds}
         for _ in range(rounds):

@@ -214,17 +214,43 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.in_branch)
 
+    @staticmethod
+    def joined(x: Tensor, modules: tuple) -> Optional[list]:
+        """Every module's output from one kernel call (see linears), or None where the kernel does not take them."""
+        weights = [m.weight for m in modules]
+        if few_row_kind(x, modules[0].in_branch) == "kernel" and all(
+                cpu_kernels.supports(x, w, w.shape[1]) for w in weights):
+            return torch.ops.flexfast.linear(x, weights).split([w.shape[0] for w in weights], dim=-1)
+        return None
+
+
+def few_row_kind(x: Tensor, in_branch: bool) -> Optional[str]:
+    """The kind (see ONE_TOKEN_LINEAR) this machine uses for a linear of x, or None: eager, CUDA or many rows."""
+    if not (torch.compiler.is_compiling() and x.device.type == "cpu"):
+        return None
+    rows = x.shape[:-1].numel()
+    if rows == 1:
+        return ONE_TOKEN_LINEAR.get((x.dtype, in_branch), "gemv")
+    return FEW_ROW_LINEAR.get(x.dtype) if rows <= cpu_kernels.MAX_ROWS else None
+
 
 def linear(x: Tensor, weight: Tensor, in_branch: bool = False) -> Tensor:
     """x @ weight.T; few-row CPU steps under compile as ONE_TOKEN_LINEAR chose (see Linear). Eager is F.linear."""
-    if torch.compiler.is_compiling() and x.device.type == "cpu":
-        rows = x.shape[:-1].numel()
-        kind = ONE_TOKEN_LINEAR.get((x.dtype, in_branch), "gemv") if rows == 1 else FEW_ROW_LINEAR.get(x.dtype)
-        if kind == "kernel" and cpu_kernels.supports(x, weight, weight.shape[1]):
-            return torch.ops.flexfast.linear(x, weight)
-        if rows == 1 and kind != "linear":
-            return (x.unsqueeze(-2) * weight).sum(-1, dtype=torch.float32).to(x.dtype)
+    kind = few_row_kind(x, in_branch)
+    if kind == "kernel" and cpu_kernels.supports(x, weight, weight.shape[1]):
+        return torch.ops.flexfast.linear(x, [weight])
+    if kind in ("gemv", "kernel") and x.shape[:-1].numel() == 1:  # the kernel's fallback for shapes it does not take
+        return (x.unsqueeze(-2) * weight).sum(-1, dtype=torch.float32).to(x.dtype)
     return F.linear(x, weight)
+
+
+def linears(x: Tensor, modules: tuple) -> tuple:
+    """Each module applied to x (wq/wk/wv, w1/w3). Where the CPU kernels take them all (Linear, Int8Linear and
+    Int4Linear each say so in joined()), one call reads every weight: a call per weight costs a fork and join of the
+    threads, as long as reading a small weight takes (BENCHMARKS.md)."""
+    kind = type(modules[0])
+    outputs = kind.joined(x, modules) if all(type(m) is kind for m in modules) and hasattr(kind, "joined") else None
+    return tuple(outputs) if outputs is not None else tuple(m(x) for m in modules)
 
 
 def rope_frequencies(args: ModelArgs) -> Tensor:
@@ -288,25 +314,31 @@ class Attention(nn.Module):
 
     def write_kv(self, x: Tensor, rope: Tensor, input_pos: Tensor):
         """Project, rotate and store this step's keys and values; returns the whole cache."""
-        B, T, _ = x.shape
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        k = apply_rope(k, rope)
+        return self.store_kv(*linears(x, (self.wk, self.wv)), rope, input_pos)
+
+    def store_kv(self, k: Tensor, v: Tensor, rope: Tensor, input_pos: Tensor):
+        B, T, _ = k.shape
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         return self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))
 
     def attend(self, x: Tensor, rope: Tensor, mask: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Queries of x against the cache k, v (already holding this step's keys and values)."""
-        B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
-        if FEW_TOKEN_ATTENTION and T <= FEW_TOKENS and torch.compiler.is_compiling() and x.device.type == "cpu":
+        return self.attend_q(self.wq(x), rope, mask, k, v)
+
+    def attend_q(self, q: Tensor, rope: Tensor, mask: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        B, T, _ = q.shape
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
+        if FEW_TOKEN_ATTENTION and T <= FEW_TOKENS and torch.compiler.is_compiling() and q.device.type == "cpu":
             y = few_token_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        k, v = self.write_kv(x, rope, input_pos)
-        return self.attend(x, rope, mask, k, v)
+        q, k, v = linears(x, (self.wq, self.wk, self.wv))
+        k, v = self.store_kv(k, v, rope, input_pos)
+        return self.attend_q(q, rope, mask, k, v)
 
 
 class FeedForward(nn.Module):
@@ -317,7 +349,8 @@ class FeedForward(nn.Module):
         self.w2 = Linear(args.intermediate_size, args.dim)  # down
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = linears(x, (self.w1, self.w3))
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

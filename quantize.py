@@ -22,6 +22,7 @@ frozen int8 weight is constant-folded into an fp32 copy (4 bytes a weight read p
 """
 import argparse
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -100,9 +101,17 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if cpu_kernels.supports(x, self.weight, self.in_features):
-            return torch.ops.flexfast.linear_int8(x, self.weight, self.scales)
+            return torch.ops.flexfast.linear_int8(x, [self.weight], [self.scales])
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
         return y.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def joined(x: Tensor, modules: tuple) -> Optional[list]:
+        """Every module's output from one kernel call (model.linears), or None where the kernel does not take them."""
+        if not all(cpu_kernels.supports(x, m.weight, m.in_features) for m in modules):
+            return None
+        y = torch.ops.flexfast.linear_int8(x, [m.weight for m in modules], [m.scales for m in modules])
+        return y.split([m.weight.shape[0] for m in modules], dim=-1)
 
 
 class Int4Linear(nn.Module):
@@ -149,7 +158,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if hasattr(self, "nibbles") and cpu_kernels.supports(x, self.nibbles, self.in_features):
-            return torch.ops.flexfast.linear_int4(x, self.nibbles, self.kernel_scales_zeros)
+            return torch.ops.flexfast.linear_int4(x, [self.nibbles], [self.kernel_scales_zeros])
         x2 = x.reshape(-1, x.shape[-1])
         if self.packed_for == "cuda":
             y = torch._weight_int4pack_mm(x2, self.weight, self.groupsize, self.scales_and_zeros)
@@ -158,6 +167,14 @@ class Int4Linear(nn.Module):
         else:
             raise RuntimeError("Int4Linear used before pack_for_device")
         return y.reshape(*x.shape[:-1], -1)
+
+    @staticmethod
+    def joined(x: Tensor, modules: tuple) -> Optional[list]:
+        """Every module's output from one kernel call (model.linears), or None where the kernel does not take them."""
+        if not all(hasattr(m, "nibbles") and cpu_kernels.supports(x, m.nibbles, m.in_features) for m in modules):
+            return None
+        y = torch.ops.flexfast.linear_int4(x, [m.nibbles for m in modules], [m.kernel_scales_zeros for m in modules])
+        return y.split([m.nibbles.shape[0] for m in modules], dim=-1)
 
 
 def check_quantization(quantization) -> dict:

@@ -30,13 +30,26 @@ def test_dense_matches_f_linear(dtype, rows):
     for N, K in ((4, 32), (96, 64), (200, 160)):
         w = torch.randn(N, K, generator=gen).to(dtype)
         x = torch.randn(1, rows, K, generator=gen).to(dtype)
-        got = torch.ops.flexfast.linear(x, w)
+        got = torch.ops.flexfast.linear(x, [w])
         assert got.shape == (1, rows, N) and got.dtype == dtype
         torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), **tolerance(dtype))
         # a non-contiguous x (a slice, as compiled graphs may pass) reads the same values
         wide = torch.randn(rows, 2 * K, generator=gen).to(dtype)
-        torch.testing.assert_close(torch.ops.flexfast.linear(wide[:, ::2], w).float(),
+        torch.testing.assert_close(torch.ops.flexfast.linear(wide[:, ::2], [w]).float(),
                                    F.linear(wide[:, ::2].float(), w.float()), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", (1, 3, 8))
+def test_weights_in_one_call_match_one_linear_of_the_joined_weights(dtype, rows):
+    gen = torch.Generator().manual_seed(20 + rows)
+    ws = [torch.randn(n, 64, generator=gen).to(dtype) for n in (96, 32, 4)]  # wq, wk, wv of unequal heights
+    x = torch.randn(1, rows, 64, generator=gen).to(dtype)
+    got = torch.ops.flexfast.linear(x, ws)
+    assert got.shape == (1, rows, 132) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), F.linear(x.float(), torch.cat(ws).float()), **tolerance(dtype))
+    with pytest.raises(RuntimeError, match="one dtype and K"):
+        torch.ops.flexfast.linear(x, [ws[0], torch.randn(8, 32).to(dtype)])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -47,7 +60,7 @@ def test_int8_matches_torch_and_dequantized(dtype, rows):
     w = torch.randn(100, 96, generator=gen).to(dtype)
     q, scales = quantize_int8(w)
     x = torch.randn(rows, 96, generator=gen).to(dtype)
-    got = torch.ops.flexfast.linear_int8(x, q, scales)
+    got = torch.ops.flexfast.linear_int8(x, [q], [scales])
     want = F.linear(x.float(), dequantize_int8(q, scales))
     torch.testing.assert_close(got.float(), want, **tolerance(dtype))
     torch.testing.assert_close(got.float(), torch._weight_int8pack_mm(x, q, scales).float(), **tolerance(dtype))
@@ -71,7 +84,7 @@ def test_int4_matches_torch_and_dequantized(dtype, groupsize, rows):
     nibbles, scales, zeros = quantize_int4(w, groupsize)
     x = torch.randn(1, rows, K, generator=gen).to(dtype)
     x[0, 0, :32] = 0  # an all-zero block
-    got = torch.ops.flexfast.linear_int4(x, nibbles, torch.stack([scales, zeros], dim=-1)).float()
+    got = torch.ops.flexfast.linear_int4(x, [nibbles], [torch.stack([scales, zeros], dim=-1)]).float()
     weight = dequantize_int4(nibbles, scales, zeros)
     # the scheme exactly: x rounded to int8 per block of 32
     torch.testing.assert_close(got, F.linear(int8_blocks(x), weight), **tolerance(dtype))
@@ -90,6 +103,31 @@ def test_int4_matches_torch_and_dequantized(dtype, groupsize, rows):
     assert (got - torch_rows[:, :rows].float()).abs().max() < 0.02 * exact.abs().max()
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_weights_in_one_call_match_one_call_each(mode):
+    """model.linears on quantized modules (wq/wk/wv of unequal heights): one kernel call, each output as its own
+    module's call gives it."""
+    from model import linears
+    from quantize import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+    gen = torch.Generator().manual_seed(3)
+    modules = []
+    for n in (96, 32, 32):
+        w = torch.randn(n, 128, generator=gen).to(torch.bfloat16)
+        if mode == "int8":
+            m = Int8Linear(128, n)
+            m.weight.data, m.scales.data = quantize_int8(w)
+        else:
+            m = Int4Linear(128, n, 32)
+            m.weight.data, m.scales.data, m.zeros.data = quantize_int4(w, 32)
+            m.pack()  # on CPU it keeps the nibbles the kernel reads
+        modules.append(m)
+    x = torch.randn(1, 2, 128, generator=gen).to(torch.bfloat16)
+    (together, used) = ran_kernel(lambda: linears(x, tuple(modules)), f"linear_{mode}")
+    assert used and [t.shape[-1] for t in together] == [96, 32, 32]
+    for got, m in zip(together, modules):
+        torch.testing.assert_close(got, m(x), atol=0, rtol=0)
+
+
 def test_unsupported_shapes_keep_torch_paths():
     x = torch.randn(1, 48)
     assert not cpu_kernels.supports(x, torch.randn(8, 48), 48)  # K not a multiple of 32
@@ -97,7 +135,7 @@ def test_unsupported_shapes_keep_torch_paths():
     assert not cpu_kernels.supports(torch.randn(cpu_kernels.MAX_ROWS + 1, 64), torch.randn(8, 64), 64)
     assert cpu_kernels.supports(torch.randn(cpu_kernels.MAX_ROWS, 64), torch.randn(8, 64), 64)
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        torch.ops.flexfast.linear(x, torch.randn(8, 48))
+        torch.ops.flexfast.linear(x, [torch.randn(8, 48)])
 
 
 def tiny_model(**extra):
