@@ -60,6 +60,7 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
     if device.startswith("cuda"):
         options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
         prefill_options = dict(fullgraph=True, dynamic=True)
+        one_token_options = options
     else:
         import torch._inductor.config as inductor_config
         # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead. For the multi-token steps (verify, prefill)
@@ -72,6 +73,7 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         inductor_config.max_autotune_report_choices_stats = False
         options = dict(fullgraph=True, dynamic=False)
         prefill_options = dict(fullgraph=True, dynamic=True)
+        one_token_options = options
         # max-autotune: inductor's CPP GEMM templates beat MKL's fp32 GEMMs but not oneDNN's bf16 ones, and cost
         # ~2.5x the compile time; so fp32 only, and only when the caller says fp32 (tests don't). One-token linears
         # are a GEMV inductor generates itself or F.linear, whichever cpu_linear's probe found faster on this machine.
@@ -81,13 +83,19 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
             cpu_linear.choose(precision, mode)
         if mode:
             options["mode"] = mode
+        # One-token steps whose linears are the GEMV or the kernel gain nothing from freezing (nothing to prepack),
+        # and a frozen graph is one AOTAutograd does not cache: unfrozen, a warm start compiles decode in about
+        # half the time (BENCHMARKS.md). F.linear one-token linears keep freezing's prepacked weights.
+        import model
+        if model.ONE_TOKEN_LINEAR.get((precision, False)) != "linear":
+            one_token_options = dict(fullgraph=True, dynamic=False, options={"freezing": False})
     # dynamic=False above: the fixed-shape steps get one graph per early exit E and skip threshold, which stay
     # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
     torch._dynamo.config.cache_size_limit = 64
     return Steps(
         prefill=torch.compile(forward_last, **prefill_options) if compile_prefill else forward_last,
-        decode=torch.compile(forward_last, **options),
-        draft=torch.compile(draft_step, **options),
+        decode=torch.compile(forward_last, **one_token_options),
+        draft=torch.compile(draft_step, **one_token_options),
         verify=torch.compile(verify_step, **options),
         verify_full=torch.compile(verify_full, **options),
         compiled=True,
