@@ -55,6 +55,12 @@ class Steps:
     warm: set = field(default_factory=set)  # the step shapes already compiled (see warm_up)
 
 
+# Unfrozen, every weight is an input of the compiled graph, and inductor's wrapper asserted the size and stride of
+# each at every call: ~500 asserts a token for an int4 model, 5-8% of its decode (BENCHMARKS.md). Dynamo's guards
+# check the same sizes and strides before a graph first runs in a generation loop (steps.checked_once).
+UNFROZEN = {"freezing": False, "size_asserts": False}
+
+
 def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.dtype] = None) -> Steps:
     """precision: the weights' dtype, when known; on CPU fp32 weights get inductor's own GEMM kernels (below)."""
     if device.startswith("cuda"):
@@ -88,7 +94,7 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         # half the time (BENCHMARKS.md). F.linear one-token linears keep freezing's prepacked weights.
         import model
         if model.ONE_TOKEN_LINEAR.get((precision, False)) != "linear":
-            one_token_options = dict(fullgraph=True, dynamic=False, options={"freezing": False})
+            one_token_options = dict(fullgraph=True, dynamic=False, options=UNFROZEN)
     # dynamic=False above: the fixed-shape steps get one graph per early exit E and skip threshold, which stay
     # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
     torch._dynamo.config.cache_size_limit = 64
