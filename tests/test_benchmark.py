@@ -121,3 +121,33 @@ def test_quantized_table_figures():
     assert "| 100 | 90.0 / 110.0 | 110.0 | 2.20 | 250 | 44% |" in lines[3]
     assert "skipped: llama-bench not found" in lines[4]
     assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+def test_decode_ab_times_every_variant_in_each_round(tmp_path, capsys):
+    """scripts/bench_decode_ab.py on a tiny model: one row per variant, a figure for every round."""
+    import cpu_kernels
+    import model
+    from conftest import make_converted_llama
+    import bench_decode_ab
+    variants = ["gemv", "kernel-separate"] if cpu_kernels.load() else ["gemv", "gemv-frozen"]
+    before = dict(model.ONE_TOKEN_LINEAR), model.linears
+    try:
+        bench_decode_ab.run(bench_decode_ab.parse_args([
+            "--checkpoint_path", str(make_converted_llama(tmp_path / "tiny")), "--precision", "fp32",
+            "--variants", *variants, "--rounds", "2", "--max_new_tokens", "4"]))
+    finally:
+        model.ONE_TOKEN_LINEAR.clear()
+        model.ONE_TOKEN_LINEAR.update(before[0])
+        import torch
+        torch._dynamo.reset()
+    assert model.linears is before[1]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split(" | ")[0][2:] for row in rows[1:]] == variants
+    for row in rows[1:]:
+        cells = row.strip("| ").split(" | ")
+        assert float(cells[1]) > 0 and len(cells[4].split(" / ")) == 2
+
+
+def test_decode_ab_unknown_variant_is_one_error_line():
+    from conftest import assert_one_line_error
+    assert_one_line_error(run_cli("scripts/bench_decode_ab.py", "--variants", "gemv", "fastest"), "unknown variant")

@@ -1,0 +1,131 @@
+"""Variants of compiled CPU decode of one checkpoint, timed in alternation in one process.
+
+On a host whose read bandwidth drifts by 2x between runs minutes apart, two variants timed in two runs cannot be
+compared; timed round by round in one process they can. A variant is a one-token linear kind, with options:
+    gemv | linear | kernel     the kind every one-token linear takes (model.ONE_TOKEN_LINEAR; cpu_linear's probe
+                               picks one per machine)
+    ...-separate               one kernel call per weight (model.linears not grouping wq/wk/wv and w1/w3)
+    ...-frozen                 decode compiled with inductor's freezing (compile_steps freezes only F.linear ones;
+                               the others get steps.UNFROZEN)
+Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
+function would hold one variant at a time). Then every round decodes the same prompt once per variant and reads
+the weights' bytes once with a torch sum (the limit); the best round of each counts.
+
+    python scripts/bench_decode_ab.py --precision bf16 --variants gemv kernel kernel-separate
+    python scripts/bench_decode_ab.py --checkpoint_path .../model_int4.g32.pth --variants kernel kernel-separate
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import cpu_kernels  # noqa: E402
+import model as model_code  # noqa: E402
+from cli import cpu_model, main_guard  # noqa: E402
+from figures import weight_bytes  # noqa: E402
+from generate import DEFAULT_CHECKPOINT, PRECISIONS, generate, load_model  # noqa: E402
+from steps import UNFROZEN, Steps, compile_steps, forward_last, warm_up  # noqa: E402
+
+KINDS = ("gemv", "linear", "kernel")
+OPTIONS = ("separate", "frozen")
+
+
+def parse_variant(text: str) -> tuple:
+    kind, *options = text.split("-")
+    if kind not in KINDS or any(o not in OPTIONS for o in options):
+        raise ValueError(f"unknown variant {text!r}: a kind ({', '.join(KINDS)}) and optional "
+                         f"-{' -'.join(OPTIONS)}")
+    return kind, set(options)
+
+
+def one_call_per_weight(x, modules):
+    return tuple(m(x) for m in modules)
+
+
+def set_variant(text: str, dtype: torch.dtype, grouped):
+    """Installs what the variant's decode graph reads at trace time (and is guarded on at every call)."""
+    kind, options = parse_variant(text)
+    for in_branch in (False, True):
+        model_code.ONE_TOKEN_LINEAR[(dtype, in_branch)] = kind
+    model_code.linears = one_call_per_weight if "separate" in options else grouped
+
+
+def decode_copy(index: int):
+    """forward_last under a code object of its own."""
+    namespace = {}
+    exec(f"def decode_{index}(model, x, input_pos, threshold=0.5):\n"
+         f"    return forward_last(model, x, input_pos, threshold)", {"forward_last": forward_last}, namespace)
+    return namespace[f"decode_{index}"]
+
+
+def run(args):
+    torch.set_num_threads(args.threads)
+    for v in args.variants:
+        parse_variant(v)
+    dtype = PRECISIONS[args.precision]
+    model = load_model(args.checkpoint_path, "cpu", dtype)
+    prompt = torch.arange(20, 20 + args.prompt_tokens)
+    model.setup_caches(1, args.prompt_tokens + args.max_new_tokens + 1)
+    compile_steps("cpu", False)  # inductor's settings (the variants set the kinds: no probe)
+    if any(parse_variant(v)[0] == "kernel" for v in args.variants) and not cpu_kernels.load():
+        raise ValueError("a kernel variant was asked for, but the CPU kernels do not build here")
+    grouped = model_code.linears
+    steps = {}
+    for i, v in enumerate(args.variants):
+        frozen = "frozen" in parse_variant(v)[1] or parse_variant(v)[0] == "linear"
+        steps[v] = Steps(decode=torch.compile(decode_copy(i), fullgraph=True, dynamic=False,
+                                              options={"freezing": True} if frozen else UNFROZEN),
+                         compiled=True)
+        set_variant(v, dtype, grouped)
+        t0 = time.perf_counter()
+        warm_up(model, steps[v], len(prompt))
+        print(f"{v}: compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    nbytes = weight_bytes(model)
+    weights_sized = torch.ones(nbytes // 4)
+    per_round = {v: [] for v in args.variants}
+    read_seconds = []
+    try:
+        for _ in range(args.rounds):
+            for v in args.variants:
+                set_variant(v, dtype, grouped)
+                _, stats = generate(model, prompt, args.max_new_tokens, steps=steps[v], ignore_eos=True)
+                per_round[v].append(stats.decode_seconds / (stats.new_tokens - 1))
+            t0 = time.perf_counter()
+            weights_sized.sum()
+            read_seconds.append(time.perf_counter() - t0)
+    finally:
+        model_code.linears = grouped
+    bandwidth = nbytes / min(read_seconds)
+    print(f"{cpu_model()}, torch {torch.__version__}, {args.threads} threads, {args.precision}, "
+          f"{args.checkpoint_path.name}, {nbytes / 1e6:.0f} MB a token, read bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"(best round; worst {nbytes / max(read_seconds) / 1e9:.1f}), limit {bandwidth / nbytes:.0f} tok/s, "
+          f"{args.max_new_tokens} greedy tokens, load average {os.getloadavg()[0]:.1f}\n")
+    print("| variant | ms a token (best) | tok/s | % of limit | ms a token per round |")
+    print("|---|---|---|---|---|")
+    for v in args.variants:
+        best = min(per_round[v])
+        print(f"| {v} | {best * 1e3:.2f} | {1 / best:.1f} | {100 * nbytes / bandwidth / best:.0f}% | "
+              f"{' / '.join(f'{s * 1e3:.2f}' for s in per_round[v])} |")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint_path", type=Path, default=ROOT / DEFAULT_CHECKPOINT)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
+                   help="activations (and dense weights); quantized files keep their integer weights")
+    p.add_argument("--variants", nargs="+", default=["gemv", "kernel", "kernel-separate"])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--prompt_tokens", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main_guard(lambda: run(parse_args()), "bench_decode_ab")
