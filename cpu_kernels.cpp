@@ -358,6 +358,7 @@ void run_int4(const at::Tensor& x, at::TensorList ws, at::TensorList scales_zero
 at::Tensor linear_int4(const at::Tensor& x_any, at::TensorList ws, at::TensorList scales_zeros) {
   const at::Tensor x = x_any.contiguous();
   TORCH_CHECK(!ws.empty() && ws.size() == scales_zeros.size(), "flexfast::linear_int4: one scales_zeros per weight");
+  TORCH_CHECK(ws[0].dim() == 2, "flexfast::linear_int4: weights must be uint8 [N, K/2]");
   const int64_t K = ws[0].size(1) * 2, groups = scales_zeros[0].dim() == 3 ? scales_zeros[0].size(1) : 0;
   const auto sz_dtype = scales_zeros[0].scalar_type();
   int64_t N = 0;

@@ -49,8 +49,9 @@ def probe_key(dtype: torch.dtype, mode=None) -> str:
 
 class LinearStack(torch.nn.Module):
     """Layers of linears applied to one token, each as a one-token linear of `kind` (the input is cut to each
-    weight's width; the kernel takes each group of weights in one call, as the model does); in_branch puts them all
-    inside a torch.cond branch, as FlexiDepth's real skip does."""
+    weight's width; the kernel takes each group of weights in one call, as the plain model's layers do); in_branch
+    puts them all inside a torch.cond branch, as FlexiDepth's real skip does (whose branch groups only w1/w3: wk/wv
+    run outside it and wq alone, so the branch probe flatters the kernel a little)."""
     def __init__(self, groups, kind: str, in_branch: bool):
         super().__init__()
         self.groups = torch.nn.ModuleList(
@@ -86,7 +87,8 @@ def time_kinds(kinds: list, dtype: torch.dtype, in_branch: bool, mode=None, roun
     groups = [[torch.randn(shape, generator=gen).to(dtype) for shape in group]
               for _ in range(max(2, PROBE_BYTES // layer_bytes)) for group in PROBE_LAYER]
     nbytes = sum(w.numel() * w.element_size() for group in groups for w in group)
-    x, run = torch.randn(1, rows, max(w.shape[1] for g in groups for w in g), generator=gen).to(dtype), torch.tensor(True)
+    width = max(w.shape[1] for group in groups for w in group)
+    x, run = torch.randn(1, rows, width, generator=gen).to(dtype), torch.tensor(True)
     # no concat_linear: it would fuse the whole stack (all one input) into one wide linear
     with inductor_config.patch({"freezing": True, "cpp.enable_concat_linear": False}), torch.no_grad():
         compiled = {kind: torch.compile(LinearStack(groups, kind, in_branch).eval(), fullgraph=True, mode=mode)

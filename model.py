@@ -247,7 +247,8 @@ def linear(x: Tensor, weight: Tensor, in_branch: bool = False) -> Tensor:
 def linears(x: Tensor, modules: tuple) -> tuple:
     """Each module applied to x (wq/wk/wv, w1/w3). Where the CPU kernels take them all (Linear, Int8Linear and
     Int4Linear each say so in joined()), one call reads every weight: a call per weight costs a fork and join of the
-    threads, as long as reading a small weight takes (BENCHMARKS.md)."""
+    threads, as long as reading a small weight takes (BENCHMARKS.md). The modules' own forward (and any hook on
+    them) does not run then."""
     kind = type(modules[0])
     outputs = kind.joined(x, modules) if all(type(m) is kind for m in modules) and hasattr(kind, "joined") else None
     return tuple(outputs) if outputs is not None else tuple(m(x) for m in modules)

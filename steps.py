@@ -2,6 +2,7 @@
 and warmed up before anything is timed. generate.py drives them; they hold no generation state."""
 import contextlib
 import time
+import types
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -61,6 +62,21 @@ class Steps:
 UNFROZEN = {"freezing": False, "size_asserts": False}
 
 
+def own_code(fn: Callable, name: str) -> Callable:
+    """fn under a code object of its own. Dynamo keeps compiled graphs per code object, so one step compiled under
+    two settings (a benchmark's variants, timed in turn) would otherwise share, and keep replacing, one cache."""
+    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__)
+
+
+def one_token_compile_args(kind: str, frozen_args: dict) -> dict:
+    """torch.compile arguments of a CPU one-token step (decode, draft) whose linears are `kind` (ONE_TOKEN_LINEAR).
+    The GEMV and the kernel gain nothing from freezing (nothing to prepack), and a frozen graph is one AOTAutograd
+    does not cache: unfrozen, a warm start compiles decode in about half the time (BENCHMARKS.md). F.linear keeps
+    freezing's prepacked weights (frozen_args). Unfrozen steps drop fp32's max-autotune on purpose: it tunes GEMMs,
+    and they have none."""
+    return frozen_args if kind == "linear" else dict(fullgraph=True, dynamic=False, options=UNFROZEN)
+
+
 def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.dtype] = None) -> Steps:
     """precision: the weights' dtype, when known; on CPU fp32 weights get inductor's own GEMM kernels (below)."""
     if device.startswith("cuda"):
@@ -72,14 +88,14 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead. For the multi-token steps (verify, prefill)
         # freezing lets inductor prepack the weights, and concatenating the linears that share an input (wq/wk/wv,
         # w1/w3) saves 3 of 7 matmul calls per layer.
-        # Set process-wide: passed as torch.compile(options=...) they did not take effect (measured no faster).
+        # Set process-wide (passed as torch.compile(options=...) these two were measured no faster); the per-step
+        # exception is one_token_compile_args, whose options=UNFROZEN does take effect (AOTAutograd then caches).
         inductor_config.freezing = True
         inductor_config.cpp.enable_concat_linear = True
         inductor_config.autotune_num_choices_displayed = 0  # no autotune tables on stderr
         inductor_config.max_autotune_report_choices_stats = False
         options = dict(fullgraph=True, dynamic=False)
         prefill_options = dict(fullgraph=True, dynamic=True)
-        one_token_options = options
         # max-autotune: inductor's CPP GEMM templates beat MKL's fp32 GEMMs but not oneDNN's bf16 ones, and cost
         # ~2.5x the compile time; so fp32 only, and only when the caller says fp32 (tests don't). One-token linears
         # are a GEMV inductor generates itself or F.linear, whichever cpu_linear's probe found faster on this machine.
@@ -89,12 +105,8 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
             cpu_linear.choose(precision, mode)
         if mode:
             options["mode"] = mode
-        # One-token steps whose linears are the GEMV or the kernel gain nothing from freezing (nothing to prepack),
-        # and a frozen graph is one AOTAutograd does not cache: unfrozen, a warm start compiles decode in about
-        # half the time (BENCHMARKS.md). F.linear one-token linears keep freezing's prepacked weights.
         import model
-        if model.ONE_TOKEN_LINEAR.get((precision, False)) != "linear":
-            one_token_options = dict(fullgraph=True, dynamic=False, options=UNFROZEN)
+        one_token_options = one_token_compile_args(model.ONE_TOKEN_LINEAR.get((precision, False), "gemv"), options)
     # dynamic=False above: the fixed-shape steps get one graph per early exit E and skip threshold, which stay
     # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
     torch._dynamo.config.cache_size_limit = 64

@@ -5,8 +5,8 @@ compared; timed round by round in one process they can. A variant is a one-token
     gemv | linear | kernel     the kind every one-token linear takes (model.ONE_TOKEN_LINEAR; cpu_linear's probe
                                picks one per machine)
     ...-separate               one kernel call per weight (model.linears not grouping wq/wk/wv and w1/w3)
-    ...-frozen                 decode compiled with inductor's freezing (compile_steps freezes only F.linear ones;
-                               the others get steps.UNFROZEN)
+    ...-frozen                 decode compiled with inductor's freezing (otherwise as compile_steps compiles it:
+                               steps.one_token_compile_args)
 Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
 function would hold one variant at a time). Then every round decodes the same prompt once per variant and reads
 the weights' bytes once with a torch sum (the limit); the best round of each counts.
@@ -30,7 +30,7 @@ import model as model_code  # noqa: E402
 from cli import cpu_model, main_guard  # noqa: E402
 from figures import weight_bytes  # noqa: E402
 from generate import DEFAULT_CHECKPOINT, PRECISIONS, generate, load_model  # noqa: E402
-from steps import UNFROZEN, Steps, compile_steps, forward_last, warm_up  # noqa: E402
+from steps import Steps, compile_steps, forward_last, one_token_compile_args, own_code, warm_up  # noqa: E402
 
 KINDS = ("gemv", "linear", "kernel")
 OPTIONS = ("separate", "frozen")
@@ -56,14 +56,6 @@ def set_variant(text: str, dtype: torch.dtype, grouped):
     model_code.linears = one_call_per_weight if "separate" in options else grouped
 
 
-def decode_copy(index: int):
-    """forward_last under a code object of its own."""
-    namespace = {}
-    exec(f"def decode_{index}(model, x, input_pos, threshold=0.5):\n"
-         f"    return forward_last(model, x, input_pos, threshold)", {"forward_last": forward_last}, namespace)
-    return namespace[f"decode_{index}"]
-
-
 def run(args):
     torch.set_num_threads(args.threads)
     for v in args.variants:
@@ -78,10 +70,10 @@ def run(args):
     grouped = model_code.linears
     steps = {}
     for i, v in enumerate(args.variants):
-        frozen = "frozen" in parse_variant(v)[1] or parse_variant(v)[0] == "linear"
-        steps[v] = Steps(decode=torch.compile(decode_copy(i), fullgraph=True, dynamic=False,
-                                              options={"freezing": True} if frozen else UNFROZEN),
-                         compiled=True)
+        kind, options = parse_variant(v)
+        frozen_args = dict(fullgraph=True, dynamic=False)  # compile_steps set freezing process-wide
+        compile_args = frozen_args if "frozen" in options else one_token_compile_args(kind, frozen_args)
+        steps[v] = Steps(decode=torch.compile(own_code(forward_last, f"decode_{i}"), **compile_args), compiled=True)
         set_variant(v, dtype, grouped)
         t0 = time.perf_counter()
         warm_up(model, steps[v], len(prompt))

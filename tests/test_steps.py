@@ -88,3 +88,22 @@ def test_one_set_of_steps_serves_two_models_after_checked_guards():
         assert generate(models[0], PROMPT, NEW_TOKENS)[0].tolist() != generate(models[1], PROMPT, NEW_TOKENS)[0].tolist()
     finally:
         torch._dynamo.reset()
+
+
+def test_one_token_steps_compile_unfrozen_so_their_graphs_are_cached(tiny):
+    """Decode with GEMV linears compiles without freezing: AOTAutograd caches the graph (a frozen one it bypasses,
+    and every start traced and froze it again). The verify keeps freezing."""
+    from torch._dynamo.utils import counters
+    from steps import compile_steps, one_token_compile_args
+    assert one_token_compile_args("linear", {"frozen": True}) == {"frozen": True}
+    assert one_token_compile_args("gemv", {})["options"] == {"freezing": False, "size_asserts": False}
+    steps = compile_steps("cpu", False)
+    tiny.setup_caches(1, 16)
+    counters.clear()
+    try:
+        with torch.no_grad():
+            steps.decode(tiny, torch.tensor([[3]]), torch.tensor([0]))
+        assert counters["aot_autograd"]["autograd_cache_bypass"] == 0, dict(counters["aot_autograd"])
+        assert counters["aot_autograd"]["total"] == 1
+    finally:
+        torch._dynamo.reset()
