@@ -100,8 +100,9 @@ class Int8Linear(nn.Module):
         self.scales = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        if cpu_kernels.supports(x, self.weight, self.in_features):
-            return torch.ops.flexfast.linear_int8(x, [self.weight], [self.scales])
+        few_rows = Int8Linear.joined(x, (self,))
+        if few_rows is not None:
+            return few_rows[0]
         y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
         return y.reshape(*x.shape[:-1], -1)
 
@@ -157,8 +158,9 @@ class Int4Linear(nn.Module):
         self.packed_for = device.type
 
     def forward(self, x: Tensor) -> Tensor:
-        if hasattr(self, "nibbles") and cpu_kernels.supports(x, self.nibbles, self.in_features):
-            return torch.ops.flexfast.linear_int4(x, [self.nibbles], [self.kernel_scales_zeros])
+        few_rows = Int4Linear.joined(x, (self,))
+        if few_rows is not None:
+            return few_rows[0]
         x2 = x.reshape(-1, x.shape[-1])
         if self.packed_for == "cuda":
             y = torch._weight_int4pack_mm(x2, self.weight, self.groupsize, self.scales_and_zeros)

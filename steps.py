@@ -77,8 +77,11 @@ def one_token_compile_args(kind: str, frozen_args: dict) -> dict:
     return frozen_args if kind == "linear" else dict(fullgraph=True, dynamic=False, options=UNFROZEN)
 
 
-def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.dtype] = None) -> Steps:
-    """precision: the weights' dtype, when known; on CPU fp32 weights get inductor's own GEMM kernels (below)."""
+def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.dtype] = None,
+                  one_token_kind: Optional[str] = None) -> Steps:
+    """precision: the weights' dtype, when known; on CPU fp32 weights get inductor's own GEMM kernels (below).
+    one_token_kind: compile the one-token steps for this kind of linear (model.ONE_TOKEN_LINEAR) instead of the
+    machine's choice (benchmarks that time the other kinds)."""
     if device.startswith("cuda"):
         options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
         prefill_options = dict(fullgraph=True, dynamic=True)
@@ -106,7 +109,8 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         if mode:
             options["mode"] = mode
         import model
-        one_token_options = one_token_compile_args(model.ONE_TOKEN_LINEAR.get((precision, False), "gemv"), options)
+        kind = one_token_kind or model.ONE_TOKEN_LINEAR.get((precision, False), "gemv")
+        one_token_options = one_token_compile_args(kind, options)
     # dynamic=False above: the fixed-shape steps get one graph per early exit E and skip threshold, which stay
     # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
     torch._dynamo.config.cache_size_limit = 64

@@ -30,7 +30,6 @@ import generate as ff  # noqa: E402
 import model as model_code  # noqa: E402
 from cli import cpu_model, main_guard  # noqa: E402
 from figures import weight_bytes  # noqa: E402
-from steps import forward_last, one_token_compile_args, own_code  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
@@ -163,17 +162,6 @@ def measure_prefill(args, name, long_prompt, prefill_rows):
         f"(warm-up {warmup:.1f}s)")
 
 
-def steps_for_kind(dtype, kind: str):
-    """compile_steps' steps with decode compiled as compile_steps would for one-token linears of `kind` (frozen for
-    F.linear only), under a code object of its own so that it does not share graphs with the chosen kind's decode."""
-    compiled = ff.compile_steps("cpu", False, dtype)
-    mode = "max-autotune-no-cudagraphs" if dtype == torch.float32 else None
-    frozen_args = dict(fullgraph=True, dynamic=False, **({"mode": mode} if mode else {}))
-    decode = own_code(forward_last, f"decode_{kind}")
-    compiled.decode = torch.compile(decode, **one_token_compile_args(kind, frozen_args))
-    return compiled
-
-
 def benchmark_precision(args, name, prompt, bytes_per_token_holder, rows, progress):
     dtype = ff.PRECISIONS[name]
     n = args.max_new_tokens
@@ -213,7 +201,7 @@ def benchmark_precision(args, name, prompt, bytes_per_token_holder, rows, progre
     for kind in args.linear_rows:
         if kind != chosen:
             add(f"FlexFast compiled, one-token linear = {kind}", lambda: flexfast_runner(
-                model, prompt, steps_for_kind(dtype, kind), linear_kind=kind),
+                model, prompt, ff.compile_steps("cpu", False, dtype, one_token_kind=kind), linear_kind=kind),
                 f"cpu_linear chose {chosen} on this machine")
     if not args.skip_hf:
         from transformers import AutoModelForCausalLM, CompileConfig
