@@ -152,7 +152,7 @@ def choose(dtype: torch.dtype, mode=None, path: Path = CACHE_PATH, run_probe=pro
             pass  # an unwritable cache only costs a probe next time
     if "kernel" in (entry["graph"], entry["branch"], entry["rows"]):
         cpu_kernels.load()  # built when probed; model.linear falls back to the gemv if it cannot load now
-    model.ONE_TOKEN_LINEAR[(dtype, False)] = entry["graph"]
-    model.ONE_TOKEN_LINEAR[(dtype, True)] = entry["branch"]
-    model.FEW_ROW_LINEAR[dtype] = entry["rows"]
+    model.ONE_TOKEN_LINEAR[(str(dtype), False)] = entry["graph"]
+    model.ONE_TOKEN_LINEAR[(str(dtype), True)] = entry["branch"]
+    model.FEW_ROW_LINEAR[str(dtype)] = entry["rows"]
     return entry

@@ -194,10 +194,12 @@ class RMSNorm(nn.Module):
 
 
 # Linears of few rows on CPU under torch.compile, chosen per machine by cpu_linear.choose() (a measurement cached on
-# disk). One row, per (dtype, inside a FlexiDepth torch.cond branch): "gemv" (multiply-and-sum, inductor's own
+# disk). One row, per (str(dtype), inside a FlexiDepth torch.cond branch): "gemv" (multiply-and-sum, inductor's own
 # reduction kernel, fused with its neighbours), "linear" (F.linear: oneDNN/MKL, prepacked by freezing in the main
 # graph only) or "kernel" (cpu_kernels.cpp); "gemv" where the probe has not run. 2 to cpu_kernels.MAX_ROWS rows (the
-# self-speculative verify), per dtype: "linear" or "kernel"; "linear" where the probe has not run.
+# self-speculative verify), per str(dtype): "linear" or "kernel"; "linear" where the probe has not run. Keyed by the
+# dtype's name: a compiled region that every layer reuses (run_layers) must rebuild its guards, and a key holding a
+# torch.dtype it cannot.
 ONE_TOKEN_LINEAR = {}
 FEW_ROW_LINEAR = {}
 
@@ -230,8 +232,8 @@ def few_row_kind(x: Tensor, in_branch: bool) -> Optional[str]:
         return None
     rows = x.shape[:-1].numel()
     if rows == 1:
-        return ONE_TOKEN_LINEAR.get((x.dtype, in_branch), "gemv")
-    return FEW_ROW_LINEAR.get(x.dtype) if rows <= cpu_kernels.MAX_ROWS else None
+        return ONE_TOKEN_LINEAR.get((str(x.dtype), in_branch), "gemv")
+    return FEW_ROW_LINEAR.get(str(x.dtype)) if rows <= cpu_kernels.MAX_ROWS else None
 
 
 def linear(x: Tensor, weight: Tensor, in_branch: bool = False) -> Tensor:
@@ -362,9 +364,16 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, regional: bool = False) -> Tensor:
+        """regional: compiled as one region that every plain layer reuses (see Transformer.run_layers)."""
+        return repeated_block(self, x, rope, mask, input_pos) if regional else self.block(x, rope, mask, input_pos)
+
+    def block(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
+
+
+repeated_block = torch.compiler.nested_compile_region(TransformerBlock.block)
 
 
 class Router(nn.Module):
@@ -521,10 +530,13 @@ class Transformer(nn.Module):
         return self.tok_embeddings(idx)
 
     def run_layers(self, x: Tensor, input_pos: Tensor, start: int, end: int, skip_threshold: float = 0.5,
-                   masking: bool = False) -> Tensor:
+                   masking: bool = False, regional: bool = False) -> Tensor:
         """Layers [start, end) on hidden states x at positions input_pos (each writes its K/V there).
         FlexiDepth: a token runs a routed layer iff its gate exceeds skip_threshold (0.5 is the checkpoint's rule);
-        a one-token step skips for real unless masking asks for the masking form (the reference in tests)."""
+        a one-token step skips for real unless masking asks for the masking form (the reference in tests).
+        regional (compiled one-token CPU steps, see steps.compile_steps): dynamo traces the plain block once and
+        inductor compiles it once for all layers, a 5x shorter compile at the same decode speed (BENCHMARKS.md).
+        Not for frozen graphs: a region's weights must stay graph inputs."""
         rope = self.rope[input_pos]
         mask = self.causal_mask[None, None, input_pos]  # position t sees every slot <= t, never a stale one
         real_skip = x.shape[0] == 1 and x.shape[1] == 1 and not masking
@@ -532,7 +544,7 @@ class Transformer(nn.Module):
             if isinstance(layer, FlexiDepthBlock):
                 x = layer(x, rope, mask, input_pos, skip_threshold, real_skip)
             else:
-                x = layer(x, rope, mask, input_pos)
+                x = layer(x, rope, mask, input_pos, regional)
         return x
 
     def layers_ran(self, positions: Tensor) -> Tensor:
@@ -557,5 +569,7 @@ class Transformer(nn.Module):
         full = logits.new_full((*logits.shape[:-1], self.args.vocab_size), float("-inf"))
         return full.index_copy(-1, self.draft_vocab, logits)
 
-    def forward(self, idx: Tensor, input_pos: Tensor, skip_threshold: float = 0.5, masking: bool = False) -> Tensor:
-        return self.head(self.run_layers(self.embed(idx), input_pos, 0, self.args.n_layers, skip_threshold, masking))
+    def forward(self, idx: Tensor, input_pos: Tensor, skip_threshold: float = 0.5, masking: bool = False,
+                regional: bool = False) -> Tensor:
+        return self.head(self.run_layers(self.embed(idx), input_pos, 0, self.args.n_layers, skip_threshold, masking,
+                                         regional))

@@ -1,6 +1,7 @@
 """The model steps generation calls (prefill, one-token decode, early-exit draft, verify) and how they are compiled
 and warmed up before anything is timed. generate.py drives them; they hold no generation state."""
 import contextlib
+import functools
 import time
 import types
 from dataclasses import dataclass, field
@@ -17,15 +18,16 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def forward_last(model: Transformer, x: Tensor, input_pos: Tensor, skip_threshold: float = 0.5) -> Tensor:
-    """Full-depth forward; logits of the last row. Prefill and one-token decode."""
-    return model(x, input_pos, skip_threshold)[:, -1]
+def forward_last(model: Transformer, x: Tensor, input_pos: Tensor, skip_threshold: float = 0.5,
+                 regional: bool = False) -> Tensor:
+    """Full-depth forward; logits of the last row. Prefill and one-token decode. regional: see model.run_layers."""
+    return model(x, input_pos, skip_threshold, regional=regional)[:, -1]
 
 
-def draft_step(model: Transformer, x: Tensor, input_pos: Tensor, early_exit: int):
+def draft_step(model: Transformer, x: Tensor, input_pos: Tensor, early_exit: int, regional: bool = False):
     """Early-exit draft of one token: layers [0, E), then the exit head at E (if trained), the final norm and the
     draft LM head (model.exit_logits). Returns (logits, raw layer-E hidden, which the verify continues from)."""
-    h = model.run_layers(model.embed(x), input_pos, 0, early_exit)
+    h = model.run_layers(model.embed(x), input_pos, 0, early_exit, regional=regional)
     return model.exit_logits(h, early_exit)[:, -1], h
 
 
@@ -77,6 +79,23 @@ def one_token_compile_args(kind: str, frozen_args: dict) -> dict:
     return frozen_args if kind == "linear" else dict(fullgraph=True, dynamic=False, options=UNFROZEN)
 
 
+def compile_one_token(step: Callable, kind: str, frozen_args: dict) -> Callable:
+    """A CPU one-token step (forward_last, draft_step) compiled as one_token_compile_args says. Unfrozen, it is also
+    regional (model.run_layers): the plain block is traced and compiled once for every layer. Dynamo reads inductor's
+    process-wide freezing flag when it traces (frozen, weights become graph constants, and a region's weights must
+    stay inputs), so the call runs with that flag off; options= alone reaches inductor, not dynamo."""
+    compile_args = one_token_compile_args(kind, frozen_args)
+    if compile_args is frozen_args:
+        return torch.compile(step, **compile_args)
+    import torch._inductor.config as inductor_config
+    compiled = torch.compile(functools.partial(step, regional=True), **compile_args)
+
+    def call(*args, **kwargs):
+        with inductor_config.patch(freezing=False):
+            return compiled(*args, **kwargs)
+    return call
+
+
 def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.dtype] = None,
                   one_token_kind: Optional[str] = None) -> Steps:
     """precision: the weights' dtype, when known; on CPU fp32 weights get inductor's own GEMM kernels (below).
@@ -85,14 +104,14 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
     if device.startswith("cuda"):
         options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
         prefill_options = dict(fullgraph=True, dynamic=True)
-        one_token_options = options
+        one_token = functools.partial(torch.compile, **options)
     else:
         import torch._inductor.config as inductor_config
         # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead. For the multi-token steps (verify, prefill)
         # freezing lets inductor prepack the weights, and concatenating the linears that share an input (wq/wk/wv,
         # w1/w3) saves 3 of 7 matmul calls per layer.
-        # Set process-wide (passed as torch.compile(options=...) these two were measured no faster); the per-step
-        # exception is one_token_compile_args, whose options=UNFROZEN does take effect (AOTAutograd then caches).
+        # Set process-wide (passed as torch.compile(options=...) these two were measured no faster: dynamo reads
+        # freezing when it traces); the per-step exception is compile_one_token, which turns it off around its calls.
         inductor_config.freezing = True
         inductor_config.cpp.enable_concat_linear = True
         inductor_config.autotune_num_choices_displayed = 0  # no autotune tables on stderr
@@ -109,15 +128,15 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         if mode:
             options["mode"] = mode
         import model
-        kind = one_token_kind or model.ONE_TOKEN_LINEAR.get((precision, False), "gemv")
-        one_token_options = one_token_compile_args(kind, options)
+        kind = one_token_kind or model.ONE_TOKEN_LINEAR.get((str(precision), False), "gemv")
+        one_token = functools.partial(compile_one_token, kind=kind, frozen_args=options)
     # dynamic=False above: the fixed-shape steps get one graph per early exit E and skip threshold, which stay
     # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
     torch._dynamo.config.cache_size_limit = 64
     return Steps(
         prefill=torch.compile(forward_last, **prefill_options) if compile_prefill else forward_last,
-        decode=torch.compile(forward_last, **one_token_options),
-        draft=torch.compile(draft_step, **one_token_options),
+        decode=one_token(forward_last),
+        draft=one_token(draft_step),
         verify=torch.compile(verify_step, **options),
         verify_full=torch.compile(verify_full, **options),
         compiled=True,

@@ -6,7 +6,9 @@ compared; timed round by round in one process they can. A variant is a one-token
                                picks one per machine)
     ...-separate               one kernel call per weight (model.linears not grouping wq/wk/wv and w1/w3)
     ...-frozen                 decode compiled with inductor's freezing (otherwise as compile_steps compiles it:
-                               steps.one_token_compile_args)
+                               steps.compile_one_token)
+    ...-whole                  unfrozen, but traced and compiled layer by layer as one graph (otherwise unfrozen
+                               steps compile the repeated block once: model.run_layers' regional)
 Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
 function would hold one variant at a time). Then every round decodes the same prompt once per variant and reads
 the weights' bytes once with a torch sum (the limit); the best round of each counts.
@@ -30,10 +32,11 @@ import model as model_code  # noqa: E402
 from cli import cpu_model, main_guard  # noqa: E402
 from figures import weight_bytes  # noqa: E402
 from generate import DEFAULT_CHECKPOINT, PRECISIONS, generate, load_model  # noqa: E402
-from steps import Steps, compile_steps, forward_last, one_token_compile_args, own_code, warm_up  # noqa: E402
+from steps import (Steps, compile_one_token, compile_steps, forward_last, one_token_compile_args,  # noqa: E402
+                   own_code, warm_up)
 
 KINDS = ("gemv", "linear", "kernel")
-OPTIONS = ("separate", "frozen")
+OPTIONS = ("separate", "frozen", "whole")
 
 
 def parse_variant(text: str) -> tuple:
@@ -52,7 +55,7 @@ def set_variant(text: str, dtype: torch.dtype, grouped):
     """Installs what the variant's decode graph reads at trace time (and is guarded on at every call)."""
     kind, options = parse_variant(text)
     for in_branch in (False, True):
-        model_code.ONE_TOKEN_LINEAR[(dtype, in_branch)] = kind
+        model_code.ONE_TOKEN_LINEAR[(str(dtype), in_branch)] = kind
     model_code.linears = one_call_per_weight if "separate" in options else grouped
 
 
@@ -72,8 +75,14 @@ def run(args):
     for i, v in enumerate(args.variants):
         kind, options = parse_variant(v)
         frozen_args = dict(fullgraph=True, dynamic=False)  # compile_steps set freezing process-wide
-        compile_args = frozen_args if "frozen" in options else one_token_compile_args(kind, frozen_args)
-        steps[v] = Steps(decode=torch.compile(own_code(forward_last, f"decode_{i}"), **compile_args), compiled=True)
+        decode = own_code(forward_last, f"decode_{i}")
+        if "frozen" in options:
+            decode = torch.compile(decode, **frozen_args)
+        elif "whole" in options:
+            decode = torch.compile(decode, **one_token_compile_args(kind, frozen_args))
+        else:
+            decode = compile_one_token(decode, kind, frozen_args)
+        steps[v] = Steps(decode=decode, compiled=True)
         set_variant(v, dtype, grouped)
         t0 = time.perf_counter()
         warm_up(model, steps[v], len(prompt))

@@ -197,7 +197,7 @@ def benchmark_precision(args, name, prompt, bytes_per_token_holder, rows, progre
         add("FlexFast compiled, SDPA at one token", lambda: flexfast_runner(
             model, prompt, ff.compile_steps("cpu", False, dtype), few_token_attention=False),
             "model.FEW_TOKEN_ATTENTION = False: the decode before issue 17")
-    chosen = model_code.ONE_TOKEN_LINEAR.get((dtype, False), "gemv")
+    chosen = model_code.ONE_TOKEN_LINEAR.get((str(dtype), False), "gemv")
     for kind in args.linear_rows:
         if kind != chosen:
             add(f"FlexFast compiled, one-token linear = {kind}", lambda: flexfast_runner(

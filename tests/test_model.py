@@ -212,7 +212,7 @@ def test_one_token_linear_as_f_linear_matches_eager(monkeypatch):
     import model
     from steps import compile_steps, forward_last
     from model import ModelArgs, Transformer
-    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {(torch.float32, False): "linear", (torch.float32, True): "linear"})
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {("torch.float32", False): "linear", ("torch.float32", True): "linear"})
     torch.manual_seed(0)
     args = ModelArgs(vocab_size=128, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
                      routing_layers=[1, 2], router_dim=8, adapter_dim=12)
@@ -245,8 +245,8 @@ def test_linear_choice_probe_is_cached_atomically(tmp_path, monkeypatch):
 
     path = tmp_path / "cache/one_token_linear.json"
     assert cpu_linear.choose(torch.bfloat16, None, path, fake_probe)["graph"] == "linear"
-    assert model.ONE_TOKEN_LINEAR == {(torch.bfloat16, False): "linear", (torch.bfloat16, True): "gemv"}
-    assert model.FEW_ROW_LINEAR == {torch.bfloat16: "linear"}
+    assert model.ONE_TOKEN_LINEAR == {("torch.bfloat16", False): "linear", ("torch.bfloat16", True): "gemv"}
+    assert model.FEW_ROW_LINEAR == {"torch.bfloat16": "linear"}
     assert cpu_linear.choose(torch.bfloat16, None, path, fake_probe)["branch"] == "gemv"  # read back, no probe
     assert len(probes) == 1 and cpu_linear.probe_key(torch.bfloat16) in json.loads(path.read_text())
     cpu_linear.choose(torch.float32, "max-autotune-no-cudagraphs", path, fake_probe)  # a second entry beside it

@@ -107,3 +107,35 @@ def test_one_token_steps_compile_unfrozen_so_their_graphs_are_cached(tiny):
         assert counters["aot_autograd"]["total"] == 1
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kind", ["gemv", "kernel"])
+def test_unfrozen_one_token_steps_trace_the_repeated_block_once(tiny, monkeypatch, kind):
+    """Unfrozen one-token steps are regional (model.run_layers): every plain layer calls one subgraph, traced once,
+    so compiling takes one layer's time, not n_layers'. A guard the region cannot rebuild (a torch.dtype key in
+    model.ONE_TOKEN_LINEAR, say) makes dynamo raise here; a region per layer would show several subgraphs."""
+    import functools
+    import torch._inductor.config as inductor_config
+    import model
+    from steps import forward_last
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {(str(torch.float32), False): kind})
+    graphs = []
+
+    def keep_graph(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    tiny.setup_caches(1, 16)
+    torch._dynamo.reset()
+    try:
+        for regional in (True, False):
+            compiled = torch.compile(functools.partial(forward_last, regional=regional), backend=keep_graph,
+                                     fullgraph=True)
+            with torch.no_grad(), inductor_config.patch(freezing=False):
+                got = compiled(tiny, torch.tensor([[3]]), torch.tensor([0]))
+            torch.testing.assert_close(got, forward_last(tiny, torch.tensor([[3]]), torch.tensor([0])))
+    finally:
+        torch._dynamo.reset()
+    calls = [[node.args[0].target for node in gm.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+             for gm in graphs]
+    assert len(calls[0]) == tiny.args.n_layers and len(set(calls[0])) == 1, calls
+    assert calls[1] == []  # not regional: the layers inlined into one graph
