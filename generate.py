@@ -299,6 +299,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--checkpoint_path", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--compile", action="store_true", help="compile the decode steps")
+    p.add_argument("--compile_regional", action="store_true",
+                   help="with --compile on CPU: compile the repeated layer once (a 4-5x shorter first compile, "
+                        "decode 1-10%% slower)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
     p.add_argument("--draft_checkpoint_path", type=Path, default=None)
     p.add_argument("--speculate_k", type=str, default=None,
@@ -331,6 +334,8 @@ def check_args(args):
         raise ValueError("--early_exit does nothing without --self_speculative")
     if args.compile_prefill and not args.compile:
         raise ValueError("--compile_prefill does nothing without --compile")
+    if args.compile_regional and not args.compile:
+        raise ValueError("--compile_regional does nothing without --compile")
     if args.max_new_tokens < 1:
         raise ValueError("--max_new_tokens must be at least 1")
     if args.num_samples < 1:
@@ -418,7 +423,8 @@ def run(args):
     if routed:
         print(f"FlexiDepth: routers on {len(routed)} of {model.args.n_layers} layers ({routed[0]}..{routed[-1]}); "
               f"a token runs a routed layer iff its gate > {skip_threshold}")
-    steps = compile_steps(device, args.compile_prefill, precision) if args.compile else Steps()
+    steps = compile_steps(device, args.compile_prefill, precision, regional=args.compile_regional) \
+        if args.compile else Steps()
     spec = dict(steps=steps, early_exit=args.early_exit, speculate_k=speculate_k, draft_model=draft_model,
                 skip_threshold=skip_threshold)
     if args.interactive or (args.chat and args.prompt is None):

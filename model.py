@@ -534,9 +534,8 @@ class Transformer(nn.Module):
         """Layers [start, end) on hidden states x at positions input_pos (each writes its K/V there).
         FlexiDepth: a token runs a routed layer iff its gate exceeds skip_threshold (0.5 is the checkpoint's rule);
         a one-token step skips for real unless masking asks for the masking form (the reference in tests).
-        regional (compiled one-token CPU steps, see steps.compile_steps): dynamo traces the plain block once and
-        inductor compiles it once for all layers, a 5x shorter compile at the same decode speed (BENCHMARKS.md).
-        Not for frozen graphs: a region's weights must stay graph inputs."""
+        regional (compiled one-token CPU steps, steps.compile_one_token): dynamo traces the plain block once and
+        inductor compiles it once for every layer. Not for frozen graphs: a region's weights must stay inputs."""
         rope = self.rope[input_pos]
         mask = self.causal_mask[None, None, input_pos]  # position t sees every slot <= t, never a stale one
         real_skip = x.shape[0] == 1 and x.shape[1] == 1 and not masking

@@ -18,13 +18,13 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def forward_last(model: Transformer, x: Tensor, input_pos: Tensor, skip_threshold: float = 0.5,
+def forward_last(model: Transformer, x: Tensor, input_pos: Tensor, skip_threshold: float = 0.5, *,
                  regional: bool = False) -> Tensor:
     """Full-depth forward; logits of the last row. Prefill and one-token decode. regional: see model.run_layers."""
     return model(x, input_pos, skip_threshold, regional=regional)[:, -1]
 
 
-def draft_step(model: Transformer, x: Tensor, input_pos: Tensor, early_exit: int, regional: bool = False):
+def draft_step(model: Transformer, x: Tensor, input_pos: Tensor, early_exit: int, *, regional: bool = False):
     """Early-exit draft of one token: layers [0, E), then the exit head at E (if trained), the final norm and the
     draft LM head (model.exit_logits). Returns (logits, raw layer-E hidden, which the verify continues from)."""
     h = model.run_layers(model.embed(x), input_pos, 0, early_exit, regional=regional)
@@ -67,7 +67,9 @@ UNFROZEN = {"freezing": False, "size_asserts": False}
 def own_code(fn: Callable, name: str) -> Callable:
     """fn under a code object of its own. Dynamo keeps compiled graphs per code object, so one step compiled under
     two settings (a benchmark's variants, timed in turn) would otherwise share, and keep replacing, one cache."""
-    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__)
+    own = types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__)
+    own.__kwdefaults__ = dict(fn.__kwdefaults__ or {})
+    return own
 
 
 def one_token_compile_args(kind: str, frozen_args: dict) -> dict:
@@ -79,16 +81,22 @@ def one_token_compile_args(kind: str, frozen_args: dict) -> dict:
     return frozen_args if kind == "linear" else dict(fullgraph=True, dynamic=False, options=UNFROZEN)
 
 
-def compile_one_token(step: Callable, kind: str, frozen_args: dict) -> Callable:
-    """A CPU one-token step (forward_last, draft_step) compiled as one_token_compile_args says. Unfrozen, it is also
-    regional (model.run_layers): the plain block is traced and compiled once for every layer. Dynamo reads inductor's
-    process-wide freezing flag when it traces (frozen, weights become graph constants, and a region's weights must
-    stay inputs), so the call runs with that flag off; options= alone reaches inductor, not dynamo."""
+def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bool = False) -> Callable:
+    """A CPU one-token step (forward_last, draft_step) compiled as one_token_compile_args says. regional (unfrozen
+    steps only): the plain block is traced and compiled once for every layer (model.run_layers), a 4-5x shorter
+    first compile that costs decode 1-3% in bf16 and 5-10% in int4 (per-layer calls, and dynamo passing every
+    weight from Python; BENCHMARKS.md), so it is the user's choice (generate.py --compile_regional). Dynamo reads
+    inductor's process-wide freezing flag when it traces (frozen, weights become graph constants, and a region's
+    weights must stay inputs), so a regional step runs with that flag off; options= alone reaches inductor only."""
     compile_args = one_token_compile_args(kind, frozen_args)
-    if compile_args is frozen_args:
+    if not regional or compile_args is frozen_args:
         return torch.compile(step, **compile_args)
     import torch._inductor.config as inductor_config
-    compiled = torch.compile(functools.partial(step, regional=True), **compile_args)
+    # regional=True as the default of a function of its own: a functools.partial is compiled through one wrapper
+    # frame that every such step shares, and dynamo then checks guards to tell them apart at every call
+    step = own_code(step, f"{step.__name__}_regional")
+    step.__kwdefaults__["regional"] = True
+    compiled = torch.compile(step, **compile_args)
 
     def call(*args, **kwargs):
         with inductor_config.patch(freezing=False):
@@ -97,10 +105,10 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict) -> Callable:
 
 
 def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.dtype] = None,
-                  one_token_kind: Optional[str] = None) -> Steps:
+                  one_token_kind: Optional[str] = None, regional: bool = False) -> Steps:
     """precision: the weights' dtype, when known; on CPU fp32 weights get inductor's own GEMM kernels (below).
     one_token_kind: compile the one-token steps for this kind of linear (model.ONE_TOKEN_LINEAR) instead of the
-    machine's choice (benchmarks that time the other kinds)."""
+    machine's choice (benchmarks that time the other kinds). regional: see compile_one_token (CPU only)."""
     if device.startswith("cuda"):
         options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
         prefill_options = dict(fullgraph=True, dynamic=True)
@@ -129,7 +137,7 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
             options["mode"] = mode
         import model
         kind = one_token_kind or model.ONE_TOKEN_LINEAR.get((str(precision), False), "gemv")
-        one_token = functools.partial(compile_one_token, kind=kind, frozen_args=options)
+        one_token = functools.partial(compile_one_token, kind=kind, frozen_args=options, regional=regional)
     # dynamic=False above: the fixed-shape steps get one graph per early exit E and skip threshold, which stay
     # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
     torch._dynamo.config.cache_size_limit = 64

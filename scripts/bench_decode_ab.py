@@ -6,9 +6,8 @@ compared; timed round by round in one process they can. A variant is a one-token
                                picks one per machine)
     ...-separate               one kernel call per weight (model.linears not grouping wq/wk/wv and w1/w3)
     ...-frozen                 decode compiled with inductor's freezing (otherwise as compile_steps compiles it:
-                               steps.compile_one_token)
-    ...-whole                  unfrozen, but traced and compiled layer by layer as one graph (otherwise unfrozen
-                               steps compile the repeated block once: model.run_layers' regional)
+                               steps.one_token_compile_args)
+    ...-regional               the repeated block compiled once for every layer (steps.compile_one_token)
 Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
 function would hold one variant at a time). Then every round decodes the same prompt once per variant and reads
 the weights' bytes once with a torch sum (the limit); the best round of each counts.
@@ -32,11 +31,10 @@ import model as model_code  # noqa: E402
 from cli import cpu_model, main_guard  # noqa: E402
 from figures import weight_bytes  # noqa: E402
 from generate import DEFAULT_CHECKPOINT, PRECISIONS, generate, load_model  # noqa: E402
-from steps import (Steps, compile_one_token, compile_steps, forward_last, one_token_compile_args,  # noqa: E402
-                   own_code, warm_up)
+from steps import Steps, compile_one_token, compile_steps, forward_last, own_code, warm_up  # noqa: E402
 
 KINDS = ("gemv", "linear", "kernel")
-OPTIONS = ("separate", "frozen", "whole")
+OPTIONS = ("separate", "frozen", "regional")
 
 
 def parse_variant(text: str) -> tuple:
@@ -78,10 +76,8 @@ def run(args):
         decode = own_code(forward_last, f"decode_{i}")
         if "frozen" in options:
             decode = torch.compile(decode, **frozen_args)
-        elif "whole" in options:
-            decode = torch.compile(decode, **one_token_compile_args(kind, frozen_args))
         else:
-            decode = compile_one_token(decode, kind, frozen_args)
+            decode = compile_one_token(decode, kind, frozen_args, regional="regional" in options)
         steps[v] = Steps(decode=decode, compiled=True)
         set_variant(v, dtype, grouped)
         t0 = time.perf_counter()

@@ -468,6 +468,7 @@ def test_generate_chat_refuses_hostile_template(tiny_checkpoint, tmp_path, capfd
     (["--early_exit", "1"], "--early_exit does nothing without --self_speculative"),
     (["--speculate_k", "3"], "--speculate_k does nothing without"),
     (["--compile_prefill"], "--compile_prefill does nothing without --compile"),
+    (["--compile_regional"], "--compile_regional does nothing without --compile"),
     (["--depth_html", "/nowhere/depth.html"], "--depth_html: folder /nowhere does not exist"),
     (["--show_depth", "--max_new_tokens", "4"], "need a FlexiDepth checkpoint"),
     (["--prompt", "Hello" + " Hello" * (CONTEXT - 1), "--max_new_tokens", "1"],

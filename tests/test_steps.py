@@ -139,3 +139,20 @@ def test_unfrozen_one_token_steps_trace_the_repeated_block_once(tiny, monkeypatc
              for gm in graphs]
     assert len(calls[0]) == tiny.args.n_layers and len(set(calls[0])) == 1, calls
     assert calls[1] == []  # not regional: the layers inlined into one graph
+
+
+def test_regional_steps_decode_and_draft_as_eager(tiny):
+    """compile_steps(regional=True) (generate.py --compile_regional): the one-token steps through inductor, the
+    repeated block compiled once, give eager's logits, and the draft's logits and hidden states at two exits."""
+    from steps import compile_steps, draft_step, forward_last
+    steps = compile_steps("cpu", False, regional=True)
+    tiny.setup_caches(1, 16)
+    x, pos = torch.tensor([[3]]), torch.tensor([0])
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(steps.decode(tiny, x, pos), forward_last(tiny, x, pos))
+            for early_exit in (1, 2):
+                got, want = steps.draft(tiny, x, pos, early_exit), draft_step(tiny, x, pos, early_exit)
+                torch.testing.assert_close(got, want)
+    finally:
+        torch._dynamo.reset()
