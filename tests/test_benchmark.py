@@ -129,7 +129,7 @@ def test_decode_ab_times_every_variant_in_each_round(tmp_path, capsys):
     import model
     from conftest import make_converted_llama
     import bench_decode_ab
-    variants = ["gemv", "kernel-separate"] if cpu_kernels.load() else ["gemv", "gemv-frozen"]
+    variants = ["gemv-regional", "kernel-separate"] if cpu_kernels.load() else ["gemv-regional", "gemv-frozen"]
     before = dict(model.ONE_TOKEN_LINEAR), model.linears
     try:
         bench_decode_ab.run(bench_decode_ab.parse_args([
