@@ -209,6 +209,8 @@ def test_api_key_and_self_speculation(default_checkpoint, reference):
 def test_bad_command_line_is_one_error_line():
     assert_one_line_error(run_cli("server.py", "--port", "99999"), "cannot listen on 127.0.0.1:99999")
     assert_one_line_error(run_cli("server.py", "--checkpoint_path", "/nonexistent/model.pth"), "not found")
+    assert_one_line_error(run_cli("server.py", "--compile_regional", "--port", "0"),
+                          "--compile_regional does nothing without --compile")
 
 
 @pytest.fixture(scope="module")
