@@ -153,7 +153,8 @@ def test_compiled_flexidepth_with_kernel_matches_eager(monkeypatch):
     compiled decode gives eager's logits with routed layers both running and skipping, and really calls it."""
     import model
     from steps import compile_steps, forward_last
-    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {("torch.float32", False): "kernel", ("torch.float32", True): "kernel"})
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR",
+                        {("torch.float32", False): "kernel", ("torch.float32", True): "kernel"})
     tiny = tiny_model(routing_layers=[1, 2], router_dim=8, adapter_dim=12)
     tiny.setup_caches(1, 16)
     steps = compile_steps("cpu", False)
@@ -176,7 +177,8 @@ def test_compiled_self_speculation_with_kernel_is_plain_greedy(monkeypatch):
     """Draft (one row) and verify (k + 1 rows) both through the kernel: fp32 greedy output equals plain decoding."""
     import model
     from steps import compile_steps
-    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {("torch.float32", False): "kernel", ("torch.float32", True): "kernel"})
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR",
+                        {("torch.float32", False): "kernel", ("torch.float32", True): "kernel"})
     monkeypatch.setattr(model, "FEW_ROW_LINEAR", {"torch.float32": "kernel"})
     tiny = tiny_model()
     prompt = torch.tensor([1, 7, 42, 9])

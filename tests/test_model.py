@@ -212,7 +212,8 @@ def test_one_token_linear_as_f_linear_matches_eager(monkeypatch):
     import model
     from steps import compile_steps, forward_last
     from model import ModelArgs, Transformer
-    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {("torch.float32", False): "linear", ("torch.float32", True): "linear"})
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR",
+                        {("torch.float32", False): "linear", ("torch.float32", True): "linear"})
     torch.manual_seed(0)
     args = ModelArgs(vocab_size=128, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
                      routing_layers=[1, 2], router_dim=8, adapter_dim=12)

@@ -110,9 +110,9 @@ def test_one_token_steps_compile_unfrozen_so_their_graphs_are_cached(tiny):
 
 
 @pytest.mark.parametrize("kind", ["gemv", "kernel"])
-def test_unfrozen_one_token_steps_trace_the_repeated_block_once(tiny, monkeypatch, kind):
-    """Unfrozen one-token steps are regional (model.run_layers): every plain layer calls one subgraph, traced once,
-    so compiling takes one layer's time, not n_layers'. A guard the region cannot rebuild (a torch.dtype key in
+def test_regional_steps_trace_the_repeated_block_once(tiny, monkeypatch, kind):
+    """Regional one-token steps (model.run_layers, generate.py --compile_regional): every plain layer calls one
+    subgraph, traced once, so compiling takes one layer's time, not n_layers'. A guard the region cannot rebuild (a torch.dtype key in
     model.ONE_TOKEN_LINEAR, say) makes dynamo raise here; a region per layer would show several subgraphs."""
     import functools
     import torch._inductor.config as inductor_config
