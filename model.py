@@ -175,10 +175,12 @@ class KVCache(nn.Module):
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor):
         # k, v: [B, n_kv_heads, T, head_dim], written at input_pos. Entries past the live position stay but are
         # masked out by position, which is what makes speculative rollback free. B may be below the cache's batch.
-        B = k.shape[0]
-        self.k_cache[:B].index_copy_(2, input_pos, k)
-        self.v_cache[:B].index_copy_(2, input_pos, v)
-        return self.k_cache[:B], self.v_cache[:B]
+        k_cache, v_cache = self.k_cache, self.v_cache
+        if k.shape[0] < k_cache.shape[0]:  # sliced only then: each op in a layer is traced 30 times per compile
+            k_cache, v_cache = k_cache[:k.shape[0]], v_cache[:k.shape[0]]
+        k_cache.index_copy_(2, input_pos, k)
+        v_cache.index_copy_(2, input_pos, v)
+        return k_cache, v_cache
 
 
 class RMSNorm(nn.Module):
@@ -271,19 +273,19 @@ def rope_frequencies(args: ModelArgs) -> Tensor:
 
 
 def rope_cache(args: ModelArgs, seq_len: int) -> Tensor:
-    """[seq_len, 2, head_dim] float32: cos and sin laid out for the rotate-half rope."""
+    """[seq_len, 2, head_dim] float32: cos and sin laid out for the rotate-half rope, the sin of the first half
+    negated (apply_rope)."""
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), rope_frequencies(args))
-    angles = torch.cat([angles, angles], dim=-1)
-    return torch.stack([angles.cos(), angles.sin()], dim=1).float()
+    cos, sin = torch.cat([angles, angles], dim=-1).cos(), torch.cat([-angles, angles], dim=-1).sin()
+    return torch.stack([cos, sin], dim=1).float()
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    # x: [B, T, heads, head_dim]; rope: [T, 2, head_dim]
+    # x: [B, T, heads, head_dim]; rope: [T, 2, head_dim]. Rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+    # per half; roll swaps the halves and the cache's sin carries the minus (fewer ops to trace in every layer)
     cos, sin = rope[None, :, None, 0], rope[None, :, None, 1]
     x_float = x.float()
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x_float[..., half:], x_float[..., :half]], dim=-1)
-    return (x_float * cos + rotated * sin).type_as(x)
+    return (x_float * cos + x_float.roll(x.shape[-1] // 2, dims=-1) * sin).type_as(x)
 
 
 # False: every step uses F.scaled_dot_product_attention (scripts/benchmark.py times both in one run)
