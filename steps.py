@@ -58,10 +58,13 @@ class Steps:
     warm: set = field(default_factory=set)  # the step shapes already compiled (see warm_up)
 
 
-# Unfrozen, every weight is an input of the compiled graph, and inductor's wrapper asserted the size and stride of
-# each at every call: ~500 asserts a token for an int4 model, 5-8% of its decode (BENCHMARKS.md). Dynamo's guards
-# check the same sizes and strides before a graph first runs in a generation loop (steps.checked_once).
-UNFROZEN = {"freezing": False, "size_asserts": False}
+# inductor's options for the unfrozen one-token steps. Unfrozen, every weight is an input of the compiled graph, and
+# inductor's wrapper asserted the size and stride of each at every call: ~500 asserts a token for an int4 model, 5-8%
+# of its decode (BENCHMARKS.md). Dynamo's guards check the same sizes and strides before a graph first runs in a
+# generation loop (steps.checked_once). Fusion: inductor tries each node against up to 64 others that share a
+# buffer, and in decode every layer's nodes share the rope row, the mask and the positions, so a cold compile spent
+# ~12 s on pairs 30 layers apart; 8 gives byte-identical code for bf16 and int4 decode, and compiles in 25% less time.
+UNFROZEN = {"freezing": False, "size_asserts": False, "max_fusion_buffer_group_pairwise_attempts": 8}
 
 
 def own_code(fn: Callable, name: str) -> Callable:
@@ -130,8 +133,9 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         # ~2.5x the compile time; so fp32 only, and only when the caller says fp32 (tests don't). One-token linears
         # are a GEMV inductor generates itself or F.linear, whichever cpu_linear's probe found faster on this machine.
         mode = "max-autotune-no-cudagraphs" if precision == torch.float32 else None
+        import cpu_linear
+        cpu_linear.reuse_vector_isa_check()
         if precision is not None:  # one-token linears: this machine's faster kernel (a probe cached on disk)
-            import cpu_linear
             cpu_linear.choose(precision, mode)
         if mode:
             options["mode"] = mode
