@@ -16,11 +16,14 @@ and times them in alternation (the best round of each); its result is kept in ~/
 one_token_linear.json under the CPU model, the torch version, the dtype, the thread count and the compile mode, so
 each machine probes once (about a minute). model.Linear reads the choice at trace time.
 """
+import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +41,8 @@ MARGIN = 0.05  # another kind replaces the GEMV (the path before this probe exis
 KINDS = ("gemv", "linear", "kernel")
 PROBE_VERSION = 4  # 4: the kernel reads a layer's grouped linears in one call each; older entries are not used
 FEW_ROWS = 3  # rows of the few-row probe: the verify of k = 2 drafts
-
-
+PROBE_ROUNDS = 30
+ISA_CACHE_PATH = CACHE_PATH.with_name("vector_isa.json")
 
 
 def probe_key(dtype: torch.dtype, mode=None) -> str:
@@ -77,11 +80,16 @@ class LinearStack(torch.nn.Module):
         return torch.cond(run, self.apply_all, lambda x: x.new_zeros(*x.shape[:-1], width), (x,))
 
 
-def time_kinds(kinds: list, dtype: torch.dtype, in_branch: bool, mode=None, rounds: int = 30, rows: int = 1) -> dict:
-    """{kind: microseconds per MB of weights} for one-token linears of each kind, compiled as compile_steps compiles
-    decode (mode, freezing). The kinds are timed in alternation and the best round counts, so that load from other
-    processes, which only ever slows a round, touches them alike."""
+def time_kinds(kinds: list, dtype: torch.dtype, in_branch: bool, mode=None, rows: int = 1,
+               kernels_ready: Callable[[], bool] = cpu_kernels.load) -> dict:
+    """{kind: microseconds per MB of weights} for linears of `rows` rows of each kind, compiled as compile_steps
+    compiles the steps that run them: one row as decode (steps.one_token_compile_args: the GEMV and the kernel
+    unfrozen, F.linear frozen), more rows as the verify (frozen). "kernel" comes last in `kinds` and is dropped if
+    kernels_ready() says the kernels did not build (probe() builds them meanwhile). The kinds are timed in
+    alternation and the best round counts, so that load from other processes, which only ever slows a round,
+    touches them alike."""
     import torch._inductor.config as inductor_config
+    from steps import one_token_compile_args
     gen = torch.Generator().manual_seed(0)
     layer_bytes = sum(n * k for group in PROBE_LAYER for n, k in group) * dtype.itemsize
     groups = [[torch.randn(shape, generator=gen).to(dtype) for shape in group]
@@ -89,12 +97,18 @@ def time_kinds(kinds: list, dtype: torch.dtype, in_branch: bool, mode=None, roun
     nbytes = sum(w.numel() * w.element_size() for group in groups for w in group)
     width = max(w.shape[1] for group in groups for w in group)
     x, run = torch.randn(1, rows, width, generator=gen).to(dtype), torch.tensor(True)
+    frozen_args = dict(fullgraph=True, dynamic=False, mode=mode)
+    compiled = {}
     # no concat_linear: it would fuse the whole stack (all one input) into one wide linear
     with inductor_config.patch({"freezing": True, "cpp.enable_concat_linear": False}), torch.no_grad():
-        compiled = {kind: torch.compile(LinearStack(groups, kind, in_branch).eval(), fullgraph=True, mode=mode)
-                    for kind in kinds}
-        best = {kind: float("inf") for kind in kinds}
-        for _ in range(rounds):
+        for kind in kinds:
+            if kind == "kernel" and not kernels_ready():
+                continue
+            compile_args = one_token_compile_args(kind, frozen_args) if rows == 1 else frozen_args
+            compiled[kind] = torch.compile(LinearStack(groups, kind, in_branch).eval(), **compile_args)
+            compiled[kind](x, run)  # compiles now, so that the kernels' build overlaps the kinds before them
+        best = {kind: float("inf") for kind in compiled}
+        for _ in range(PROBE_ROUNDS):
             for kind, fn in compiled.items():
                 t0 = time.perf_counter()
                 fn(x, run)
@@ -105,13 +119,21 @@ def time_kinds(kinds: list, dtype: torch.dtype, in_branch: bool, mode=None, roun
 def probe(dtype: torch.dtype, mode=None) -> dict:
     """{"graph": kind, "branch": kind, "rows": kind, "us_per_mb": {context: {kind: time}}}. Another kind must beat
     the gemv by MARGIN to replace it. The branches are probed only if the gemv loses the graph (the same kernels run
-    there, but F.linear loses freezing's prepacking). "rows": the faster of F.linear and the kernel at FEW_ROWS rows."""
-    kinds = [kind for kind in KINDS if kind != "kernel" or cpu_kernels.load()]
-    us_per_mb = {"graph": time_kinds(kinds, dtype, False, mode)}
+    there, but F.linear loses freezing's prepacking). "rows": the faster of F.linear and the kernel at FEW_ROWS rows.
+    On a machine's first run the kernels build (one C++ compiler process, ~11 s) on one core while the other two
+    kinds compile on the other."""
+    build = threading.Thread(target=cpu_kernels.load, daemon=True)
+    build.start()
+
+    def kernels_ready() -> bool:
+        build.join()
+        return cpu_kernels.load()  # cached: the thread's answer
+
+    us_per_mb = {"graph": time_kinds(list(KINDS), dtype, False, mode, kernels_ready=kernels_ready)}
     if fastest(us_per_mb["graph"]) != "gemv":
-        us_per_mb["branch"] = time_kinds(kinds, dtype, True, mode)
+        us_per_mb["branch"] = time_kinds(list(KINDS), dtype, True, mode, kernels_ready=kernels_ready)
     rows = "linear"
-    if "kernel" in kinds:
+    if kernels_ready():
         us_per_mb["rows"] = time_kinds(["linear", "kernel"], dtype, False, mode, rows=FEW_ROWS)
         rows = min(us_per_mb["rows"], key=us_per_mb["rows"].get)
     return dict(graph=fastest(us_per_mb["graph"]), branch=fastest(us_per_mb.get("branch")), rows=rows,
@@ -131,6 +153,39 @@ def read_cache(path: Path) -> dict:
     except (OSError, ValueError):
         return {}  # absent or unreadable: probe again
     return cache if isinstance(cache, dict) else {}
+
+
+def reuse_vector_isa_check(path: Path = ISA_CACHE_PATH) -> bool:
+    """Spare every later process inductor's check of which vector instruction sets (AVX2, AVX-512, AMX...) the C++
+    compiler can build for: it compiles a test library per set and loads each in a new Python process, again in
+    every process that compiles (1.1 s of a 6.8 s warm compile of decode on 2 cores; BENCHMARKS.md). The first
+    process runs the real check and keeps its answer under the CPU, torch and compiler; where that answer is every
+    set the CPU reports, inductor is told the check passes (config.cpp.vec_isa_ok), which makes it assume exactly
+    that list. Set in the first process too, so that inductor's cache keys (which include the flag) stay the same
+    from the first run on. Returns whether the flag is set."""
+    from torch._inductor import config as inductor_config, cpp_builder, cpu_vec_isa
+    if inductor_config.cpp.vec_isa_ok is not None:
+        return bool(inductor_config.cpp.vec_isa_ok)  # the user's TORCHINDUCTOR_VEC_ISA_OK decides
+    compiler = cpp_builder.get_cpp_compiler()
+    version = hashlib.sha256(cpp_builder.get_compiler_version_info(compiler).encode()).hexdigest()[:12]
+    key = f"{cpu_model()} | torch {torch.__version__} | {compiler} {version}"
+    cache = read_cache(path)
+    checked = cache.get(key)
+    if not isinstance(checked, list):
+        checked = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+        cache = read_cache(path)
+        cache[key] = checked
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(cache, indent=1, sort_keys=True))
+        except OSError:
+            pass  # an unwritable cache only costs the check next time
+    cpu_flags = cpu_vec_isa.x86_isa_checker()
+    reported = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
+                if all(flag in cpu_flags for flag in str(isa).split())]
+    if checked == reported:
+        inductor_config.cpp.vec_isa_ok = True
+    return checked == reported
 
 
 def choose(dtype: torch.dtype, mode=None, path: Path = CACHE_PATH, run_probe=probe) -> dict:

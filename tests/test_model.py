@@ -270,6 +270,54 @@ def test_linear_choice_probe_is_cached_atomically(tmp_path, monkeypatch):
     assert len(probes) == 4 and cpu_linear.probe_key(torch.bfloat16) in json.loads(path.read_text())
 
 
+def test_vector_isa_check_runs_once_per_machine(tmp_path, monkeypatch):
+    """inductor's check of the compiler's vector instruction sets runs in the first process only; later ones tell
+    inductor it passes, but only where the kept answer is every set the CPU reports (what inductor then assumes)."""
+    import json
+    import cpu_linear
+    from torch._inductor import config as inductor_config, cpu_vec_isa
+    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
+    cpu_flags = cpu_vec_isa.x86_isa_checker()
+    reported = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in cpu_flags for f in str(isa).split())]
+    checks = []
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", lambda: checks.append(1) or reported)
+    path = tmp_path / "vector_isa.json"
+    assert cpu_linear.reuse_vector_isa_check(path) and inductor_config.cpp.vec_isa_ok is True and len(checks) == 1
+    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
+    assert cpu_linear.reuse_vector_isa_check(path) and len(checks) == 1  # read back: no check
+    (key,) = json.loads(path.read_text())
+    path.write_text(json.dumps({key: ["a set this compiler could not build"]}))  # the check found less: no shortcut
+    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
+    assert not cpu_linear.reuse_vector_isa_check(path) and inductor_config.cpp.vec_isa_ok is None
+    path.write_text("{not json")  # a damaged cache is checked again and replaced
+    assert cpu_linear.reuse_vector_isa_check(path) and len(checks) == 2 and json.loads(path.read_text())[key]
+    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", False)  # TORCHINDUCTOR_VEC_ISA_OK=0: the user decides
+    assert not cpu_linear.reuse_vector_isa_check(path) and inductor_config.cpp.vec_isa_ok is False
+
+
+def test_linear_probe_times_every_kind_while_the_kernels_build(monkeypatch):
+    """The real probe on a tiny stack: every kind is compiled and timed (the kernel once its build, started on a
+    thread at the probe's start, has finished), in one row (decode) and in FEW_ROWS rows (the verify)."""
+    import math
+    import cpu_kernels
+    import cpu_linear
+    monkeypatch.setattr(cpu_linear, "PROBE_LAYER", (((64, 64), (32, 64)), ((64, 64),)))
+    monkeypatch.setattr(cpu_linear, "PROBE_BYTES", 1)  # two layers
+    monkeypatch.setattr(cpu_linear, "PROBE_ROUNDS", 2)
+    monkeypatch.setattr(cpu_linear, "MARGIN", math.inf)  # the gemv keeps the graph: no torch.cond branch probe
+    try:
+        entry = cpu_linear.probe(torch.float32)
+    finally:
+        torch._dynamo.reset()
+    built = cpu_kernels.load()
+    assert entry["graph"] == entry["branch"] == "gemv" and "branch" not in entry["us_per_mb"]
+    assert sorted(entry["us_per_mb"]["graph"]) == sorted(["gemv", "linear"] + ["kernel"] * built)
+    assert entry["rows"] in (("linear", "kernel") if built else ("linear",))
+    assert (sorted(entry["us_per_mb"]["rows"]) == ["kernel", "linear"]) if built else "rows" not in entry["us_per_mb"]
+    times = [t for context in entry["us_per_mb"].values() for t in context.values()]
+    assert all(0 < t < math.inf for t in times), entry
+
+
 @pytest.mark.parametrize("T", [1, 3, 8])
 def test_few_token_attention_matches_sdpa(T):
     """The decode/verify attention written as two reductions equals SDPA with GQA and the causal cache mask, including
