@@ -1,6 +1,7 @@
 """scripts/benchmark.py: the table arithmetic and the CLI's error handling (the timed runs themselves are not tested:
 they take minutes on the real model)."""
 import sys
+from pathlib import Path
 
 from conftest import ROOT, run_cli
 
@@ -151,3 +152,38 @@ def test_decode_ab_times_every_variant_in_each_round(tmp_path, capsys):
 def test_decode_ab_unknown_variant_is_one_error_line():
     from conftest import assert_one_line_error
     assert_one_line_error(run_cli("scripts/bench_decode_ab.py", "--variants", "gemv", "fastest"), "unknown variant")
+
+
+def test_bench_compile_runs_each_mode_cold_then_warm_on_its_own_caches(monkeypatch, capsys):
+    """scripts/bench_compile.py: per round and mode, a cold run on an empty inductor cache, then a warm one on the
+    same cache; --fresh_machine also empties FlexFast's per-machine cache. (generate.py itself is not run here: a
+    fresh machine's first compiled run costs about a minute.)"""
+    import bench_compile
+    calls = []
+
+    def fake_run(args, mode, env):
+        calls.append((mode, env["TORCHINDUCTOR_CACHE_DIR"], env.get("XDG_CACHE_HOME")))
+        return 10.0 + len(calls), 20.0 + len(calls)
+
+    monkeypatch.setattr(bench_compile, "timed_run", fake_run)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    bench_compile.run(bench_compile.parse_args(["--rounds", "2", "--checkpoint_path", str(bench_compile.ROOT /
+                                                 bench_compile.DEFAULT_CHECKPOINT), "--fresh_machine"]))
+    assert [mode for mode, _, _ in calls] == ["default", "default", "regional", "regional"] * 2
+    inductor_dirs = [d for _, d, _ in calls]
+    assert inductor_dirs[0::2] == inductor_dirs[1::2] and len(set(inductor_dirs)) == 4  # warm reuses its cold's
+    assert all(xdg and xdg.startswith(str(Path(d).parent)) for _, d, xdg in calls)
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| default")
+             or line.startswith("| regional")]
+    assert table == ["| default | cold | 11.0 / 15.0 | 21.0 / 25.0 |", "| default | warm | 12.0 / 16.0 | 22.0 / 26.0 |",
+                     "| regional | cold | 13.0 / 17.0 | 23.0 / 27.0 |", "| regional | warm | 14.0 / 18.0 | 24.0 / 28.0 |"]
+    calls.clear()
+    bench_compile.run(bench_compile.parse_args(["--modes", "regional"]))
+    assert [xdg for _, _, xdg in calls] == [None, None]  # the machine's own probe and kernels
+
+
+def test_bench_compile_bad_arguments_give_one_error_line(tmp_path):
+    from conftest import assert_one_line_error
+    assert_one_line_error(run_cli("scripts/bench_compile.py", "--modes", "fastest"), "unknown mode")
+    assert_one_line_error(run_cli("scripts/bench_compile.py", "--checkpoint_path", tmp_path / "none.pth"),
+                          "no checkpoint")
