@@ -58,13 +58,10 @@ class Steps:
     warm: set = field(default_factory=set)  # the step shapes already compiled (see warm_up)
 
 
-# inductor's options for the unfrozen one-token steps. Unfrozen, every weight is an input of the compiled graph, and
-# inductor's wrapper asserted the size and stride of each at every call: ~500 asserts a token for an int4 model, 5-8%
-# of its decode (BENCHMARKS.md). Dynamo's guards check the same sizes and strides before a graph first runs in a
-# generation loop (steps.checked_once). Fusion: inductor tries each node against up to 64 others that share a
-# buffer, and in decode every layer's nodes share the rope row, the mask and the positions, so a cold compile spent
-# ~12 s on pairs 30 layers apart; 8 gives byte-identical code for bf16 and int4 decode, and compiles in 25% less time.
-UNFROZEN = {"freezing": False, "size_asserts": False, "max_fusion_buffer_group_pairwise_attempts": 8}
+# Unfrozen, every weight is an input of the compiled graph, and inductor's wrapper asserted the size and stride of
+# each at every call: ~500 asserts a token for an int4 model, 5-8% of its decode (BENCHMARKS.md). Dynamo's guards
+# check the same sizes and strides before a graph first runs in a generation loop (steps.checked_once).
+UNFROZEN = {"freezing": False, "size_asserts": False}
 
 
 def own_code(fn: Callable, name: str) -> Callable:
@@ -125,6 +122,10 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         # freezing when it traces); the per-step exception is compile_one_token, which turns it off around its calls.
         inductor_config.freezing = True
         inductor_config.cpp.enable_concat_linear = True
+        # inductor tries each node against up to 64 others that share a buffer; every layer's nodes share the rope
+        # row, the mask and the positions, so a cold compile spent ~12 s on pairs 30 layers apart. At 8 the code
+        # generated for decode (bf16, int4), the verify and prefill is byte-identical, and compiles 10-25% faster.
+        inductor_config.max_fusion_buffer_group_pairwise_attempts = 8
         inductor_config.autotune_num_choices_displayed = 0  # no autotune tables on stderr
         inductor_config.max_autotune_report_choices_stats = False
         options = dict(fullgraph=True, dynamic=False)
