@@ -156,6 +156,18 @@ def read_cache(path: Path) -> dict:
     return cache if isinstance(cache, dict) else {}
 
 
+def keep(path: Path, key: str, value):
+    """Adds key: value to the JSON cache at path, written atomically. Read again first: another process may have
+    added its own entries meanwhile. An unwritable cache only costs the measurement next time."""
+    cache = read_cache(path)
+    cache[key] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(cache, indent=1, sort_keys=True))
+    except OSError:
+        pass
+
+
 def reuse_vector_isa_check(path: Path = ISA_CACHE_PATH) -> bool:
     """Spare every later process inductor's check of which vector instruction sets (AVX2, AVX-512, AMX...) the C++
     compiler can build for: it compiles a test library per set and loads each in a new Python process, again in
@@ -170,17 +182,10 @@ def reuse_vector_isa_check(path: Path = ISA_CACHE_PATH) -> bool:
     compiler = cpp_builder.get_cpp_compiler()
     version = hashlib.sha256(cpp_builder.get_compiler_version_info(compiler).encode()).hexdigest()[:12]
     key = f"{cpu_model()} | torch {torch.__version__} | {compiler} {version}"
-    cache = read_cache(path)
-    checked = cache.get(key)
+    checked = read_cache(path).get(key)
     if not isinstance(checked, list):
         checked = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
-        cache = read_cache(path)
-        cache[key] = checked
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, json.dumps(cache, indent=1, sort_keys=True))
-        except OSError:
-            pass  # an unwritable cache only costs the check next time
+        keep(path, key, checked)
     cpu_flags = cpu_vec_isa.x86_isa_checker()
     reported = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
                 if all(flag in cpu_flags for flag in str(isa).split())]
@@ -199,13 +204,7 @@ def choose(dtype: torch.dtype, mode=None, path: Path = CACHE_PATH, run_probe=pro
         print(f"timing one-token linear kernels on this CPU for {dtype} (once; kept in {path})", file=sys.stderr,
               flush=True)
         entry = run_probe(dtype, mode)
-        cache = read_cache(path)  # another process may have added its own entries meanwhile
-        cache[key] = entry
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, json.dumps(cache, indent=1, sort_keys=True))
-        except OSError:
-            pass  # an unwritable cache only costs a probe next time
+        keep(path, key, entry)
     if "kernel" in (entry["graph"], entry["branch"], entry["rows"]):
         cpu_kernels.load()  # built when probed; model.linear falls back to the gemv if it cannot load now
     model.ONE_TOKEN_LINEAR[(str(dtype), False)] = entry["graph"]
