@@ -175,8 +175,10 @@ def test_bench_compile_runs_each_mode_cold_then_warm_on_its_own_caches(monkeypat
     assert all(xdg and xdg.startswith(str(Path(d).parent)) for _, d, xdg in calls)
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| default")
              or line.startswith("| regional")]
-    assert table == ["| default | cold | 11.0 / 15.0 | 21.0 / 25.0 |", "| default | warm | 12.0 / 16.0 | 22.0 / 26.0 |",
-                     "| regional | cold | 13.0 / 17.0 | 23.0 / 27.0 |", "| regional | warm | 14.0 / 18.0 | 24.0 / 28.0 |"]
+    assert table == ["| default | cold | 11.0 / 15.0 | 21.0 / 25.0 |",
+                     "| default | warm | 12.0 / 16.0 | 22.0 / 26.0 |",
+                     "| regional | cold | 13.0 / 17.0 | 23.0 / 27.0 |",
+                     "| regional | warm | 14.0 / 18.0 | 24.0 / 28.0 |"]
     calls.clear()
     bench_compile.run(bench_compile.parse_args(["--modes", "regional"]))
     assert [xdg for _, _, xdg in calls] == [None, None]  # the machine's own probe and kernels

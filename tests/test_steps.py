@@ -96,8 +96,7 @@ def test_one_token_steps_compile_unfrozen_so_their_graphs_are_cached(tiny):
     from torch._dynamo.utils import counters
     from steps import compile_steps, one_token_compile_args
     assert one_token_compile_args("linear", {"frozen": True}) == {"frozen": True}
-    options = one_token_compile_args("gemv", {})["options"]
-    assert options["freezing"] is False and options["size_asserts"] is False
+    assert one_token_compile_args("gemv", {})["options"] == {"freezing": False, "size_asserts": False}
     steps = compile_steps("cpu", False)
     tiny.setup_caches(1, 16)
     counters.clear()
@@ -113,8 +112,9 @@ def test_one_token_steps_compile_unfrozen_so_their_graphs_are_cached(tiny):
 @pytest.mark.parametrize("kind", ["gemv", "kernel"])
 def test_regional_steps_trace_the_repeated_block_once(tiny, monkeypatch, kind):
     """Regional one-token steps (model.run_layers, generate.py --compile_regional): every plain layer calls one
-    subgraph, traced once, so compiling takes one layer's time, not n_layers'. A guard the region cannot rebuild (a torch.dtype key in
-    model.ONE_TOKEN_LINEAR, say) makes dynamo raise here; a region per layer would show several subgraphs."""
+    subgraph, traced once, so compiling takes one layer's time, not n_layers'. A guard the region cannot rebuild
+    (a torch.dtype key in model.ONE_TOKEN_LINEAR, say) makes dynamo raise here; a region per layer would show
+    several subgraphs."""
     import functools
     import torch._inductor.config as inductor_config
     import model
