@@ -126,6 +126,12 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         # row, the mask and the positions, so a cold compile spent ~12 s on pairs 30 layers apart. At 8 the code
         # generated for decode (bf16, int4), the verify and prefill is byte-identical, and compiles 10-25% faster.
         inductor_config.max_fusion_buffer_group_pairwise_attempts = 8
+        # inductor puts consecutive CPU kernels into one C++ function until it takes 500 arguments: for a 30-layer
+        # decode, two functions of 19 and 11 layers. GCC optimizes functions that size worse: at 60 arguments
+        # (about one function a layer) the same graph decodes 5-10% faster in bf16 and fp32, and compiles as fast
+        # (BENCHMARKS.md). A class constant, not a config option, in torch 2.13.
+        from torch._inductor.codegen.cpp import CppScheduling
+        CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = 60
         inductor_config.autotune_num_choices_displayed = 0  # no autotune tables on stderr
         inductor_config.max_autotune_report_choices_stats = False
         options = dict(fullgraph=True, dynamic=False)
