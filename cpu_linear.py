@@ -10,12 +10,13 @@ Xeon with AMX than on an AMD EPYC with AVX-512):
               weight, which oneDNN reorders at every call in bf16;
     "kernel": cpu_kernels.cpp (where it builds), which also takes the verify's few rows.
 So the choice is made twice per dtype: for the main graph and for the branches; and a third time, between "linear"
-and "kernel", for linears of 2 to cpu_kernels.MAX_ROWS rows (the self-speculative verify). The probe compiles a stack of
-different weights (more bytes than a last-level cache holds) both ways, the way compile_steps compiles the model,
-and times them in alternation (the best round of each); its result is kept in ~/.cache/flexfast/
-one_token_linear.json under the CPU model, the torch version, the dtype, the thread count and the compile mode, so
-each machine probes once (about 27 s on 2 cores, the kernels' build included). model.Linear reads the choice at
-trace time.
+and "kernel", for linears of 2 to cpu_kernels.MAX_ROWS rows (the self-speculative verify, short compiled prefills), but
+only once a step of that many rows is about to compile (choose_rows). The probe compiles a stack of different weights
+(more bytes than a last-level cache holds) each way, the way compile_steps compiles the model, and times them in
+alternation (the best round of each); its result is kept in ~/.cache/flexfast/one_token_linear.json under the CPU
+model, the torch version, the dtype, the thread count, the compile mode and the rows, so each machine probes once
+(about 20 s on 2 cores for one row, the kernels' build included; 8 s more for the few rows). model.Linear reads the
+choice at trace time.
 """
 import hashlib
 import json
@@ -40,15 +41,15 @@ PROBE_LAYER = (((576, 576), (192, 576), (192, 576)), ((576, 576),), ((1536, 576)
 PROBE_BYTES = 64 << 20  # twice a 32 MiB L3, so that the weights stream from memory as the model's do
 MARGIN = 0.05  # another kind replaces the GEMV (the path before this probe existed) only if it is this much faster
 KINDS = ("gemv", "linear", "kernel")
-PROBE_VERSION = 4  # 4: the kernel reads a layer's grouped linears in one call each; older entries are not used
+PROBE_VERSION = 5  # 5: one row and few rows are separate entries; older entries are not used
 FEW_ROWS = 3  # rows of the few-row probe: the verify of k = 2 drafts
 PROBE_ROUNDS = 30
 ISA_CACHE_PATH = CACHE_PATH.with_name("vector_isa.json")
 
 
-def probe_key(dtype: torch.dtype, mode=None) -> str:
+def probe_key(dtype: torch.dtype, mode=None, rows: int = 1) -> str:
     return (f"{cpu_model()} | torch {torch.__version__} | {dtype} | {torch.get_num_threads()} threads | "
-            f"mode {mode or 'default'} | probe {PROBE_VERSION}")
+            f"mode {mode or 'default'} | {rows} rows | probe {PROBE_VERSION}")
 
 
 class LinearStack(torch.nn.Module):
@@ -118,11 +119,10 @@ def time_kinds(kinds: list, dtype: torch.dtype, in_branch: bool, mode=None, rows
 
 
 def probe(dtype: torch.dtype, mode=None) -> dict:
-    """{"graph": kind, "branch": kind, "rows": kind, "us_per_mb": {context: {kind: time}}}. Another kind must beat
+    """One-row linears: {"graph": kind, "branch": kind, "us_per_mb": {context: {kind: time}}}. Another kind must beat
     the gemv by MARGIN to replace it. The branches are probed only if the gemv loses the graph (the same kernels run
-    there, but F.linear loses freezing's prepacking). "rows": the faster of F.linear and the kernel at FEW_ROWS rows.
-    On a machine's first run the kernels build (one C++ compiler process, ~11 s) on one core while the other two
-    kinds compile on the other."""
+    there, but F.linear loses freezing's prepacking). On a machine's first run the kernels build (one C++ compiler
+    process, ~11 s) on one core while the other two kinds compile on the other."""
     build = threading.Thread(target=cpu_kernels.load, daemon=True)
     build.start()
 
@@ -133,12 +133,16 @@ def probe(dtype: torch.dtype, mode=None) -> dict:
     us_per_mb = {"graph": time_kinds(list(KINDS), dtype, False, mode, kernels_ready=kernels_ready)}
     if fastest(us_per_mb["graph"]) != "gemv":
         us_per_mb["branch"] = time_kinds(list(KINDS), dtype, True, mode, kernels_ready=kernels_ready)
-    rows = "linear"
-    if kernels_ready():
-        us_per_mb["rows"] = time_kinds(["linear", "kernel"], dtype, False, mode, rows=FEW_ROWS)
-        rows = min(us_per_mb["rows"], key=us_per_mb["rows"].get)
-    return dict(graph=fastest(us_per_mb["graph"]), branch=fastest(us_per_mb.get("branch")), rows=rows,
-                us_per_mb=us_per_mb)
+    return dict(graph=fastest(us_per_mb["graph"]), branch=fastest(us_per_mb.get("branch")), us_per_mb=us_per_mb)
+
+
+def probe_rows(dtype: torch.dtype, mode=None) -> dict:
+    """Linears of FEW_ROWS rows: {"rows": the faster of F.linear and the kernel, "us_per_mb": {"rows": times}};
+    F.linear where the kernels do not build."""
+    if not cpu_kernels.load():
+        return dict(rows="linear", us_per_mb={})
+    times = time_kinds(["linear", "kernel"], dtype, False, mode, rows=FEW_ROWS)
+    return dict(rows=min(times, key=times.get), us_per_mb={"rows": times})
 
 
 def fastest(times) -> str:
@@ -182,32 +186,53 @@ def reuse_vector_isa_check(path: Path = ISA_CACHE_PATH) -> bool:
     compiler = cpp_builder.get_cpp_compiler()
     version = hashlib.sha256(cpp_builder.get_compiler_version_info(compiler).encode()).hexdigest()[:12]
     key = f"{cpu_model()} | torch {torch.__version__} | {compiler} {version}"
+    cpu_flags = cpu_vec_isa.x86_isa_checker()
+    reported = [isa for isa in cpu_vec_isa.supported_vec_isa_list
+                if all(flag in cpu_flags for flag in str(isa).split())]
     checked = read_cache(path).get(key)
     if not isinstance(checked, list):
-        checked = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+        # inductor builds with the first set the CPU reports, and every later one takes a subset of its compiler
+        # flags: where the compiler builds the first, building the others (4-5 s on a new machine) tells nothing
+        if reported and reported[0]:
+            checked = [str(isa) for isa in reported]
+        else:
+            checked = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
         keep(path, key, checked)
-    cpu_flags = cpu_vec_isa.x86_isa_checker()
-    reported = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
-                if all(flag in cpu_flags for flag in str(isa).split())]
-    if checked == reported:
+    every_set = checked == [str(isa) for isa in reported]
+    if every_set:
         inductor_config.cpp.vec_isa_ok = True
-    return checked == reported
+    return every_set
+
+
+def measured(key: str, fields: tuple, what: str, run_probe: Callable[[], dict], path: Path) -> dict:
+    """The cache's entry under key, or run_probe()'s, kept there, where the cache has none with a kind in every
+    field."""
+    entry = read_cache(path).get(key)
+    if not (isinstance(entry, dict) and all(entry.get(field) in KINDS for field in fields)):
+        print(f"timing {what} linear kernels on this CPU (once; kept in {path})", file=sys.stderr, flush=True)
+        entry = run_probe()
+        keep(path, key, entry)
+    return entry
 
 
 def choose(dtype: torch.dtype, mode=None, path: Path = CACHE_PATH, run_probe=probe) -> dict:
-    """This machine's kinds for `dtype` compiled with `mode` (probed once, then read from `path`), installed for
-    model.Linear."""
-    key = probe_key(dtype, mode)
-    cache = read_cache(path)
-    entry = cache.get(key)
-    if not (isinstance(entry, dict) and all(entry.get(c) in KINDS for c in ("graph", "branch", "rows"))):
-        print(f"timing one-token linear kernels on this CPU for {dtype} (once; kept in {path})", file=sys.stderr,
-              flush=True)
-        entry = run_probe(dtype, mode)
-        keep(path, key, entry)
-    if "kernel" in (entry["graph"], entry["branch"], entry["rows"]):
+    """This machine's one-row kinds for `dtype` compiled with `mode` (probed once, then read from `path`), installed
+    for model.Linear."""
+    entry = measured(probe_key(dtype, mode), ("graph", "branch"), f"one-token {dtype}",
+                     lambda: run_probe(dtype, mode), path)
+    if "kernel" in (entry["graph"], entry["branch"]):
         cpu_kernels.load()  # built when probed; model.linear falls back to the gemv if it cannot load now
     model.ONE_TOKEN_LINEAR[(str(dtype), False)] = entry["graph"]
     model.ONE_TOKEN_LINEAR[(str(dtype), True)] = entry["branch"]
+    return entry
+
+
+def choose_rows(dtype: torch.dtype, mode=None, path: Path = CACHE_PATH, run_probe=probe_rows) -> dict:
+    """As choose, for linears of 2 to cpu_kernels.MAX_ROWS rows. steps.compile_steps calls it before the first call
+    of a step that may have that many rows, so that a machine's first plain decode does not wait for it."""
+    entry = measured(probe_key(dtype, mode, FEW_ROWS), ("rows",), f"{FEW_ROWS}-row {dtype}",
+                     lambda: run_probe(dtype, mode), path)
+    if entry["rows"] == "kernel":
+        cpu_kernels.load()
     model.FEW_ROW_LINEAR[str(dtype)] = entry["rows"]
     return entry

@@ -81,6 +81,21 @@ def one_token_compile_args(kind: str, frozen_args: dict) -> dict:
     return frozen_args if kind == "linear" else dict(fullgraph=True, dynamic=False, options=UNFROZEN)
 
 
+def before_first_call(prepare: Optional[Callable], step: Callable) -> Callable:
+    """step, with prepare() run once before its first call (and so before it is traced); step itself if None."""
+    if prepare is None:
+        return step
+    prepared = False
+
+    def call(*args, **kwargs):
+        nonlocal prepared
+        if not prepared:
+            prepare()
+            prepared = True
+        return step(*args, **kwargs)
+    return call
+
+
 def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bool = False) -> Callable:
     """A CPU one-token step (forward_last, draft_step) compiled as one_token_compile_args says. regional (unfrozen
     steps only): the plain block is traced and compiled once for every layer (model.run_layers), a 4-5x shorter
@@ -113,6 +128,7 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
         prefill_options = dict(fullgraph=True, dynamic=True)
         one_token = functools.partial(torch.compile, **options)
+        few_rows = None
     else:
         import torch._inductor.config as inductor_config
         # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead. For the multi-token steps (verify, prefill)
@@ -142,8 +158,11 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         mode = "max-autotune-no-cudagraphs" if precision == torch.float32 else None
         import cpu_linear
         cpu_linear.reuse_vector_isa_check()
-        if precision is not None:  # one-token linears: this machine's faster kernel (a probe cached on disk)
+        few_rows = None
+        if precision is not None:  # few-row linears: this machine's faster kernel (a probe cached on disk)
             cpu_linear.choose(precision, mode)
+            # the verify's and short prefills' rows: probed only when such a step first runs (8 s on a new machine)
+            few_rows = functools.partial(cpu_linear.choose_rows, precision, mode)
         if mode:
             options["mode"] = mode
         import model
@@ -153,11 +172,12 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
     # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
     torch._dynamo.config.cache_size_limit = 64
     return Steps(
-        prefill=torch.compile(forward_last, **prefill_options) if compile_prefill else forward_last,
+        prefill=before_first_call(few_rows, torch.compile(forward_last, **prefill_options)) if compile_prefill
+        else forward_last,
         decode=one_token(forward_last),
         draft=one_token(draft_step),
-        verify=torch.compile(verify_step, **options),
-        verify_full=torch.compile(verify_full, **options),
+        verify=before_first_call(few_rows, torch.compile(verify_step, **options)),
+        verify_full=before_first_call(few_rows, torch.compile(verify_full, **options)),
         compiled=True,
     )
 

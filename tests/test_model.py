@@ -242,16 +242,23 @@ def test_linear_choice_probe_is_cached_atomically(tmp_path, monkeypatch):
 
     def fake_probe(dtype, mode):
         probes.append((dtype, mode))
-        return {"graph": "linear", "branch": "gemv", "rows": "linear", "us_per_mb": {}}
+        return {"graph": "linear", "branch": "gemv", "us_per_mb": {}}
+
+    def fake_rows_probe(dtype, mode):
+        probes.append((dtype, mode, "rows"))
+        return {"rows": "kernel", "us_per_mb": {}}
 
     path = tmp_path / "cache/one_token_linear.json"
     assert cpu_linear.choose(torch.bfloat16, None, path, fake_probe)["graph"] == "linear"
     assert model.ONE_TOKEN_LINEAR == {("torch.bfloat16", False): "linear", ("torch.bfloat16", True): "gemv"}
-    assert model.FEW_ROW_LINEAR == {"torch.bfloat16": "linear"}
+    assert model.FEW_ROW_LINEAR == {} and len(probes) == 1  # few rows wait for a step that has them
     assert cpu_linear.choose(torch.bfloat16, None, path, fake_probe)["branch"] == "gemv"  # read back, no probe
     assert len(probes) == 1 and cpu_linear.probe_key(torch.bfloat16) in json.loads(path.read_text())
-    cpu_linear.choose(torch.float32, "max-autotune-no-cudagraphs", path, fake_probe)  # a second entry beside it
-    assert len(probes) == 2 and len(json.loads(path.read_text())) == 2
+    cpu_linear.choose_rows(torch.bfloat16, None, path, fake_rows_probe)  # its own entry beside it
+    cpu_linear.choose_rows(torch.bfloat16, None, path, fake_rows_probe)
+    assert model.FEW_ROW_LINEAR == {"torch.bfloat16": "kernel"} and probes[1:] == [(torch.bfloat16, None, "rows")]
+    cpu_linear.choose(torch.float32, "max-autotune-no-cudagraphs", path, fake_probe)  # a third entry beside them
+    assert len(probes) == 3 and len(json.loads(path.read_text())) == 3
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
     before = path.read_text()
 
@@ -267,30 +274,36 @@ def test_linear_choice_probe_is_cached_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {})
     path.write_text("{not json")  # a damaged cache is probed again and replaced
     cpu_linear.choose(torch.bfloat16, None, path, fake_probe)
-    assert len(probes) == 4 and cpu_linear.probe_key(torch.bfloat16) in json.loads(path.read_text())
+    assert len(probes) == 5 and cpu_linear.probe_key(torch.bfloat16) in json.loads(path.read_text())
 
 
 def test_vector_isa_check_runs_once_per_machine(tmp_path, monkeypatch):
-    """inductor's check of the compiler's vector instruction sets runs in the first process only; later ones tell
-    inductor it passes, but only where the kept answer is every set the CPU reports (what inductor then assumes)."""
+    """inductor's check of the compiler's vector instruction sets runs in the first process only, and there only for
+    the set inductor will build with where that one builds; later processes tell inductor it passes, but only where
+    the kept answer is every set the CPU reports (what inductor then assumes)."""
     import json
     import cpu_linear
     from torch._inductor import config as inductor_config, cpu_vec_isa
     monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
     cpu_flags = cpu_vec_isa.x86_isa_checker()
     reported = [isa for isa in cpu_vec_isa.supported_vec_isa_list if all(f in cpu_flags for f in str(isa).split())]
-    checks = []
+    if not reported:
+        pytest.skip("the CPU reports no x86 vector set")
+    builds, checks = [], []
+    monkeypatch.setattr(type(reported[0]), "__bool__", lambda isa: builds.append(str(isa)) or True)
     monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", lambda: checks.append(1) or reported)
     path = tmp_path / "vector_isa.json"
-    assert cpu_linear.reuse_vector_isa_check(path) and inductor_config.cpp.vec_isa_ok is True and len(checks) == 1
+    assert cpu_linear.reuse_vector_isa_check(path) and inductor_config.cpp.vec_isa_ok is True
+    assert builds == [str(reported[0])] and checks == []  # the first set built: the others are not
     monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
-    assert cpu_linear.reuse_vector_isa_check(path) and len(checks) == 1  # read back: no check
+    assert cpu_linear.reuse_vector_isa_check(path) and len(builds) == 1  # read back: no check
     (key,) = json.loads(path.read_text())
     path.write_text(json.dumps({key: ["a set this compiler could not build"]}))  # the check found less: no shortcut
     monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
     assert not cpu_linear.reuse_vector_isa_check(path) and inductor_config.cpp.vec_isa_ok is None
-    path.write_text("{not json")  # a damaged cache is checked again and replaced
-    assert cpu_linear.reuse_vector_isa_check(path) and len(checks) == 2 and json.loads(path.read_text())[key]
+    monkeypatch.setattr(type(reported[0]), "__bool__", lambda isa: bool(builds.append(str(isa))))
+    path.write_text("{not json")  # a damaged cache is checked again; the first set fails, so every set is checked
+    assert cpu_linear.reuse_vector_isa_check(path) and len(builds) == 2 and checks == [1]
     monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", False)  # TORCHINDUCTOR_VEC_ISA_OK=0: the user decides
     assert not cpu_linear.reuse_vector_isa_check(path) and inductor_config.cpp.vec_isa_ok is False
 
@@ -306,15 +319,15 @@ def test_linear_probe_times_every_kind_while_the_kernels_build(monkeypatch):
     monkeypatch.setattr(cpu_linear, "PROBE_ROUNDS", 2)
     monkeypatch.setattr(cpu_linear, "MARGIN", math.inf)  # the gemv keeps the graph: no torch.cond branch probe
     try:
-        entry = cpu_linear.probe(torch.float32)
+        entry, rows = cpu_linear.probe(torch.float32), cpu_linear.probe_rows(torch.float32)
     finally:
         torch._dynamo.reset()
     built = cpu_kernels.load()
     assert entry["graph"] == entry["branch"] == "gemv" and "branch" not in entry["us_per_mb"]
     assert sorted(entry["us_per_mb"]["graph"]) == sorted(["gemv", "linear"] + ["kernel"] * built)
-    assert entry["rows"] in (("linear", "kernel") if built else ("linear",))
-    assert (sorted(entry["us_per_mb"]["rows"]) == ["kernel", "linear"]) if built else "rows" not in entry["us_per_mb"]
-    times = [t for context in entry["us_per_mb"].values() for t in context.values()]
+    assert rows["rows"] in (("linear", "kernel") if built else ("linear",))
+    assert (sorted(rows["us_per_mb"]["rows"]) == ["kernel", "linear"]) if built else rows["us_per_mb"] == {}
+    times = [t for probed in (entry, rows) for context in probed["us_per_mb"].values() for t in context.values()]
     assert all(0 < t < math.inf for t in times), entry
 
 

@@ -109,6 +109,27 @@ def test_one_token_steps_compile_unfrozen_so_their_graphs_are_cached(tiny):
         torch._dynamo.reset()
 
 
+def test_few_row_probe_waits_for_a_step_with_few_rows(tiny, monkeypatch):
+    """A machine's first plain decode does not pay for the few-row probe (8 s on 2 cores): compile_steps probes one
+    row at once, and the rows only before the first verify or compiled prefill (whose traces read the choice)."""
+    import cpu_linear
+    import steps as steps_module
+    probed = []
+    monkeypatch.setattr(cpu_linear, "choose", lambda dtype, mode: probed.append("one row"))
+    monkeypatch.setattr(cpu_linear, "choose_rows", lambda dtype, mode: probed.append("rows"))
+    monkeypatch.setattr(steps_module, "compile_one_token", lambda step, **kwargs: step)
+    monkeypatch.setattr(torch, "compile", lambda step, **kwargs: step)  # eager: only the order of calls matters
+    steps = steps_module.compile_steps("cpu", True, torch.float32)
+    tiny.setup_caches(1, 16)
+    with torch.no_grad():
+        steps.decode(tiny, torch.tensor([[3]]), torch.tensor([0]))
+        assert probed == ["one row"]
+        for _ in range(2):
+            steps.verify_full(tiny, torch.tensor([[3, 4]]), torch.tensor([1, 2]))
+            steps.prefill(tiny, torch.tensor([[3, 4]]), torch.tensor([0, 1]))
+    assert probed == ["one row", "rows", "rows"]  # once per step
+
+
 @pytest.mark.parametrize("kind", ["gemv", "kernel"])
 def test_regional_steps_trace_the_repeated_block_once(tiny, monkeypatch, kind):
     """Regional one-token steps (model.run_layers, generate.py --compile_regional): every plain layer calls one
