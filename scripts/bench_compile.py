@@ -1,9 +1,9 @@
 """How long `generate.py --compile` takes to compile on this machine: cold and warm, the whole graph and
 --compile_regional, each run a fresh process as a user starts it.
 
-    cold    an empty inductor cache (TORCHINDUCTOR_CACHE_DIR); with --fresh_machine also an empty XDG_CACHE_HOME, so
-            the run also pays what a machine's first run pays once: cpu_linear's probe, the kernels' build and
-            inductor's vector-ISA check
+    cold    an empty inductor cache (TORCHINDUCTOR_CACHE_DIR); with --fresh_machine also an empty XDG_CACHE_HOME and
+            TMPDIR, so the run also pays what a machine's first run pays once: cpu_linear's probe, the kernels'
+            build, inductor's vector-ISA check and its precompiled headers (kept under the temporary directory)
     warm    the same command again on the caches the cold run left
 Every round runs each mode cold then warm, modes in turn, so that the host's drift touches them alike. A row gives
 generate.py's own `compiled in N s` line (the compile of the steps the run uses) and the wall time of the whole
@@ -58,12 +58,15 @@ def run(args):
                 env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(Path(tmp) / "inductor"))
                 if args.fresh_machine:
                     env["XDG_CACHE_HOME"] = str(Path(tmp) / "xdg")
+                    env["TMPDIR"] = str(Path(tmp) / "tmp")
+                    (Path(tmp) / "tmp").mkdir()
                 for state in ("cold", "warm"):
                     times[mode, state].append(timed_run(args, mode, env))
                     print(f"{mode} {state}: compiled in {times[mode, state][-1][0]:.1f} s, "
                           f"process {times[mode, state][-1][1]:.1f} s", file=sys.stderr, flush=True)
     print(f"{cpu_model()}, {os.cpu_count()} CPUs, {args.precision}, {args.checkpoint_path.parent.name}, "
-          f"{'fresh machine (empty XDG cache) and ' if args.fresh_machine else ''}empty inductor cache for cold, "
+          f"{'fresh machine (empty XDG cache and TMPDIR) and ' if args.fresh_machine else ''}"
+          f"empty inductor cache for cold, "
           f"load average {os.getloadavg()[0]:.1f}\n")
     print("| mode | run | compiled in (s, per round) | whole process (s, per round) |")
     print("|---|---|---|---|")

@@ -1,5 +1,6 @@
 """scripts/benchmark.py: the table arithmetic and the CLI's error handling (the timed runs themselves are not tested:
 they take minutes on the real model)."""
+import os
 import sys
 from pathlib import Path
 
@@ -156,13 +157,16 @@ def test_decode_ab_unknown_variant_is_one_error_line():
 
 def test_bench_compile_runs_each_mode_cold_then_warm_on_its_own_caches(monkeypatch, capsys):
     """scripts/bench_compile.py: per round and mode, a cold run on an empty inductor cache, then a warm one on the
-    same cache; --fresh_machine also empties FlexFast's per-machine cache. (generate.py itself is not run here: a
+    same cache; --fresh_machine also empties FlexFast's per-machine cache and the temporary directory (inductor's
+    precompiled headers). (generate.py itself is not run here: a
     fresh machine's first compiled run costs about a minute.)"""
     import bench_compile
-    calls = []
+    calls, temporary_dirs = [], []
 
     def fake_run(args, mode, env):
         calls.append((mode, env["TORCHINDUCTOR_CACHE_DIR"], env.get("XDG_CACHE_HOME")))
+        tmp = env.get("TMPDIR")
+        temporary_dirs.append((tmp, bool(tmp) and Path(tmp).is_dir() and not any(Path(tmp).iterdir())))
         return 10.0 + len(calls), 20.0 + len(calls)
 
     monkeypatch.setattr(bench_compile, "timed_run", fake_run)
@@ -173,6 +177,7 @@ def test_bench_compile_runs_each_mode_cold_then_warm_on_its_own_caches(monkeypat
     inductor_dirs = [d for _, d, _ in calls]
     assert inductor_dirs[0::2] == inductor_dirs[1::2] and len(set(inductor_dirs)) == 4  # warm reuses its cold's
     assert all(xdg and xdg.startswith(str(Path(d).parent)) for _, d, xdg in calls)
+    assert all(tmp.startswith(str(Path(d).parent)) and empty for (_, d, _), (tmp, empty) in zip(calls, temporary_dirs))
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| default")
              or line.startswith("| regional")]
     assert table == ["| default | cold | 11.0 / 15.0 | 21.0 / 25.0 |",
@@ -182,6 +187,7 @@ def test_bench_compile_runs_each_mode_cold_then_warm_on_its_own_caches(monkeypat
     calls.clear()
     bench_compile.run(bench_compile.parse_args(["--modes", "regional"]))
     assert [xdg for _, _, xdg in calls] == [None, None]  # the machine's own probe and kernels
+    assert [tmp for tmp, _ in temporary_dirs[-2:]] == [os.environ.get("TMPDIR")] * 2
 
 
 def test_bench_compile_bad_arguments_give_one_error_line(tmp_path):
