@@ -8,6 +8,9 @@ compared; timed round by round in one process they can. A variant is a one-token
     ...-frozen                 decode compiled with inductor's freezing (otherwise as compile_steps compiles it:
                                steps.one_token_compile_args)
     ...-regional               the repeated block compiled once for every layer (steps.compile_one_token)
+    ...-wide                   inductor's own CPU kernel groups of up to 500 arguments (compile_steps caps them
+                               at 60); with a wide variant every variant compiles with inductor's caches off, as
+                               its graph cache is keyed without that cap and would give both variants one code
 Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
 function would hold one variant at a time). Then every round decodes the same prompt once per variant and reads
 the weights' bytes once with a torch sum (the limit); the best round of each counts.
@@ -22,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._inductor.codegen.cpp import CppScheduling
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,7 +38,7 @@ from generate import DEFAULT_CHECKPOINT, PRECISIONS, generate, load_model  # noq
 from steps import Steps, compile_one_token, compile_steps, forward_last, own_code, warm_up  # noqa: E402
 
 KINDS = ("gemv", "linear", "kernel")
-OPTIONS = ("separate", "frozen", "regional")
+OPTIONS = ("separate", "frozen", "regional", "wide")
 
 
 def parse_variant(text: str) -> tuple:
@@ -69,6 +73,8 @@ def run(args):
     if any(parse_variant(v)[0] == "kernel" for v in args.variants) and not cpu_kernels.load():
         raise ValueError("a kernel variant was asked for, but the CPU kernels do not build here")
     grouped = model_code.linears
+    capped = CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM
+    any_wide = any("wide" in parse_variant(v)[1] for v in args.variants)
     steps = {}
     for i, v in enumerate(args.variants):
         kind, options = parse_variant(v)
@@ -80,8 +86,13 @@ def run(args):
             decode = compile_one_token(decode, kind, frozen_args, regional="regional" in options)
         steps[v] = Steps(decode=decode, compiled=True)
         set_variant(v, dtype, grouped)
+        CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = 500 if "wide" in options else capped
         t0 = time.perf_counter()
-        warm_up(model, steps[v], len(prompt))
+        try:
+            with torch.compiler.config.patch(force_disable_caches=any_wide):
+                warm_up(model, steps[v], len(prompt))
+        finally:
+            CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = capped
         print(f"{v}: compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     nbytes = weight_bytes(model)
     weights_sized = torch.ones(nbytes // 4)
