@@ -62,6 +62,8 @@ class Steps:
 # each at every call: ~500 asserts a token for an int4 model, 5-8% of its decode (BENCHMARKS.md). Dynamo's guards
 # check the same sizes and strides before a graph first runs in a generation loop (steps.checked_once).
 UNFROZEN = {"freezing": False, "size_asserts": False}
+KERNEL_GROUP_ARGS = 60  # see compile_steps
+CACHE_KEY_TAG = f" | flexfast: CPU kernel groups of {KERNEL_GROUP_ARGS} arguments"
 
 
 def own_code(fn: Callable, name: str) -> Callable:
@@ -144,10 +146,13 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         inductor_config.max_fusion_buffer_group_pairwise_attempts = 8
         # inductor puts consecutive CPU kernels into one C++ function until it takes 500 arguments: for a 30-layer
         # decode, two functions of 19 and 11 layers. GCC optimizes functions that size worse: at 60 arguments
-        # (about one function a layer) the same graph decodes 5-10% faster in bf16 and fp32, and compiles as fast
-        # (BENCHMARKS.md). A class constant, not a config option, in torch 2.13.
+        # (about one function a layer) the same graph decodes 6-13% faster in bf16 and fp32, and compiles as fast
+        # (BENCHMARKS.md). A class constant, not a config option, in torch 2.13, so inductor's caches are keyed
+        # without it: the tag keeps code compiled under inductor's own cap (an older cache) from being reused.
         from torch._inductor.codegen.cpp import CppScheduling
-        CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = 60
+        CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = KERNEL_GROUP_ARGS
+        if CACHE_KEY_TAG not in torch.compiler.config.cache_key_tag:
+            torch.compiler.config.cache_key_tag += CACHE_KEY_TAG
         inductor_config.autotune_num_choices_displayed = 0  # no autotune tables on stderr
         inductor_config.max_autotune_report_choices_stats = False
         options = dict(fullgraph=True, dynamic=False)

@@ -132,6 +132,7 @@ def test_decode_ab_times_every_variant_in_each_round(tmp_path, capsys):
     from conftest import make_converted_llama
     import bench_decode_ab
     from torch._inductor.codegen.cpp import CppScheduling
+    from steps import KERNEL_GROUP_ARGS
     variants = ["gemv-regional", "kernel-separate" if cpu_kernels.load() else "gemv-frozen", "gemv-wide"]
     before = dict(model.ONE_TOKEN_LINEAR), model.linears
     try:
@@ -143,7 +144,7 @@ def test_decode_ab_times_every_variant_in_each_round(tmp_path, capsys):
         model.ONE_TOKEN_LINEAR.update(before[0])
         import torch
         torch._dynamo.reset()
-    assert model.linears is before[1] and CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM == 60  # compile_steps' cap, back
+    assert model.linears is before[1] and CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM == KERNEL_GROUP_ARGS  # back
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split(" | ")[0][2:] for row in rows[1:]] == variants
     for row in rows[1:]:

@@ -109,6 +109,18 @@ def test_one_token_steps_compile_unfrozen_so_their_graphs_are_cached(tiny):
         torch._dynamo.reset()
 
 
+def test_capped_kernel_groups_are_part_of_the_cache_key(monkeypatch):
+    """compile_steps caps inductor's CPU kernel groups, a class constant its caches are not keyed on, so it tags the
+    cache key too (once, however often it is called, and after a tag of the user's own)."""
+    from torch._inductor.codegen.cpp import CppScheduling
+    from steps import CACHE_KEY_TAG, KERNEL_GROUP_ARGS, compile_steps
+    monkeypatch.setattr(torch.compiler.config, "cache_key_tag", "users-own")
+    compile_steps("cpu", False)
+    compile_steps("cpu", False)
+    assert torch.compiler.config.cache_key_tag == "users-own" + CACHE_KEY_TAG
+    assert CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM == KERNEL_GROUP_ARGS
+
+
 def test_few_row_probe_waits_for_a_step_with_few_rows(tiny, monkeypatch):
     """A machine's first plain decode does not pay for the few-row probe (8 s on 2 cores): compile_steps probes one
     row at once, and the rows only before the first verify or compiled prefill (whose traces read the choice)."""
