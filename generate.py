@@ -301,7 +301,7 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="compile the decode steps")
     p.add_argument("--compile_regional", action="store_true",
                    help="with --compile on CPU: compile the repeated layer once (a 4-5x shorter first compile, "
-                        "decode 1-10%% slower)")
+                        "decode about 10%% slower)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes)")
     p.add_argument("--draft_checkpoint_path", type=Path, default=None)
     p.add_argument("--speculate_k", type=str, default=None,
@@ -456,7 +456,7 @@ def run(args):
         compile_seconds = warm_up(model, prompt_len=len(prompt_ids), **spec)
         slow = compile_seconds > 30 and device == "cpu" and not args.compile_regional
         print(f"compiled in {compile_seconds:.1f} s" + (" (--compile_regional compiles the repeated layer once: 4-5x "
-                                                         "faster, decoding 1-10% slower)" if slow else ""))
+                                                         "faster, decoding about 10% slower)" if slow else ""))
 
     for i in range(args.num_samples):
         print(f"\n--- sample {i + 1} ---" if args.num_samples > 1 else "")

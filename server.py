@@ -417,7 +417,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="compile the decode steps (compiled before serving)")
     p.add_argument("--compile_prefill", action="store_true")
     p.add_argument("--compile_regional", action="store_true",
-                   help="with --compile on CPU: compile the repeated layer once (faster start, decode 1-10%% slower)")
+                   help="with --compile on CPU: compile the repeated layer once (faster start, decode about 10%% "
+                        "slower)")
     p.add_argument("--self_speculative", action="store_true")
     p.add_argument("--early_exit", type=int, default=None)
     p.add_argument("--speculate_k", type=int, default=3)

@@ -101,7 +101,7 @@ def before_first_call(prepare: Optional[Callable], step: Callable) -> Callable:
 def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bool = False) -> Callable:
     """A CPU one-token step (forward_last, draft_step) compiled as one_token_compile_args says. regional (unfrozen
     steps only): the plain block is traced and compiled once for every layer (model.run_layers), a 4-5x shorter
-    first compile that costs decode 1-3% in bf16 and 5-10% in int4 (per-layer calls, and dynamo passing every
+    first compile that costs decode about 10% in bf16 and int4 (per-layer calls, and dynamo passing every
     weight from Python; BENCHMARKS.md), so it is the user's choice (generate.py --compile_regional). Dynamo reads
     inductor's process-wide freezing flag when it traces (frozen, weights become graph constants, and a region's
     weights must stay inputs), so a regional step runs with that flag off; options= alone reaches inductor only."""
@@ -164,7 +164,7 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         import cpu_linear
         cpu_linear.reuse_vector_isa_check()
         few_rows = None
-        if precision is not None:  # few-row linears: this machine's faster kernel (a probe cached on disk)
+        if precision is not None:  # one-token linears: this machine's faster kernel (a probe cached on disk)
             cpu_linear.choose(precision, mode)
             # the verify's and short prefills' rows: probed only when such a step first runs (8 s on a new machine)
             few_rows = functools.partial(cpu_linear.choose_rows, precision, mode)
