@@ -126,11 +126,11 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
     """precision: the weights' dtype, when known; on CPU fp32 weights get inductor's own GEMM kernels (below).
     one_token_kind: compile the one-token steps for this kind of linear (model.ONE_TOKEN_LINEAR) instead of the
     machine's choice (benchmarks that time the other kinds). regional: see compile_one_token (CPU only)."""
+    few_rows = None  # what a step of few rows runs once before its first call (CPU: their kernels' probe)
     if device.startswith("cuda"):
         options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
         prefill_options = dict(fullgraph=True, dynamic=True)
         one_token = functools.partial(torch.compile, **options)
-        few_rows = None
     else:
         import torch._inductor.config as inductor_config
         # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead. For the multi-token steps (verify, prefill)
@@ -163,7 +163,6 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         mode = "max-autotune-no-cudagraphs" if precision == torch.float32 else None
         import cpu_linear
         cpu_linear.reuse_vector_isa_check()
-        few_rows = None
         if precision is not None:  # one-token linears: this machine's faster kernel (a probe cached on disk)
             cpu_linear.choose(precision, mode)
             # the verify's and short prefills' rows: probed only when such a step first runs (8 s on a new machine)

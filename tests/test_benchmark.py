@@ -160,8 +160,8 @@ def test_decode_ab_unknown_variant_is_one_error_line():
 def test_bench_compile_runs_each_mode_cold_then_warm_on_its_own_caches(monkeypatch, capsys):
     """scripts/bench_compile.py: per round and mode, a cold run on an empty inductor cache, then a warm one on the
     same cache; --fresh_machine also empties FlexFast's per-machine cache and the temporary directory (inductor's
-    precompiled headers). (generate.py itself is not run here: a
-    fresh machine's first compiled run costs about a minute.)"""
+    precompiled headers). (generate.py itself is not run here: a fresh machine's first compiled run costs about a
+    minute.)"""
     import bench_compile
     calls, temporary_dirs = [], []
 
