@@ -344,3 +344,30 @@ def test_few_token_attention_matches_sdpa(T):
     mask = (torch.arange(S)[None, :] <= positions[:, None])[None, None]  # [1, 1, T, S]
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(few_token_attention(q, k, v, mask), want, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_one_token_rope_loads_whole_vectors():
+    """Inductor recomputes the query's rope inside the attention loop, once per cache slot. Its two halves must come
+    in as whole vector loads: swapped with roll, their index was modular and inductor gathered it element by
+    element into a temporary array (`tmpbuf` in the C++), which made int4 decode 1.3x slower (BENCHMARKS.md)."""
+    from torch._inductor.utils import run_and_get_code
+    from model import Transformer
+    from steps import UNFROZEN, forward_last
+    torch.manual_seed(0)
+    # head_dim 64 as SmolLM2's: a bf16 vector is 32 lanes, so each half is one vector
+    args = ModelArgs(vocab_size=64, dim=128, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=64, intermediate_size=64)
+    tiny = Transformer(args).to(torch.bfloat16).eval().requires_grad_(False)
+    tiny.setup_caches(1, 32)
+    x, pos = torch.tensor([[3]]), torch.tensor([5])
+    try:
+        torch._dynamo.reset()
+        step = torch.compile(forward_last, fullgraph=True, dynamic=False, options=UNFROZEN)
+        with torch.no_grad():
+            got, code = run_and_get_code(step, tiny, x, pos)
+            want = forward_last(tiny, x, pos)
+    finally:
+        torch._dynamo.reset()
+    code = "".join(code)
+    assert "softmax" in code and "scaled_dot_product" not in code  # the attention is inductor's own C++
+    assert "tmpbuf" not in code
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
