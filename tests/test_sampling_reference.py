@@ -47,3 +47,13 @@ def test_greedy_is_the_argmax():
     logits = torch.randn(8, VOCAB, generator=torch.Generator().manual_seed(1))
     probs = Sampling(temperature=0, top_k=3, top_p=0.5, seed=0).probs(logits)
     assert torch.equal(probs.argmax(-1), logits.argmax(-1)) and torch.equal(probs.sum(-1), torch.ones(8))
+
+
+def test_greedy_sample_is_the_one_hot_draw_ties_included():
+    """Plain decoding's greedy sample() skips the one-hot that speculation's probs() builds: the same token, ties
+    and bf16 logits included."""
+    sampling = Sampling(temperature=0)
+    logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    logits[0, :] = 0  # all tied
+    logits[1, [3, VOCAB - 1]] = 100  # two tied maxima
+    assert torch.equal(sampling.sample(logits), sampling.draw(sampling.probs(logits)))
