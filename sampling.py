@@ -57,7 +57,7 @@ class Sampling:
         return probs.argmax(-1) if self.greedy else sample_from(probs, self.generator)
 
     def sample(self, logits: Tensor) -> Tensor:
-        if self.greedy:  # draw(probs(logits)) without building the one-hot: 75 -> 34 us a token for 49k logits
+        if self.greedy:  # draw(probs(logits)) without building the one-hot: 75 -> 35 us a token for 49k logits
             return logits.float().argmax(-1)
         return self.draw(self.probs(logits))
 
