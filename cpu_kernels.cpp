@@ -30,15 +30,12 @@ inline __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
-}
 
 inline void prefetch_lines(const char* p, int lines) {
   for (int i = 0; i < lines; ++i) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
 }
 
-// Dense or int8 rows: out[r * MC + m] = sum_k w[r, k] * x[m, k]
+// Dense rows: out[r * MC + m] = sum_k w[r, k] * x[m, k]
 template <typename W, int MC>
 inline void block_dot(const W* w, int64_t K, const float* x, float* out) {
   constexpr int step_bytes = R * 16 * sizeof(W);
@@ -57,6 +54,63 @@ inline void block_dot(const W* w, int64_t K, const float* x, float* out) {
   }
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MC; ++m) out[r * MC + m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+// The sums of four accumulators, as one vector [a, b, c, d].
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, 0x44), _mm512_shuffle_ps(ab, cd, 0xEE));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+// int8 rows against x rounded to int16, one scale per row (dx = max|x| / 32767; the rounding is within bf16's own
+// for all but elements under 1/128 of the row's largest, and those weigh little in the sum): 32 products a vpdpwssd
+// after one sign extension of the weights, where converting each weight to float took three instructions per 16
+// (the float kernel was bound by them at ~30 GB/s a core, under the memory's rate; BENCHMARKS.md). int32 sums of
+// INT16_CHUNK columns cannot overflow: 4096 * 128 * 32767 < 2^31.
+struct Int16Rows {
+  const int16_t* x;  // [M, K]
+  const float* dx;   // [M]
+};
+constexpr int64_t INT16_CHUNK = 4096;
+
+inline __m512i dot_s16(__m512i acc, __m512i a, __m512i b) {
+#ifdef __AVX512VNNI__
+  return _mm512_dpwssd_epi32(acc, a, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+
+template <int MC>
+inline void block_int8(const int8_t* w, int64_t K, const Int16Rows& xr, int64_t m0, float* out) {
+  const char* ahead = reinterpret_cast<const char*>(w) + PREFETCH_BYTES;
+  __m512 acc[R][MC];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += INT16_CHUNK) {
+    __m512i sums[R][MC];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MC; ++m) sums[r][m] = _mm512_setzero_si512();
+    for (int64_t k = k0; k < std::min(K, k0 + INT16_CHUNK); k += 32) {
+      prefetch_lines(ahead + k * R, R / 2);
+      __m512i xv[MC];
+      for (int m = 0; m < MC; ++m) xv[m] = _mm512_loadu_si512(xr.x + (m0 + m) * K + k);
+      for (int r = 0; r < R; ++r) {
+        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + k)));
+        for (int m = 0; m < MC; ++m) sums[r][m] = dot_s16(sums[r][m], wv, xv[m]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_add_ps(acc[r][m], _mm512_cvtepi32_ps(sums[r][m]));
+  }
+  for (int m = 0; m < MC; ++m) {
+    alignas(16) float total[4];
+    _mm_store_ps(total, _mm_mul_ps(sum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]), _mm_set1_ps(xr.dx[m0 + m])));
+    for (int r = 0; r < R; ++r) out[r * MC + m] = total[r];
+  }
 }
 
 // Lane i of a 64-byte step belongs to block i / 4; its group, counted from the step's first group.
@@ -220,10 +274,10 @@ at::Tensor output(const at::Tensor& x, int64_t N) {
   return at::empty(shape, x.options());
 }
 
-// y [M, sum N_j] = x @ [W_0; W_1; ...]^T, each W_j [N_j, K] of type W, times row_scales[j] per row when given.
-template <typename W, typename S = float>
+// y [M, sum N_j] = x @ [W_0; W_1; ...]^T, each W_j [N_j, K] of type W.
+template <typename W>
 void run_dot(const at::Tensor& x, const std::vector<const W*>& ws, const std::vector<int64_t>& rows, int64_t K,
-             const std::vector<const S*>& row_scales, at::Tensor& y) {
+             at::Tensor& y) {
   const int64_t M = x.numel() / K;
   const Parts parts = parts_of(rows);
   const int64_t N = parts.ends.back();
@@ -233,9 +287,6 @@ void run_dot(const at::Tensor& x, const std::vector<const W*>& ws, const std::ve
     const int j = parts.part(row);
     const int64_t local = row - parts.first_row(j);
     dispatch_dot(mc, ws[j] + local * K, K, xf + m0 * K, out);
-    if (!row_scales.empty())
-      for (int r = 0; r < R; ++r)
-        for (int m = 0; m < mc; ++m) out[r * mc + m] *= static_cast<float>(row_scales[j][local + r]);
     return row;
   };
   if (y.scalar_type() == at::kFloat) for_blocks(M, N, N / R, y.data_ptr<float>(), block);
@@ -271,9 +322,54 @@ at::Tensor linear(const at::Tensor& x_any, at::TensorList ws) {
   const auto dtype = ws[0].scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "flexfast::linear: weights must be fp32 or bf16");
   at::Tensor y = output(x, std::accumulate(rows.begin(), rows.end(), int64_t{0}));
-  if (dtype == at::kFloat) run_dot<float>(x, pointers<float>(ws), rows, ws[0].size(1), {}, y);
-  else run_dot<at::BFloat16>(x, pointers<at::BFloat16>(ws), rows, ws[0].size(1), {}, y);
+  if (dtype == at::kFloat) run_dot<float>(x, pointers<float>(ws), rows, ws[0].size(1), y);
+  else run_dot<at::BFloat16>(x, pointers<at::BFloat16>(ws), rows, ws[0].size(1), y);
   return y;
+}
+
+// x [M, K] rounded to int16 rows (buffers reused per thread; the kernel reads them from every thread)
+Int16Rows int16_rows(const float* x, int64_t M, int64_t K) {
+  static thread_local std::vector<int16_t> xq;
+  static thread_local std::vector<float> dx;
+  xq.resize(M * K);
+  dx.resize(M);
+  for (int64_t m = 0; m < M; ++m) {
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(x + m * K + k)));
+    dx[m] = _mm512_reduce_max_ps(top) / 32767.f;
+    const __m512 inv = _mm512_set1_ps(dx[m] > 0.f ? 1.f / dx[m] : 0.f);
+    for (int64_t k = 0; k < K; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq.data() + m * K + k),
+                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + m * K + k), inv))));
+  }
+  return Int16Rows{xq.data(), dx.data()};
+}
+
+// y [M, sum N_j] = x @ [W_0; W_1; ...]^T * row_scales, each W_j [N_j, K] int8 with row_scales[j] [N_j].
+template <typename S>
+void run_int8(const at::Tensor& x, const std::vector<const int8_t*>& ws, const std::vector<int64_t>& rows, int64_t K,
+              const std::vector<const S*>& row_scales, at::Tensor& y) {
+  const int64_t M = x.numel() / K;
+  const Parts parts = parts_of(rows);
+  const int64_t N = parts.ends.back();
+  const Int16Rows xr = int16_rows(float_rows(x, M, K), M, K);
+  auto block = [&](int64_t b, int64_t m0, int mc, float* out) {
+    const int64_t row = b * R;
+    const int j = parts.part(row);
+    const int64_t local = row - parts.first_row(j);
+    const int8_t* wb = ws[j] + local * K;
+    switch (mc) {
+      case 1: block_int8<1>(wb, K, xr, m0, out); break;
+      case 2: block_int8<2>(wb, K, xr, m0, out); break;
+      case 3: block_int8<3>(wb, K, xr, m0, out); break;
+      default: block_int8<4>(wb, K, xr, m0, out); break;
+    }
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < mc; ++m) out[r * mc + m] *= static_cast<float>(row_scales[j][local + r]);
+    return row;
+  };
+  if (y.scalar_type() == at::kFloat) for_blocks(M, N, N / R, y.data_ptr<float>(), block);
+  else for_blocks(M, N, N / R, y.data_ptr<at::BFloat16>(), block);
 }
 
 at::Tensor linear_int8(const at::Tensor& x_any, at::TensorList ws, at::TensorList scales) {
@@ -288,8 +384,8 @@ at::Tensor linear_int8(const at::Tensor& x_any, at::TensorList ws, at::TensorLis
                 "flexfast::linear_int8: scales must be N contiguous fp32 or bf16 values, one dtype for all");
   at::Tensor y = output(x, std::accumulate(rows.begin(), rows.end(), int64_t{0}));
   const int64_t K = ws[0].size(1);
-  if (s_dtype == at::kFloat) run_dot<int8_t, float>(x, pointers<int8_t>(ws), rows, K, pointers<float>(scales), y);
-  else run_dot<int8_t, at::BFloat16>(x, pointers<int8_t>(ws), rows, K, pointers<at::BFloat16>(scales), y);
+  if (s_dtype == at::kFloat) run_int8<float>(x, pointers<int8_t>(ws), rows, K, pointers<float>(scales), y);
+  else run_int8<at::BFloat16>(x, pointers<int8_t>(ws), rows, K, pointers<at::BFloat16>(scales), y);
   return y;
 }
 

@@ -52,6 +52,12 @@ def test_weights_in_one_call_match_one_linear_of_the_joined_weights(dtype, rows)
         torch.ops.flexfast.linear(x, [ws[0], torch.randn(8, 32).to(dtype)])
 
 
+def int16_rows(x):
+    """x as the int8 kernel sees it: each row rounded to int16 with scale max|x| / 32767."""
+    scale = x.float().abs().amax(-1, keepdim=True) / 32767
+    return torch.round(x.float() / scale.clamp(min=1e-30)) * scale
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", ROWS)
 def test_int8_matches_torch_and_dequantized(dtype, rows):
@@ -60,10 +66,31 @@ def test_int8_matches_torch_and_dequantized(dtype, rows):
     w = torch.randn(100, 96, generator=gen).to(dtype)
     q, scales = quantize_int8(w)
     x = torch.randn(rows, 96, generator=gen).to(dtype)
+    x[:, 7] *= 30  # an outlier column, as hidden states have: the rows' scale follows it
     got = torch.ops.flexfast.linear_int8(x, [q], [scales])
-    want = F.linear(x.float(), dequantize_int8(q, scales))
-    torch.testing.assert_close(got.float(), want, **tolerance(dtype))
-    torch.testing.assert_close(got.float(), torch._weight_int8pack_mm(x, q, scales).float(), **tolerance(dtype))
+    weight = dequantize_int8(q, scales)
+    # exactly the int16-rounded x times the dequantized weight, up to summation order
+    torch.testing.assert_close(got.float(), F.linear(int16_rows(x), weight), **tolerance(dtype))
+    # and the rounding costs at most half a step of each x: within bf16's own rounding of the result
+    bound = weight.abs().sum(-1) * (x.float().abs().amax(-1, keepdim=True) / 32767 / 2)
+    assert ((got.float() - F.linear(x.float(), weight)).abs() <= bound + tolerance(dtype)["atol"]
+            + tolerance(dtype)["rtol"] * F.linear(x.float(), weight).abs()).all()
+    torch.testing.assert_close(got.float(), torch._weight_int8pack_mm(x, q, scales).float(),
+                               atol=bound.max().item() + tolerance(dtype)["atol"], rtol=tolerance(dtype)["rtol"])
+
+
+@pytest.mark.parametrize("rows", (1, 3))
+def test_int8_sums_past_one_int32_chunk(rows):
+    """Columns past the kernel's first 4096 (INT16_CHUNK) are summed in a second int32 sum: a Llama 3 8B w2 has
+    14336. Every weight and x at the int range's edge: one int32 over all columns would overflow."""
+    K = 4096 * 2 + 64
+    q = torch.full((8, K), -128, dtype=torch.int8)
+    q[1::2] = 127
+    scales = torch.full((8,), 1e-3)
+    x = torch.full((rows, K), -2.0)
+    got = torch.ops.flexfast.linear_int8(x, [q], [scales])
+    want = x.double() @ (q.double() * scales.double()[:, None]).T
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
 
 
 def int8_blocks(x):
