@@ -250,14 +250,24 @@ inline void dispatch_dot(int mc, const W* w, int64_t K, const float* x, float* o
   }
 }
 
+// n zeroed elements of a reused buffer, at a 64-byte boundary: a vector load that straddles two cache lines costs
+// two reads
+template <typename T>
+T* aligned_zeros(std::vector<T>& buffer, int64_t n) {
+  buffer.resize(n + 64 / sizeof(T));
+  T* p = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
+  std::fill(p, p + n, T{});
+  return p;
+}
+
 // x as fp32 rows [M, K] (a reused per-thread buffer: the call itself allocates only y)
 const float* float_rows(const at::Tensor& x, int64_t M, int64_t K) {
   if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
   static thread_local std::vector<float> buffer;
-  buffer.resize(M * K);
+  float* out = aligned_zeros(buffer, M * K);
   const at::BFloat16* src = x.data_ptr<at::BFloat16>();
-  for (int64_t i = 0; i < M * K; ++i) buffer[i] = static_cast<float>(src[i]);
-  return buffer.data();
+  for (int64_t i = 0; i < M * K; ++i) out[i] = static_cast<float>(src[i]);
+  return out;
 }
 
 void check_x(const at::Tensor& x, int64_t K, int64_t N) {
@@ -329,9 +339,9 @@ at::Tensor linear(const at::Tensor& x_any, at::TensorList ws) {
 
 // x [M, K] rounded to int16 rows (buffers reused per thread; the kernel reads them from every thread)
 Int16Rows int16_rows(const float* x, int64_t M, int64_t K) {
-  static thread_local std::vector<int16_t> xq;
+  static thread_local std::vector<int16_t> xq_buffer;
   static thread_local std::vector<float> dx;
-  xq.resize(M * K);
+  int16_t* xq = aligned_zeros(xq_buffer, M * K);
   dx.resize(M);
   for (int64_t m = 0; m < M; ++m) {
     __m512 top = _mm512_setzero_ps();
@@ -339,10 +349,10 @@ Int16Rows int16_rows(const float* x, int64_t M, int64_t K) {
     dx[m] = _mm512_reduce_max_ps(top) / 32767.f;
     const __m512 inv = _mm512_set1_ps(dx[m] > 0.f ? 1.f / dx[m] : 0.f);
     for (int64_t k = 0; k < K; k += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq.data() + m * K + k),
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + k),
                           _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + m * K + k), inv))));
   }
-  return Int16Rows{xq.data(), dx.data()};
+  return Int16Rows{xq, dx.data()};
 }
 
 // y [M, sum N_j] = x @ [W_0; W_1; ...]^T * row_scales, each W_j [N_j, K] int8 with row_scales[j] [N_j].
@@ -391,13 +401,13 @@ at::Tensor linear_int8(const at::Tensor& x_any, at::TensorList ws, at::TensorLis
 
 // Quantizes x [M, K] to Int8Rows (buffers reused per thread; the kernel reads them from every thread).
 Int8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
-  static thread_local std::vector<int8_t> lo, hi;
-  static thread_local std::vector<float> dx, dxsum;
+  static thread_local std::vector<int8_t> lo_buffer, hi_buffer;
+  static thread_local std::vector<float> dx_buffer, dxsum_buffer;
   const int64_t half = K / 2, steps = (half + 63) / 64;
-  lo.assign(M * steps * 64, 0);
-  hi.assign(M * steps * 64, 0);
-  dx.assign(M * steps * 16, 0.f);
-  dxsum.assign(M * steps * 16, 0.f);
+  int8_t* lo = aligned_zeros(lo_buffer, M * steps * 64);
+  int8_t* hi = aligned_zeros(hi_buffer, M * steps * 64);
+  float* dx = aligned_zeros(dx_buffer, M * steps * 16);
+  float* dxsum = aligned_zeros(dxsum_buffer, M * steps * 16);
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
   for (int64_t m = 0; m < M; ++m)
@@ -410,15 +420,15 @@ Int8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
       const __m512 dv = _mm512_set1_ps(d > 0.f ? d : 1.f);
       const __m512i even = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_permutex2var_ps(first, evens, second), dv));
       const __m512i odd = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_permutex2var_ps(first, odds, second), dv));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi.data() + base), _mm512_cvtepi32_epi8(even));  // high nibble: even column
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo.data() + base), _mm512_cvtepi32_epi8(odd));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + base), _mm512_cvtepi32_epi8(even));  // high nibble: even column
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + base), _mm512_cvtepi32_epi8(odd));
       const float sum = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(even, odd)));
       for (int i = 0; i < 4; ++i) {
         dx[(m * steps + step) * 16 + in_step * 4 + i] = d;
         dxsum[(m * steps + step) * 16 + in_step * 4 + i] = d * sum / 4.f;
       }
     }
-  return Int8Rows{steps, lo.data(), hi.data(), dx.data(), dxsum.data()};
+  return Int8Rows{steps, lo, hi, dx, dxsum};
 }
 
 template <typename S>
