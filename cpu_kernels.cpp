@@ -23,7 +23,7 @@ namespace {
 constexpr int R = 4;                 // weight rows per block
 constexpr int MAX_M = 8;
 #ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 8192
+#define PREFETCH_BYTES 4096
 #endif
 
 inline __m512 load16(const at::BFloat16* p) {
