@@ -11,9 +11,11 @@ The ops, each checked in tests/test_cpu_kernels.py against the torch path it rep
 take a list of weights of one K and one format, and return x @ cat(weights).T without the cat (wq/wk/wv and w1/w3
 in one call; model.linears):
     torch.ops.flexfast.linear(x, [w, ...])                        w [N, K] bf16 or fp32
-    torch.ops.flexfast.linear_int8(x, [w, ...], [scales, ...])    w [N, K] int8, scales [N]
+    torch.ops.flexfast.linear_int8(x, [w, ...], [scales, ...])    w [N, K] int8, scales [N]; x rounded to int16
+                                                                  per row (integer products)
     torch.ops.flexfast.linear_int4(x, [w, ...], [sz, ...])        w [N, K/2] uint8 (quantize.py's layout), sz
-                                                                  [N, K/groupsize, 2]: each group's scale and zero
+                                                                  [N, K/groupsize, 2]: each group's scale and zero;
+                                                                  x rounded to int8 per 32 columns
 x is [..., K], fp32 or bf16, at most MAX_ROWS rows; the result has x's dtype. K must be a multiple of 32 and N of 4
 (supports()).
 """
