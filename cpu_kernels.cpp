@@ -68,8 +68,8 @@ inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 // int8 rows against x rounded to int16, one scale per row (dx = max|x| / 32767; the rounding is within bf16's own
 // for all but elements under 1/128 of the row's largest, and those weigh little in the sum): 32 products a vpdpwssd
 // after one sign extension of the weights, where converting each weight to float took three instructions per 16
-// (the float kernel was bound by them at ~30 GB/s a core, under the memory's rate; BENCHMARKS.md). int32 sums of
-// INT16_CHUNK columns cannot overflow: 4096 * 128 * 32767 < 2^31.
+// (the float kernel was bound by them at ~30 GB/s a core, under the memory's rate; BENCHMARKS.md). An int32 lane
+// takes 2 of every 32 columns, so over INT16_CHUNK columns it sums 256 products of at most 128 * 32767: under 2^31.
 struct Int16Rows {
   const int16_t* x;  // [M, K]
   const float* dx;   // [M]

@@ -71,7 +71,7 @@ def test_int8_matches_torch_and_dequantized(dtype, rows):
     weight = dequantize_int8(q, scales)
     # exactly the int16-rounded x times the dequantized weight, up to summation order
     torch.testing.assert_close(got.float(), F.linear(int16_rows(x), weight), **tolerance(dtype))
-    # and the rounding costs at most half a step of each x: within bf16's own rounding of the result
+    # against exact x, the rounding moves each output by at most half a step of x times its row of |w|
     bound = weight.abs().sum(-1) * (x.float().abs().amax(-1, keepdim=True) / 32767 / 2)
     assert ((got.float() - F.linear(x.float(), weight)).abs() <= bound + tolerance(dtype)["atol"]
             + tolerance(dtype)["rtol"] * F.linear(x.float(), weight).abs()).all()
