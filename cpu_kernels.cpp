@@ -240,6 +240,22 @@ Parts parts_of(const std::vector<int64_t>& rows) {
   return p;
 }
 
+// y [M, sum rows] filled block by block: block(j, local, m0, mc, out) leaves in out the R x mc results of weight j's
+// rows from local, for activation rows m0 to m0 + mc - 1
+template <typename Block>
+void run_parts(int64_t M, const std::vector<int64_t>& rows, at::Tensor& y, const Block& block) {
+  const Parts parts = parts_of(rows);
+  const int64_t N = parts.ends.back();
+  auto at_row = [&](int64_t b, int64_t m0, int mc, float* out) {
+    const int64_t row = b * R;
+    const int j = parts.part(row);
+    block(j, row - parts.first_row(j), m0, mc, out);
+    return row;
+  };
+  if (y.scalar_type() == at::kFloat) for_blocks(M, N, N / R, y.data_ptr<float>(), at_row);
+  else for_blocks(M, N, N / R, y.data_ptr<at::BFloat16>(), at_row);
+}
+
 template <typename W>
 inline void dispatch_dot(int mc, const W* w, int64_t K, const float* x, float* out) {
   switch (mc) {
@@ -250,12 +266,17 @@ inline void dispatch_dot(int mc, const W* w, int64_t K, const float* x, float* o
   }
 }
 
-// n zeroed elements of a reused buffer, at a 64-byte boundary: a vector load that straddles two cache lines costs
-// two reads
+// n elements of a reused buffer, at a 64-byte boundary: a vector load that straddles two cache lines costs two reads
+template <typename T>
+T* aligned(std::vector<T>& buffer, int64_t n) {
+  buffer.resize(n + 64 / sizeof(T));
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
+}
+
+// the same, zeroed, for buffers whose padding the kernels read
 template <typename T>
 T* aligned_zeros(std::vector<T>& buffer, int64_t n) {
-  buffer.resize(n + 64 / sizeof(T));
-  T* p = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
+  T* p = aligned(buffer, n);
   std::fill(p, p + n, T{});
   return p;
 }
@@ -264,7 +285,7 @@ T* aligned_zeros(std::vector<T>& buffer, int64_t n) {
 const float* float_rows(const at::Tensor& x, int64_t M, int64_t K) {
   if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
   static thread_local std::vector<float> buffer;
-  float* out = aligned_zeros(buffer, M * K);
+  float* out = aligned(buffer, M * K);
   const at::BFloat16* src = x.data_ptr<at::BFloat16>();
   for (int64_t i = 0; i < M * K; ++i) out[i] = static_cast<float>(src[i]);
   return out;
@@ -289,18 +310,10 @@ template <typename W>
 void run_dot(const at::Tensor& x, const std::vector<const W*>& ws, const std::vector<int64_t>& rows, int64_t K,
              at::Tensor& y) {
   const int64_t M = x.numel() / K;
-  const Parts parts = parts_of(rows);
-  const int64_t N = parts.ends.back();
   const float* xf = float_rows(x, M, K);
-  auto block = [&](int64_t b, int64_t m0, int mc, float* out) {
-    const int64_t row = b * R;
-    const int j = parts.part(row);
-    const int64_t local = row - parts.first_row(j);
+  run_parts(M, rows, y, [&](int j, int64_t local, int64_t m0, int mc, float* out) {
     dispatch_dot(mc, ws[j] + local * K, K, xf + m0 * K, out);
-    return row;
-  };
-  if (y.scalar_type() == at::kFloat) for_blocks(M, N, N / R, y.data_ptr<float>(), block);
-  else for_blocks(M, N, N / R, y.data_ptr<at::BFloat16>(), block);
+  });
 }
 
 }  // namespace
@@ -341,7 +354,7 @@ at::Tensor linear(const at::Tensor& x_any, at::TensorList ws) {
 Int16Rows int16_rows(const float* x, int64_t M, int64_t K) {
   static thread_local std::vector<int16_t> xq_buffer;
   static thread_local std::vector<float> dx;
-  int16_t* xq = aligned_zeros(xq_buffer, M * K);
+  int16_t* xq = aligned(xq_buffer, M * K);
   dx.resize(M);
   for (int64_t m = 0; m < M; ++m) {
     __m512 top = _mm512_setzero_ps();
@@ -360,13 +373,8 @@ template <typename S>
 void run_int8(const at::Tensor& x, const std::vector<const int8_t*>& ws, const std::vector<int64_t>& rows, int64_t K,
               const std::vector<const S*>& row_scales, at::Tensor& y) {
   const int64_t M = x.numel() / K;
-  const Parts parts = parts_of(rows);
-  const int64_t N = parts.ends.back();
   const Int16Rows xr = int16_rows(float_rows(x, M, K), M, K);
-  auto block = [&](int64_t b, int64_t m0, int mc, float* out) {
-    const int64_t row = b * R;
-    const int j = parts.part(row);
-    const int64_t local = row - parts.first_row(j);
+  run_parts(M, rows, y, [&](int j, int64_t local, int64_t m0, int mc, float* out) {
     const int8_t* wb = ws[j] + local * K;
     switch (mc) {
       case 1: block_int8<1>(wb, K, xr, m0, out); break;
@@ -376,10 +384,7 @@ void run_int8(const at::Tensor& x, const std::vector<const int8_t*>& ws, const s
     }
     for (int r = 0; r < R; ++r)
       for (int m = 0; m < mc; ++m) out[r * mc + m] *= static_cast<float>(row_scales[j][local + r]);
-    return row;
-  };
-  if (y.scalar_type() == at::kFloat) for_blocks(M, N, N / R, y.data_ptr<float>(), block);
-  else for_blocks(M, N, N / R, y.data_ptr<at::BFloat16>(), block);
+  });
 }
 
 at::Tensor linear_int8(const at::Tensor& x_any, at::TensorList ws, at::TensorList scales) {
@@ -443,13 +448,8 @@ void run_int4(const at::Tensor& x, at::TensorList ws, at::TensorList scales_zero
     wps.push_back(ws[j].data_ptr<uint8_t>());
     szps.push_back(scales_zeros[j].data_ptr<S>());
   }
-  const Parts parts = parts_of(rows);
-  const int64_t N = parts.ends.back();
   const Int8Rows xr = quantize_rows(float_rows(x, M, K), M, K);
-  auto block = [&](int64_t b, int64_t m0, int mc, float* out) {
-    const int64_t row = b * R;
-    const int j = parts.part(row);
-    const int64_t local = row - parts.first_row(j);
+  run_parts(M, rows, y, [&](int j, int64_t local, int64_t m0, int mc, float* out) {
     const uint8_t* wb = wps[j] + local * half;
     const S* szb = szps[j] + local * groups * 2;
     switch (mc) {
@@ -458,10 +458,7 @@ void run_int4(const at::Tensor& x, at::TensorList ws, at::TensorList scales_zero
       case 3: block_int4<S, 3>(wb, half, groups, G, szb, xr, m0, out); break;
       default: block_int4<S, 4>(wb, half, groups, G, szb, xr, m0, out); break;
     }
-    return row;
-  };
-  if (y.scalar_type() == at::kFloat) for_blocks(M, N, N / R, y.data_ptr<float>(), block);
-  else for_blocks(M, N, N / R, y.data_ptr<at::BFloat16>(), block);
+  });
 }
 
 at::Tensor linear_int4(const at::Tensor& x_any, at::TensorList ws, at::TensorList scales_zeros) {
