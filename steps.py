@@ -2,6 +2,7 @@
 and warmed up before anything is timed. generate.py drives them; they hold no generation state."""
 import contextlib
 import functools
+import re
 import time
 import types
 from dataclasses import dataclass, field
@@ -63,7 +64,8 @@ class Steps:
 # check the same sizes and strides before a graph first runs in a generation loop (steps.checked_once).
 UNFROZEN = {"freezing": False, "size_asserts": False}
 KERNEL_GROUP_ARGS = 60  # see compile_steps
-CACHE_KEY_TAG = f" | flexfast: CPU kernel groups of {KERNEL_GROUP_ARGS} arguments"
+CACHE_KEY_TAG = f" | flexfast: CPU kernel groups of {KERNEL_GROUP_ARGS} arguments, ended at each layer's end"
+LAYER_PATH = re.compile(r"\.layers\.(\d+)(?:\.|$)")  # a module path inside model.layers, as dynamo records it
 
 
 def own_code(fn: Callable, name: str) -> Callable:
@@ -121,6 +123,48 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
     return call
 
 
+def layer_of(node) -> Optional[int]:
+    """The highest model layer any op of an inductor scheduler node comes from, or None (no layer: embedding, head)."""
+    layers = [int(m.group(1)) for n in node.get_nodes() for op in (getattr(n.node, "origins", None) or ())
+              for path, _ in (op.meta.get("nn_module_stack") or {}).values() if (m := LAYER_PATH.search(path))]
+    return max(layers, default=None)
+
+
+def last_nodes_of_layers(scheduler) -> set:
+    """Names of the scheduler's nodes after which the next node with a layer has another layer."""
+    ends, next_layer = set(), None
+    for node in reversed(scheduler.nodes):
+        layer = layer_of(node)
+        if layer is not None:
+            if next_layer is not None and layer != next_layer:
+                ends.add(node.get_name())
+            next_layer = layer
+    return ends
+
+
+def end_kernel_groups_at_layer_ends():
+    """inductor puts consecutive CPU kernels into one C++ function (up to KERNEL_GROUP_ARGS arguments) and compiles a
+    file per function, reusing a file only for identical source. Groups that straddle layers all differ; ending each
+    group at a layer's last node makes every middle layer's function the same source: a 30-layer bf16 decode
+    compiles 5 C++ files instead of 15 (13 s -> 3.5 s of a 44 s cold compile on 2 cores), and decodes as fast
+    (BENCHMARKS.md). The group ends as the argument cap ends it (the scheduler flushes after the node), so inductor
+    frees buffers as usual. Installed once per process; graphs without layers are grouped as before."""
+    from torch._inductor.codegen.cpp import CppScheduling
+    codegen_node = CppScheduling.codegen_node
+    if getattr(codegen_node, "ends_at_layers", False):
+        return
+
+    def codegen_node_ending_at_layers(self, node):
+        codegen_node(self, node)
+        scheduler = self.scheduler
+        if getattr(scheduler, "flexfast_layer_ends", None) is None:
+            scheduler.flexfast_layer_ends = last_nodes_of_layers(scheduler)
+        if node.get_name() in scheduler.flexfast_layer_ends:
+            self._set_flush_status(True)
+    codegen_node_ending_at_layers.ends_at_layers = True
+    CppScheduling.codegen_node = codegen_node_ending_at_layers
+
+
 def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.dtype] = None,
                   one_token_kind: Optional[str] = None, regional: bool = False) -> Steps:
     """precision: the weights' dtype, when known; on CPU fp32 weights get inductor's own GEMM kernels (below).
@@ -147,10 +191,12 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         # inductor puts consecutive CPU kernels into one C++ function until it takes 500 arguments: for a 30-layer
         # decode, two functions of 19 and 11 layers. GCC optimizes functions that size worse: at 60 arguments
         # (about one function a layer) the same graph decodes 6-13% faster in bf16 and fp32, and compiles as fast
-        # (BENCHMARKS.md). A class constant, not a config option, in torch 2.13, so inductor's caches are keyed
-        # without it: the tag keeps code compiled under inductor's own cap (an older cache) from being reused.
+        # (BENCHMARKS.md). Groups also end at each layer's end (end_kernel_groups_at_layer_ends). A class constant
+        # and a method, not config options, in torch 2.13, so inductor's caches are keyed without them: the tag
+        # keeps code grouped otherwise (an older cache) from being reused.
         from torch._inductor.codegen.cpp import CppScheduling
         CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = KERNEL_GROUP_ARGS
+        end_kernel_groups_at_layer_ends()
         if CACHE_KEY_TAG not in torch.compiler.config.cache_key_tag:
             torch.compiler.config.cache_key_tag += CACHE_KEY_TAG
         inductor_config.autotune_num_choices_displayed = 0  # no autotune tables on stderr

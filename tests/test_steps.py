@@ -190,3 +190,32 @@ def test_regional_steps_decode_and_draft_as_eager(tiny):
                 torch.testing.assert_close(got, want)
     finally:
         torch._dynamo.reset()
+
+
+def test_kernel_groups_end_at_layer_ends(monkeypatch):
+    """compile_steps ends inductor's CPU kernel groups at each layer's end (steps.end_kernel_groups_at_layer_ends), so
+    that the layers share C++ functions, each compiled once: the GEMV decode of an 8-layer model calls one function
+    per layer, and from the third layer on two functions alternate (inductor reuses a buffer in place every other
+    layer). Groups capped by arguments alone straddle layers, and all differ. The logits stay eager's."""
+    import re
+    import model
+    from torch._inductor.utils import run_and_get_code
+    from steps import compile_steps, forward_last, one_token_compile_args, own_code
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=256, dim=64, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96)
+    eight = Transformer(args).eval().requires_grad_(False)
+    eight.setup_caches(1, 16)
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {(str(torch.float32), False): "gemv"})
+    compile_steps("cpu", False)
+    decode = torch.compile(own_code(forward_last, "decode_grouped_by_layer"), **one_token_compile_args("gemv", {}))
+    x, pos = torch.tensor([[3]]), torch.tensor([0])
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), torch.compiler.config.patch(force_disable_caches=True):
+            got, (code,) = run_and_get_code(decode, eight, x, pos)
+            torch.testing.assert_close(got, forward_last(eight, x, pos))
+    finally:
+        torch._dynamo.reset()
+    calls = re.findall(r"\n\s+(cpp_fused\w+)\(", code[code.index("def call"):])
+    assert len(calls) == args.n_layers, calls
+    assert all(calls[i] == calls[i - 2] for i in range(4, args.n_layers - 1)) and len(set(calls)) == 5, calls
