@@ -453,7 +453,7 @@ def run(args):
         if m is not None:
             m.setup_caches(1, need)
     if args.compile:
-        print("compiling (first run only; cached afterwards)...", flush=True)
+        print("compiling (slow only on a first run: later runs load it from the cache)...", flush=True)
         compile_seconds = warm_up(model, prompt_len=len(prompt_ids), **spec)
         slow = compile_seconds > 30 and device == "cpu" and not args.compile_regional
         print(f"compiled in {compile_seconds:.1f} s" + (" (--compile_regional compiles the repeated layer once: 4-5x "
