@@ -221,6 +221,11 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
     # dynamic=False above: the fixed-shape steps get one graph per early exit E and skip threshold, which stay
     # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
     torch._dynamo.config.cache_size_limit = 64
+    # The dynamic prefill took its Python float (skip_threshold) as a symbolic input, which inductor could not turn
+    # into a tensor: dynamo traced and AOTAutograd lowered the whole graph, then started over with the float
+    # specialized (22 s of an 80 s cold prefill compile on 2 cores; BENCHMARKS.md). Specialized from the start, it
+    # is a constant, as in the fixed-shape steps.
+    torch._dynamo.config.specialize_float = True
     return Steps(
         prefill=before_first_call(few_rows, torch.compile(forward_last, **prefill_options)) if compile_prefill
         else forward_last,
