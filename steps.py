@@ -66,6 +66,7 @@ UNFROZEN = {"freezing": False, "size_asserts": False}
 KERNEL_GROUP_ARGS = 60  # see compile_steps
 CACHE_KEY_TAG = f" | flexfast: CPU kernel groups of {KERNEL_GROUP_ARGS} arguments, ended at each layer's end"
 LAYER_PATH = re.compile(r"\.layers\.(\d+)(?:\.|$)")  # a module path inside model.layers, as dynamo records it
+END_GROUPS_AT_LAYERS = True  # see end_kernel_groups_at_layer_ends; off, inductor groups as it would itself
 
 
 def own_code(fn: Callable, name: str) -> Callable:
@@ -156,6 +157,8 @@ def end_kernel_groups_at_layer_ends():
 
     def codegen_node_ending_at_layers(self, node):
         codegen_node(self, node)
+        if not END_GROUPS_AT_LAYERS:
+            return
         scheduler = self.scheduler
         if getattr(scheduler, "flexfast_layer_ends", None) is None:
             scheduler.flexfast_layer_ends = last_nodes_of_layers(scheduler)

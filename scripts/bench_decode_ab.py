@@ -9,8 +9,9 @@ compared; timed round by round in one process they can. A variant is a one-token
                                steps.one_token_compile_args)
     ...-regional               the repeated block compiled once for every layer (steps.compile_one_token)
     ...-wide                   inductor's own CPU kernel groups of up to 500 arguments (compile_steps caps them
-                               at 60); with a wide variant every variant compiles with inductor's caches off, as
-                               its graph cache is keyed without that cap and would give both variants one code
+                               at 60 and ends them at each layer's end); with a wide variant every variant
+                               compiles with inductor's caches off, as its graph cache is keyed without that
+                               grouping and would give both variants one code
 Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
 function would hold one variant at a time). Then every round decodes the same prompt once per variant and reads
 the weights' bytes once with a torch sum (the limit); the best round of each counts.
@@ -32,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import cpu_kernels  # noqa: E402
 import model as model_code  # noqa: E402
+import steps as steps_code  # noqa: E402
 from cli import cpu_model, main_guard  # noqa: E402
 from figures import weight_bytes  # noqa: E402
 from generate import DEFAULT_CHECKPOINT, PRECISIONS, generate, load_model  # noqa: E402
@@ -87,12 +89,14 @@ def run(args):
         steps[v] = Steps(decode=decode, compiled=True)
         set_variant(v, dtype, grouped)
         CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = 500 if "wide" in options else capped
+        steps_code.END_GROUPS_AT_LAYERS = "wide" not in options
         t0 = time.perf_counter()
         try:
             with torch.compiler.config.patch(force_disable_caches=any_wide):
                 warm_up(model, steps[v], len(prompt))
         finally:
             CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = capped
+            steps_code.END_GROUPS_AT_LAYERS = True
         print(f"{v}: compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     nbytes = weight_bytes(model)
     weights_sized = torch.ones(nbytes // 4)
