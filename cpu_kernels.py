@@ -36,11 +36,12 @@ MAX_ROWS = 8
 LOADED = False  # set by load(); a plain global, which torch.compile reads as a constant at trace time
 
 
-def supports(x: Tensor, weight: Tensor, in_features: int) -> bool:
-    """Whether the kernels take this call (checked at trace time in compiled steps, so it costs nothing per token).
-    False until load() has succeeded in this process."""
+def supports(x: Tensor, weights: list, in_features: int) -> bool:
+    """Whether the kernels take x against these weights, all of in_features columns, in one call (checked at trace
+    time in compiled steps, so it costs nothing per token). False until load() has succeeded in this process."""
     return (LOADED and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and x.shape[:-1].numel() <= MAX_ROWS and in_features % 32 == 0 and weight.shape[0] % 4 == 0)
+            and x.shape[:-1].numel() <= MAX_ROWS and in_features % 32 == 0
+            and all(w.shape[0] % 4 == 0 for w in weights))
 
 
 @functools.lru_cache(maxsize=None)

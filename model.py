@@ -219,13 +219,9 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.in_branch)
 
     @staticmethod
-    def joined(x: Tensor, modules: tuple) -> Optional[list]:
-        """Every module's output from one kernel call (see linears), or None where the kernel does not take them."""
-        weights = [m.weight for m in modules]
-        if few_row_kind(x, modules[0].in_branch) == "kernel" and all(
-                cpu_kernels.supports(x, w, w.shape[1]) for w in weights):
-            return torch.ops.flexfast.linear(x, weights).split([w.shape[0] for w in weights], dim=-1)
-        return None
+    def joined(x: Tensor, modules: tuple) -> list:
+        """Every module's output, the kind resolved once for them all (see linears)."""
+        return plain_linears(x, [m.weight for m in modules], modules[0].in_branch)
 
 
 def few_row_kind(x: Tensor, in_branch: bool) -> Optional[str]:
@@ -240,24 +236,42 @@ def few_row_kind(x: Tensor, in_branch: bool) -> Optional[str]:
 
 def linear(x: Tensor, weight: Tensor, in_branch: bool = False) -> Tensor:
     """x @ weight.T; few-row CPU steps under compile as ONE_TOKEN_LINEAR chose (see Linear). Eager is F.linear."""
+    return plain_linears(x, [weight], in_branch)[0]
+
+
+def plain_linears(x: Tensor, weights: list, in_branch: bool) -> list:
+    """x @ w.T for each weight (of one K), as few_row_kind says: the kernel in one call, the GEMV, or F.linear.
+    Loops, not list comprehensions: dynamo traces each comprehension as a call of a function of its own."""
     kind = few_row_kind(x, in_branch)
-    if kind == "kernel" and cpu_kernels.supports(x, weight, weight.shape[1]):
-        return torch.ops.flexfast.linear(x, [weight])
+    outputs = []
+    if kind == "kernel" and cpu_kernels.supports(x, weights, weights[0].shape[1]):
+        sizes = []
+        for w in weights:
+            sizes.append(w.shape[0])
+        return torch.ops.flexfast.linear(x, weights).split(sizes, dim=-1)
     if kind in ("gemv", "kernel") and x.shape[:-1].numel() == 1:  # the kernel's fallback for shapes it does not take
-        return (x.unsqueeze(-2) * weight).sum(-1, dtype=torch.float32).to(x.dtype)
-    return F.linear(x, weight)
+        row = x.unsqueeze(-2)
+        for w in weights:
+            outputs.append((row * w).sum(-1, dtype=torch.float32).to(x.dtype))
+        return outputs
+    for w in weights:
+        outputs.append(F.linear(x, w))
+    return outputs
 
 
 def linears(x: Tensor, modules: tuple) -> tuple:
-    """Each module applied to x (wq/wk/wv, w1/w3). Where the CPU kernels take them all (Linear, Int8Linear and
-    Int4Linear each say so in joined()), one call reads every weight: a call per weight costs a fork and join of the
-    threads, as long as reading a small weight takes (BENCHMARKS.md). The modules' own forward (and any hook on
-    them) does not run then."""
+    """Each module applied to x (wq/wk/wv, w1/w3), through their class's joined(x, modules), which resolves the
+    kind of linear once for them all and, where the CPU kernels take them (Linear, Int8Linear and Int4Linear), reads
+    every weight in one call: a call per weight costs a fork and join of the threads, as long as reading a small
+    weight takes (BENCHMARKS.md). Per linear, that resolution was a fifth of dynamo's trace of a decode step. The
+    modules' own forward (and any hook on them) does not run then; joined() returning None falls back to it."""
     # the modules' own joined() compared, not their types: `type(m) is type(modules[0])` put a check of every
     # layer's types into dynamo's Python guard function, which runs at every call (0.14 ms a token; BENCHMARKS.md)
     joined = getattr(modules[0], "joined", None)
-    same = joined is not None and all(getattr(m, "joined", None) is joined for m in modules)
-    outputs = joined(x, modules) if same else None
+    for m in modules[1:]:
+        if getattr(m, "joined", None) is not joined:
+            joined = None
+    outputs = joined(x, modules) if joined is not None else None
     return tuple(outputs) if outputs is not None else tuple(m(x) for m in modules)
 
 
@@ -547,7 +561,8 @@ class Transformer(nn.Module):
         rope = self.rope[input_pos]
         mask = self.causal_mask[None, None, input_pos]  # position t sees every slot <= t, never a stale one
         real_skip = x.shape[0] == 1 and x.shape[1] == 1 and not masking
-        for layer in self.layers[start:end]:
+        # a list, not self.layers[start:end]: dynamo would trace the building of that new ModuleList
+        for layer in list(self.layers)[start:end]:
             if isinstance(layer, FlexiDepthBlock):
                 x = layer(x, rope, mask, input_pos, skip_threshold, real_skip)
             else:

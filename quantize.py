@@ -109,10 +109,11 @@ class Int8Linear(nn.Module):
     @staticmethod
     def joined(x: Tensor, modules: tuple) -> Optional[list]:
         """Every module's output from one kernel call (model.linears), or None where the kernel does not take them."""
-        if not all(cpu_kernels.supports(x, m.weight, m.in_features) for m in modules):
+        weights = [m.weight for m in modules]
+        if not cpu_kernels.supports(x, weights, modules[0].in_features):
             return None
-        y = torch.ops.flexfast.linear_int8(x, [m.weight for m in modules], [m.scales for m in modules])
-        return y.split([m.weight.shape[0] for m in modules], dim=-1)
+        y = torch.ops.flexfast.linear_int8(x, weights, [m.scales for m in modules])
+        return y.split([w.shape[0] for w in weights], dim=-1)
 
 
 class Int4Linear(nn.Module):
@@ -173,10 +174,13 @@ class Int4Linear(nn.Module):
     @staticmethod
     def joined(x: Tensor, modules: tuple) -> Optional[list]:
         """Every module's output from one kernel call (model.linears), or None where the kernel does not take them."""
-        if not all(hasattr(m, "nibbles") and cpu_kernels.supports(x, m.nibbles, m.in_features) for m in modules):
+        if not hasattr(modules[0], "nibbles"):  # packed for CUDA, or the kernels did not load
             return None
-        y = torch.ops.flexfast.linear_int4(x, [m.nibbles for m in modules], [m.kernel_scales_zeros for m in modules])
-        return y.split([m.nibbles.shape[0] for m in modules], dim=-1)
+        weights = [m.nibbles for m in modules]
+        if not cpu_kernels.supports(x, weights, modules[0].in_features):
+            return None
+        y = torch.ops.flexfast.linear_int4(x, weights, [m.kernel_scales_zeros for m in modules])
+        return y.split([w.shape[0] for w in weights], dim=-1)
 
 
 def check_quantization(quantization) -> dict:

@@ -159,10 +159,11 @@ def test_quantized_weights_in_one_call_match_one_call_each(mode):
 
 def test_unsupported_shapes_keep_torch_paths():
     x = torch.randn(1, 48)
-    assert not cpu_kernels.supports(x, torch.randn(8, 48), 48)  # K not a multiple of 32
-    assert not cpu_kernels.supports(torch.randn(1, 64), torch.randn(6, 64), 64)  # N not a multiple of 4
-    assert not cpu_kernels.supports(torch.randn(cpu_kernels.MAX_ROWS + 1, 64), torch.randn(8, 64), 64)
-    assert cpu_kernels.supports(torch.randn(cpu_kernels.MAX_ROWS, 64), torch.randn(8, 64), 64)
+    assert not cpu_kernels.supports(x, [torch.randn(8, 48)], 48)  # K not a multiple of 32
+    # one weight's N not a multiple of 4
+    assert not cpu_kernels.supports(torch.randn(1, 64), [torch.randn(8, 64), torch.randn(6, 64)], 64)
+    assert not cpu_kernels.supports(torch.randn(cpu_kernels.MAX_ROWS + 1, 64), [torch.randn(8, 64)], 64)
+    assert cpu_kernels.supports(torch.randn(cpu_kernels.MAX_ROWS, 64), [torch.randn(8, 64), torch.randn(4, 64)], 64)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         torch.ops.flexfast.linear(x, [torch.randn(8, 48)])
 
