@@ -118,6 +118,18 @@ def cache_length_needed(prompt_end: int, max_new_tokens: int, speculate_k: int) 
     return prompt_end + max_new_tokens + (speculate_k + 1 if speculate_k else 0)
 
 
+# A compiled step's shapes include the cache length, so each new length compiled anew: a second run with another
+# prompt took 30 s on 2 CPU cores instead of 5. Rounded up to a multiple of CACHE_ROUNDING, prompts within that many
+# tokens of each other share one compile. Attention reads every slot, so the unused ones cost about 2 us a slot a
+# token (SmolLM2-135M int4, 2 cores): at most 0.14 ms, about 3% of a step, 1.5% on average (BENCHMARKS.md).
+CACHE_ROUNDING = 64
+
+
+def cache_length(need: int, context: int) -> int:
+    """The cache generate.py sets up for `need` positions of a model of `context` positions: rounded up, within it."""
+    return max(need, min(-(-need // CACHE_ROUNDING) * CACHE_ROUNDING, context))
+
+
 def check_fits(model: Transformer, prompt_end: int, max_new_tokens: int, speculate_k: int):
     """prompt_end: the position after the prompt's last token (the prompt length, plus earlier chat turns)."""
     need = cache_length_needed(prompt_end, max_new_tokens, speculate_k)
@@ -451,7 +463,7 @@ def run(args):
                          f"positions; the model's context is {model.args.max_position_embeddings}")
     for m in (model, draft_model):
         if m is not None:
-            m.setup_caches(1, need)
+            m.setup_caches(1, cache_length(need, m.args.max_position_embeddings))
     if args.compile:
         print("compiling (slow only on a first run: later runs load it from the cache)...", flush=True)
         compile_seconds = warm_up(model, prompt_len=len(prompt_ids), **spec)

@@ -281,6 +281,28 @@ def test_generate_edges_that_work(tiny_checkpoint, capfd, monkeypatch, flags, ge
     assert f"generated {generated} tokens" in stdout and "error" not in stderr
 
 
+def test_prompts_of_nearby_lengths_share_one_compile(tiny_checkpoint, capfd, monkeypatch):
+    """A compiled step's shapes include the cache length: generate.py rounds it up (CACHE_ROUNDING), so that a
+    second run with a prompt a few tokens longer loads the decode step from the compile caches instead of compiling
+    it anew (30 s on the default model). Two runs in one process: dynamo traces again (a new model), as a second
+    process would, and AOTAutograd's cache must answer it."""
+    import generate
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    monkeypatch.setattr(generate, "CACHE_ROUNDING", 16)
+    for config, name in ((torch._inductor.config, "freezing"), (torch._inductor.config.cpp, "enable_concat_linear"),
+                         (torch._dynamo.config, "cache_size_limit"), (torch._dynamo.config, "specialize_float")):
+        monkeypatch.setattr(config, name, getattr(config, name))  # compile_steps sets them process-wide; restore
+    torch._dynamo.reset()
+    for prompt in ("Hello", "Hello Hello Hello"):  # 1 and 3 tokens: caches of 5 and 7 slots, both rounded to 16
+        counters.clear()
+        generate.main(list(map(str, generate_argv(tiny_checkpoint, "--compile", "--ignore_eos", "--max_new_tokens",
+                                                  "4", "--prompt", prompt))))
+        assert "generated 4 tokens" in capfd.readouterr().out
+    assert counters["aot_autograd"]["autograd_cache_hit"] >= 1 and not counters["aot_autograd"]["autograd_cache_miss"]
+    torch._dynamo.reset()
+
+
 def test_generate_depth_html_in_unwritable_folder(tiny_checkpoint, tmp_path, capfd, monkeypatch):
     """A FlexiDepth checkpoint (the only kind --depth_html applies to) and a folder the user cannot write: one error
     line, no file. root writes through a chmod 555 folder, so as root the folder is /sys, where even root cannot
