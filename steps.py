@@ -212,6 +212,7 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         mode = "max-autotune-no-cudagraphs" if precision == torch.float32 else None
         import cpu_linear
         cpu_linear.reuse_vector_isa_check()
+        cpu_linear.reuse_precompiled_header()
         if precision is not None:  # one-token linears: this machine's faster kernel (a probe cached on disk)
             cpu_linear.choose(precision, mode)
             # the verify's and short prefills' rows: probed only when such a step first runs (8 s on a new machine)

@@ -277,6 +277,39 @@ def test_linear_choice_probe_is_cached_atomically(tmp_path, monkeypatch):
     assert len(probes) == 5 and cpu_linear.probe_key(torch.bfloat16) in json.loads(path.read_text())
 
 
+def test_precompiled_header_is_named_once_per_machine(tmp_path, monkeypatch):
+    """inductor preprocesses its C++ header in every process to name the header's precompiled file; the name is kept
+    on disk, so a later process (a new wrapper over inductor's function) asks inductor only when the kept files are
+    gone or the command differs."""
+    import cpu_linear
+    from torch._inductor import codecache
+    calls = []
+
+    def inductors(header, hashable_cmd_line, **compile_command):  # stands for codecache._precompile_header
+        calls.append(hashable_cmd_line)
+        named = tmp_path / f"header{len(calls)}.h"
+        named.write_text("")
+        (tmp_path / f"header{len(calls)}.h.gch").write_text("")
+        return str(named)
+
+    path = tmp_path / "precompiled_headers.json"
+
+    def new_process():
+        monkeypatch.setattr(codecache, "_precompile_header", inductors)
+        assert cpu_linear.reuse_precompiled_header(path)
+        return codecache._precompile_header
+
+    first = new_process()("torch/csrc/inductor/cpp_prefix.h", "g++ -O3", vec_isa="avx512")
+    assert calls == ["g++ -O3"]
+    assert new_process()("torch/csrc/inductor/cpp_prefix.h", "g++ -O3", vec_isa="avx512") == first
+    assert len(calls) == 1  # read back: inductor not asked
+    new_process()("torch/csrc/inductor/cpp_prefix.h", "g++ -O2", vec_isa="avx512")
+    assert len(calls) == 2  # another command: asked
+    (tmp_path / "header1.h.gch").unlink()
+    assert new_process()("torch/csrc/inductor/cpp_prefix.h", "g++ -O3", vec_isa="avx512") != first
+    assert len(calls) == 3  # the precompiled file is gone: asked again
+
+
 def test_vector_isa_check_runs_once_per_machine(tmp_path, monkeypatch):
     """inductor's check of the compiler's vector instruction sets runs in the first process only, and there only for
     the set inductor will build with where that one builds; later processes tell inductor it passes, but only where
