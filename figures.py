@@ -185,11 +185,15 @@ def print_stats(stats: GenerationStats, model: Transformer, args, device: str, s
         print(f"draft step {stats.draft_step_seconds * 1000:.2f} ms, verify step {stats.verify_step_seconds * 1000:.2f}"
               f" ms; loop efficiency {tps / stats.forward_bound_tokens_per_second:.2f} (achieved over what the "
               f"measured forwards alone allow, {stats.forward_bound_tokens_per_second:.2f} tok/s)")
-    print(f"decode: {tps:.2f} tok/s (compiled steps only, terminal output excluded)" if args.compile
-          else f"decode: {tps:.2f} tok/s (terminal output excluded)")
-    per_token = stats.decode_bytes / max(stats.new_tokens - 1, 1)
-    print(f"bandwidth achieved: {stats.bandwidth / 1e9:.2f} GB/s ({per_token / 1e9:.3f} GB of weights read per "
-          f"token as run; {weight_bytes(model) / 1e9:.3f} GB at full depth)")
+    if stats.new_tokens < 2:  # the rate counts the tokens after the first, which the prefill gives
+        print(f"decode: not timed (the rate needs 2 tokens or more, and {stats.new_tokens} was generated; "
+              f"--ignore_eos generates all --max_new_tokens)")
+    else:
+        print(f"decode: {tps:.2f} tok/s (compiled steps only, terminal output excluded)" if args.compile
+              else f"decode: {tps:.2f} tok/s (terminal output excluded)")
+        per_token = stats.decode_bytes / (stats.new_tokens - 1)
+        print(f"bandwidth achieved: {stats.bandwidth / 1e9:.2f} GB/s ({per_token / 1e9:.3f} GB of weights read per "
+              f"token as run; {weight_bytes(model) / 1e9:.3f} GB at full depth)")
     print(f"peak memory: {peak_memory_gb(device):.2f} GB")
     if stats.layers_used:
         routed = model.args.routing_layers

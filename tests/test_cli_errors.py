@@ -279,6 +279,7 @@ def test_generate_edges_that_work(tiny_checkpoint, capfd, monkeypatch, flags, ge
     generate.main(list(map(str, generate_argv(tiny_checkpoint, "--ignore_eos", *flags))))
     stdout, stderr = capfd.readouterr()
     assert f"generated {generated} tokens" in stdout and "error" not in stderr
+    assert "nan" not in stdout  # one token gives no decode rate to print: "not timed", not "nan tok/s"
 
 
 def test_prompts_of_nearby_lengths_share_one_compile(tiny_checkpoint, capfd, monkeypatch):
