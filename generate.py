@@ -119,8 +119,8 @@ def cache_length_needed(prompt_end: int, max_new_tokens: int, speculate_k: int) 
 
 
 # A compiled step's shapes include the cache length, so each new length compiled anew: a second run with another
-# prompt took 30 s on 2 CPU cores instead of 5. Rounded up to a multiple of CACHE_ROUNDING, prompts within that many
-# tokens of each other share one compile. Attention reads every slot, so the unused ones cost about 2 us a slot a
+# prompt took 30 s on 2 CPU cores instead of 5. Rounded up to a multiple of CACHE_ROUNDING, runs whose prompt +
+# max_new_tokens round alike share one compile. Attention reads every slot, so the unused ones cost about 2 us a slot a
 # token (SmolLM2-135M int4, 2 cores): at most 0.14 ms, about 3% of a step, 1.5% on average (BENCHMARKS.md).
 CACHE_ROUNDING = 64
 

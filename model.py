@@ -220,9 +220,11 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.in_branch)
 
     @staticmethod
-    def joined(x: Tensor, modules: tuple) -> list:
-        """Every module's output, the kind resolved once for them all (see linears)."""
-        return plain_linears(x, [m.weight for m in modules], modules[0].in_branch)
+    def joined(x: Tensor, modules: tuple) -> Optional[list]:
+        """Every module's output, the kind resolved once for them all (see linears); None (each module runs its own
+        forward and hooks) outside the few-row CPU steps under compile."""
+        kind = few_row_kind(x, modules[0].in_branch)
+        return None if kind is None else plain_linears(x, [m.weight for m in modules], kind)
 
 
 def few_row_kind(x: Tensor, in_branch: bool) -> Optional[str]:
@@ -237,19 +239,18 @@ def few_row_kind(x: Tensor, in_branch: bool) -> Optional[str]:
 
 def linear(x: Tensor, weight: Tensor, in_branch: bool = False) -> Tensor:
     """x @ weight.T; few-row CPU steps under compile as ONE_TOKEN_LINEAR chose (see Linear). Eager is F.linear."""
-    return plain_linears(x, [weight], in_branch)[0]
+    return plain_linears(x, [weight], few_row_kind(x, in_branch))[0]
 
 
-def plain_linears(x: Tensor, weights: list, in_branch: bool) -> list:
-    """x @ w.T for each weight (of one K), as few_row_kind says: the kernel in one call, the GEMV, or F.linear.
-    Loops, not list comprehensions: dynamo traces each comprehension as a call of a function of its own."""
-    kind = few_row_kind(x, in_branch)
-    outputs = []
+def plain_linears(x: Tensor, weights: list, kind: Optional[str]) -> list:
+    """x @ w.T for each weight (of one K) as a linear of `kind` (few_row_kind): the kernel in one call, the GEMV, or
+    F.linear. Loops, not list comprehensions: dynamo traces each comprehension as a call of a function of its own."""
     if kind == "kernel" and cpu_kernels.supports(x, weights, weights[0].shape[1]):
         sizes = []
         for w in weights:
             sizes.append(w.shape[0])
         return torch.ops.flexfast.linear(x, weights).split(sizes, dim=-1)
+    outputs = []
     if kind in ("gemv", "kernel") and x.shape[:-1].numel() == 1:  # the kernel's fallback for shapes it does not take
         row = x.unsqueeze(-2)
         for w in weights:
@@ -265,7 +266,8 @@ def linears(x: Tensor, modules: tuple) -> tuple:
     kind of linear once for them all and, where the CPU kernels take them (Linear, Int8Linear and Int4Linear), reads
     every weight in one call: a call per weight costs a fork and join of the threads, as long as reading a small
     weight takes (BENCHMARKS.md). Per linear, that resolution was a fifth of dynamo's trace of a decode step. The
-    modules' own forward (and any hook on them) does not run then; joined() returning None falls back to it."""
+    modules' own forward (and any hook on them) does not run then; where joined() returns None (eager, CUDA, many
+    rows) each module runs its own."""
     # the modules' own joined() compared, not their types: `type(m) is type(modules[0])` put a check of every
     # layer's types into dynamo's Python guard function, which runs at every call (0.14 ms a token; BENCHMARKS.md)
     joined = getattr(modules[0], "joined", None)

@@ -287,6 +287,7 @@ def test_prompts_of_nearby_lengths_share_one_compile(tiny_checkpoint, capfd, mon
     second run with a prompt a few tokens longer loads the decode step from the compile caches instead of compiling
     it anew (30 s on the default model). Two runs in one process: dynamo traces again (a new model), as a second
     process would, and AOTAutograd's cache must answer it."""
+    import torch._inductor.config
     import generate
     from torch._dynamo.utils import counters
     monkeypatch.setattr(signal, "signal", lambda *args: None)
