@@ -300,12 +300,19 @@ def rope_cache(args: ModelArgs, seq_len: int) -> Tensor:
     return torch.stack([cos, sin], dim=1).float()
 
 
-def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    # x: [B, T, heads, head_dim]; rope: [T, 2, head_dim]. Rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
+def rope_rows(rope: Tensor, positions: Tensor) -> tuple:
+    """(cos, sin) of the rope cache's rows at positions, each [1, T, 1, head_dim]: what apply_rope takes. Made once a
+    step for every layer (slicing them in each layer was 4 more ops a layer for dynamo to trace). Indexed apart, not
+    as views of one tensor: torch.cond (FlexiDepth's real skip) refuses operands that alias each other."""
+    return rope[positions, 0][None, :, None], rope[positions, 1][None, :, None]
+
+
+def apply_rope(x: Tensor, rope: tuple) -> Tensor:
+    # x: [B, T, heads, head_dim]; rope: rope_rows(). Rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
     # per half; the cache's sin carries the minus. The halves are swapped as a flip of a size-2 dimension, which
     # inductor reads as two contiguous loads; with roll's modular index it gathered element by element, and it
     # recomputes the query's rope for every cache slot the query meets (1.13x bf16, 1.30x int4 decode; BENCHMARKS.md)
-    cos, sin = rope[None, :, None, 0], rope[None, :, None, 1]
+    cos, sin = rope
     x_float = x.float()
     swapped = x_float.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
     return (x_float * cos + swapped * sin).type_as(x)
@@ -340,21 +347,21 @@ class Attention(nn.Module):
         self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         self.kv_cache: Optional[KVCache] = None
 
-    def write_kv(self, x: Tensor, rope: Tensor, input_pos: Tensor):
+    def write_kv(self, x: Tensor, rope: tuple, input_pos: Tensor):
         """Project, rotate and store this step's keys and values; returns the whole cache."""
         return self.store_kv(*linears(x, (self.wk, self.wv)), rope, input_pos)
 
-    def store_kv(self, k: Tensor, v: Tensor, rope: Tensor, input_pos: Tensor):
+    def store_kv(self, k: Tensor, v: Tensor, rope: tuple, input_pos: Tensor):
         B, T, _ = k.shape
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), rope)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         return self.kv_cache.update(input_pos, k.transpose(1, 2), v.transpose(1, 2))
 
-    def attend(self, x: Tensor, rope: Tensor, mask: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, x: Tensor, rope: tuple, mask: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Queries of x against the cache k, v (already holding this step's keys and values)."""
         return self.attend_q(self.wq(x), rope, mask, k, v)
 
-    def attend_q(self, q: Tensor, rope: Tensor, mask: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend_q(self, q: Tensor, rope: tuple, mask: Tensor, k: Tensor, v: Tensor) -> Tensor:
         B, T, _ = q.shape
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
         if FEW_TOKEN_ATTENTION and T <= FEW_TOKENS and torch.compiler.is_compiling() and q.device.type == "cpu":
@@ -363,7 +370,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple, mask: Tensor, input_pos: Tensor) -> Tensor:
         q, k, v = linears(x, (self.wq, self.wk, self.wv))
         k, v = self.store_kv(k, v, rope, input_pos)
         return self.attend_q(q, rope, mask, k, v)
@@ -389,11 +396,11 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, regional: bool = False) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple, mask: Tensor, input_pos: Tensor, regional: bool = False) -> Tensor:
         """regional: compiled as one region that every plain layer reuses (see Transformer.run_layers)."""
         return repeated_block(self, x, rope, mask, input_pos) if regional else self.block(x, rope, mask, input_pos)
 
-    def block(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def block(self, x: Tensor, rope: tuple, mask: Tensor, input_pos: Tensor) -> Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -441,7 +448,7 @@ class FlexiDepthBlock(TransformerBlock):
         for linear in (self.attention.wq, self.attention.wo, *self.feed_forward.children(), *self.adapter.children()):
             linear.in_branch = True  # one-token steps run these inside torch.cond (forward)
 
-    def route(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, threshold: float):
+    def route(self, x: Tensor, rope: tuple, mask: Tensor, input_pos: Tensor, threshold: float):
         """The part every token takes: the gate w = sigmoid(router(input_norm(x))), the decision w > threshold, and
         this step's K/V written for every token. Returns (w, run, the operands both branches take)."""
         normed = self.attention_norm(x)
@@ -456,7 +463,7 @@ class FlexiDepthBlock(TransformerBlock):
     def skip_branch(self, x, normed, w, rope, mask, k, v):
         return x + (1 - w) * self.adapter(self.ffn_norm(x))
 
-    def masked(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, threshold: float,
+    def masked(self, x: Tensor, rope: tuple, mask: Tensor, input_pos: Tensor, threshold: float,
                straight_through: bool = False):
         """The masking form: every token through both branches, each keeps its own. Returns (out, w, run).
         straight_through (router training) adds 0 to the value but gives w the gradient of switching branches,
@@ -468,7 +475,7 @@ class FlexiDepthBlock(TransformerBlock):
             out = out + (w - w.detach()) * (run_out - skip_out).detach()
         return out, w, run
 
-    def forward(self, x: Tensor, rope: Tensor, mask: Tensor, input_pos: Tensor, threshold: float = 0.5,
+    def forward(self, x: Tensor, rope: tuple, mask: Tensor, input_pos: Tensor, threshold: float = 0.5,
                 real_skip: bool = False) -> Tensor:
         B = x.shape[0]
         if not real_skip:
@@ -561,7 +568,7 @@ class Transformer(nn.Module):
         a one-token step skips for real unless masking asks for the masking form (the reference in tests).
         regional (compiled one-token CPU steps, steps.compile_one_token): dynamo traces the plain block once and
         inductor compiles it once for every layer. Not for frozen graphs: a region's weights must stay inputs."""
-        rope = self.rope[input_pos]
+        rope = rope_rows(self.rope, input_pos)
         mask = self.causal_mask[None, None, input_pos]  # position t sees every slot <= t, never a stale one
         real_skip = x.shape[0] == 1 and x.shape[1] == 1 and not masking
         # a list, not self.layers[start:end]: dynamo would trace the building of that new ModuleList
