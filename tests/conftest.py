@@ -100,6 +100,15 @@ def default_checkpoint() -> Path:
 TQDM_LINE = re.compile(r"^[^:]*:\s*\d+%\|")  # a progress bar may precede the error on stderr
 
 
+def restore_compile_settings(monkeypatch):
+    """compile_steps sets dynamo's and inductor's settings process-wide; monkeypatch puts these back after the test,
+    so that tests after it run under the defaults."""
+    import torch._inductor.config as inductor_config
+    for config, name in ((inductor_config, "freezing"), (inductor_config.cpp, "enable_concat_linear"),
+                         (torch._dynamo.config, "cache_size_limit"), (torch._dynamo.config, "specialize_float")):
+        monkeypatch.setattr(config, name, getattr(config, name))
+
+
 def run_cli(script, *args, **kwargs):
     """Run one of the project's scripts (path relative to the repo root) as a user would."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import (DEFAULT_CHECKPOINT, ROOT, RunsCode, assert_one_line_error, make_converted_llama, make_hf_llama,
-                      run_cli)
+                      restore_compile_settings, run_cli)
 
 SMOLLM2_TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
 CONTEXT = 64
@@ -287,14 +287,11 @@ def test_prompts_of_nearby_lengths_share_one_compile(tiny_checkpoint, capfd, mon
     second run with a prompt a few tokens longer loads the decode step from the compile caches instead of compiling
     it anew (30 s on the default model). Two runs in one process: dynamo traces again (a new model), as a second
     process would, and AOTAutograd's cache must answer it."""
-    import torch._inductor.config
     import generate
     from torch._dynamo.utils import counters
     monkeypatch.setattr(signal, "signal", lambda *args: None)
     monkeypatch.setattr(generate, "CACHE_ROUNDING", 16)
-    for config, name in ((torch._inductor.config, "freezing"), (torch._inductor.config.cpp, "enable_concat_linear"),
-                         (torch._dynamo.config, "cache_size_limit"), (torch._dynamo.config, "specialize_float")):
-        monkeypatch.setattr(config, name, getattr(config, name))  # compile_steps sets them process-wide; restore
+    restore_compile_settings(monkeypatch)
     torch._dynamo.reset()
     for prompt in ("Hello", "Hello Hello Hello"):  # 1 and 3 tokens: caches of 5 and 7 slots, both rounded to 16
         counters.clear()

@@ -4,7 +4,7 @@ import argparse
 import pytest
 import torch
 
-from conftest import PROMPT
+from conftest import PROMPT, restore_compile_settings
 from figures import merge_stats, print_stats
 from generate import cache_length_needed, generate
 from model import ModelArgs, Transformer
@@ -46,12 +46,9 @@ def test_compile_line_only_when_this_call_compiled(tiny, capsys):
 def test_no_compiling_in_the_timed_loop(tiny, monkeypatch, spec):
     """After warm_up, generate() compiles nothing: its decode loop runs only graphs warm_up made, with the same
     shapes, constants and grad mode. A step shape warm_up misses would be compiled inside the timed loop."""
-    import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
     from steps import compile_steps, warm_up
-    for config, name in ((inductor_config, "freezing"), (inductor_config.cpp, "enable_concat_linear"),
-                         (torch._dynamo.config, "cache_size_limit")):
-        monkeypatch.setattr(config, name, getattr(config, name))  # compile_steps sets them process-wide; restore
+    restore_compile_settings(monkeypatch)
     torch._dynamo.reset()
     try:
         steps = compile_steps("cpu", compile_prefill=False)
