@@ -275,8 +275,9 @@ def warm_up(model: Transformer, steps: Steps, prompt_len: int, start_pos: int = 
     else:
         rows = torch.arange(start_pos, start_pos + speculate_k + 1, device=device)
         todo.append((("decode", draft_cache, 0.5), lambda: steps.decode(draft_model, one, pos)))
+        # contiguous, as the loop's candidates are: an expanded tensor's strides differ, and so would its graph
         todo.append((("verify_full", cache, speculate_k),
-                     lambda: steps.verify_full(model, one.expand(1, speculate_k + 1), rows)))
+                     lambda: steps.verify_full(model, one.repeat(1, speculate_k + 1), rows)))
     cold = [(key, call) for key, call in todo if key not in steps.warm]
     if not cold:
         return None

@@ -42,7 +42,14 @@ def test_compile_line_only_when_this_call_compiled(tiny, capsys):
         assert ("compile and warm-up:" in capsys.readouterr().out) == shown
 
 
-@pytest.mark.parametrize("spec", [{}, dict(early_exit=1, speculate_k=2)], ids=["plain", "self_speculative"])
+def tiny_draft():
+    torch.manual_seed(3)
+    args = ModelArgs(vocab_size=256, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, intermediate_size=48)
+    return Transformer(args).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("spec", [{}, dict(early_exit=1, speculate_k=2), dict(draft_model=True, speculate_k=2)],
+                         ids=["plain", "self_speculative", "draft_model"])
 def test_no_compiling_in_the_timed_loop(tiny, monkeypatch, spec):
     """After warm_up, generate() compiles nothing: its decode loop runs only graphs warm_up made, with the same
     shapes, constants and grad mode. A step shape warm_up misses would be compiled inside the timed loop."""
@@ -50,9 +57,12 @@ def test_no_compiling_in_the_timed_loop(tiny, monkeypatch, spec):
     from steps import compile_steps, warm_up
     restore_compile_settings(monkeypatch)
     torch._dynamo.reset()
+    spec = dict(spec, draft_model=tiny_draft()) if spec.get("draft_model") else spec
     try:
         steps = compile_steps("cpu", compile_prefill=False)
-        tiny.setup_caches(1, cache_length_needed(len(PROMPT), NEW_TOKENS, spec.get("speculate_k", 0)))
+        for m in (tiny, spec.get("draft_model")):
+            if m is not None:
+                m.setup_caches(1, cache_length_needed(len(PROMPT), NEW_TOKENS, spec.get("speculate_k", 0)))
         counters.clear()
         warm_up(tiny, steps, len(PROMPT), **spec)
         assert counters["stats"]["unique_graphs"] > 0  # the counters see compiling at all
