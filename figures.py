@@ -11,7 +11,7 @@ from model import FlexiDepthBlock, Transformer
 
 # Not read per token: caches and masks, and int4's second copy for cpu_kernels (Int4Linear), the same bytes as its
 # torch-packed copy, of which each call reads one.
-NOT_WEIGHTS = ("k_cache", "v_cache", "rope", "causal_mask", "ran", "draft_vocab", "nibbles",
+NOT_WEIGHTS = ("k_cache", "v_cache", "rope", "slots", "ran", "draft_vocab", "nibbles",
                "kernel_scales_zeros")
 
 

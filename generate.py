@@ -24,7 +24,7 @@ from depth_view import stream_printer, token_texts, write_depth_html
 from figures import GenerationStats, decode_bytes, print_stats, summary_line
 from model import ModelArgs, Transformer
 from sampling import Sampling, speculative_accept
-from steps import Steps, checked_once, compile_steps, synchronize, warm_up
+from steps import Steps, checked_once, compile_steps, live_slots, synchronize, warm_up
 from tokenizer import load_tokenizer
 
 DEFAULT_CHECKPOINT = Path("checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth")
@@ -189,7 +189,8 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, sampling: 
     with contextlib.ExitStack() as loop:
         while not stop and len(out) < max_new_tokens and out[-1] not in stop_ids:
             if not speculating:
-                logits = steps.decode(model, token.view(1, 1), torch.tensor([pos], device=device), skip_threshold)
+                logits = steps.decode(model, token.view(1, 1), torch.tensor([pos], device=device), skip_threshold,
+                                      slots=live_slots(model, steps, pos + 1))
                 token = sampling.sample(logits)[0]
                 new, drafted = [int(token)], [False]
                 pos += 1
@@ -243,10 +244,12 @@ def speculate_once(model, draft_model, steps, token, pos, k, k_max, early_exit, 
         input_pos = torch.tensor([pos + i], device=device)
         t0 = time.perf_counter()
         if draft_model is None:
-            logits, hidden = steps.draft(model, x.view(1, 1), input_pos, early_exit)
+            logits, hidden = steps.draft(model, x.view(1, 1), input_pos, early_exit,
+                                         slots=live_slots(model, steps, pos + i + 1))
             kept_hidden[:, i] = hidden[:, 0]
         else:
-            logits = steps.decode(draft_model, x.view(1, 1), input_pos)
+            logits = steps.decode(draft_model, x.view(1, 1), input_pos,
+                                  slots=live_slots(draft_model, steps, pos + i + 1))
         synchronize(device)
         stats.draft_seconds += time.perf_counter() - t0
         probs = sampling.probs(logits[0])
@@ -254,13 +257,14 @@ def speculate_once(model, draft_model, steps, token, pos, k, k_max, early_exit, 
         draft_tokens.append(x)
         draft_probs.append(probs)
     verify_pos = torch.arange(pos, pos + k_max + 1, device=device)
+    verify_slots = live_slots(model, steps, pos + k_max + 1)
     t0 = time.perf_counter()
     if draft_model is None:
         last_index = torch.tensor([k], device=device)
-        logits = steps.verify(model, x.view(1, 1), last_index, kept_hidden, verify_pos, early_exit)
+        logits = steps.verify(model, x.view(1, 1), last_index, kept_hidden, verify_pos, early_exit, verify_slots)
     else:
         candidates = torch.stack([token] + draft_tokens + [x] * (k_max - k))  # padded to the fixed shape
-        logits = steps.verify_full(model, candidates.view(1, -1), verify_pos)
+        logits = steps.verify_full(model, candidates.view(1, -1), verify_pos, verify_slots)
     synchronize(device)
     stats.verify_seconds += time.perf_counter() - t0
     target_probs = sampling.probs(logits[:k + 1])
@@ -268,7 +272,8 @@ def speculate_once(model, draft_model, steps, token, pos, k, k_max, early_exit, 
                                        sampling.generator)
     if draft_model is not None and n == k:
         # the draft model never saw its own last draft; give it that token so its cache has no hole
-        steps.decode(draft_model, draft_tokens[-1].view(1, 1), torch.tensor([pos + k], device=device))
+        steps.decode(draft_model, draft_tokens[-1].view(1, 1), torch.tensor([pos + k], device=device),
+                     slots=live_slots(draft_model, steps, pos + k + 1))
     return n, next_token, [int(t) for t in draft_tokens]
 
 
@@ -436,11 +441,13 @@ def run(args):
     if routed:
         print(f"FlexiDepth: routers on {len(routed)} of {model.args.n_layers} layers ({routed[0]}..{routed[-1]}); "
               f"a token runs a routed layer iff its gate > {skip_threshold}")
-    steps = compile_steps(device, args.compile_prefill, precision, regional=args.compile_regional) \
-        if args.compile else Steps()
+    interactive = args.interactive or (args.chat and args.prompt is None)
+    # a conversation's cache is the whole context: its steps read only the slots up to their position
+    steps = compile_steps(device, args.compile_prefill, precision, regional=args.compile_regional,
+                          bounded=interactive) if args.compile else Steps()
     spec = dict(steps=steps, early_exit=args.early_exit, speculate_k=speculate_k, draft_model=draft_model,
                 skip_threshold=skip_threshold)
-    if args.interactive or (args.chat and args.prompt is None):
+    if interactive:
         from chat import chat_loop  # imported here: chat.py imports this module
         context = min(args.max_seq_length or 2048, model.args.max_position_embeddings)
         for m in (model, draft_model):

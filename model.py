@@ -168,7 +168,10 @@ class ModelArgs:
 class KVCache(nn.Module):
     def __init__(self, max_batch_size, max_seq_length, n_kv_heads, head_dim, dtype):
         super().__init__()
-        shape = (max_batch_size, n_kv_heads, max_seq_length, head_dim)
+        # a slot more than positions: attention reads a prefix of the cache (Attention.attend_q) whose length is a
+        # dynamic size in compiled steps, and a prefix that could be the whole buffer would let dynamo compare it
+        # with the buffer's strides and fix the length to one value
+        shape = (max_batch_size, n_kv_heads, max_seq_length + 1, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
@@ -307,6 +310,12 @@ def rope_rows(rope: Tensor, positions: Tensor) -> tuple:
     return rope[positions, 0][None, :, None], rope[positions, 1][None, :, None]
 
 
+def causal_mask(positions: Tensor, slots: Tensor) -> Tensor:
+    """[1, 1, T, len(slots)] bool: the query at each position sees every cache slot at or before it, never a stale
+    one past it. Attention reads only the slots the mask covers (Attention.attend_q)."""
+    return (slots <= positions[:, None])[None, None]
+
+
 def apply_rope(x: Tensor, rope: tuple) -> Tensor:
     # x: [B, T, heads, head_dim]; rope: rope_rows(). Rotate-half: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)
     # per half; the cache's sin carries the minus. The halves are swapped as a flip of a size-2 dimension, which
@@ -364,6 +373,7 @@ class Attention(nn.Module):
     def attend_q(self, q: Tensor, rope: tuple, mask: Tensor, k: Tensor, v: Tensor) -> Tensor:
         B, T, _ = q.shape
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
+        k, v = k.narrow(2, 0, mask.shape[-1]), v.narrow(2, 0, mask.shape[-1])  # only the slots the mask covers
         if FEW_TOKEN_ATTENTION and T <= FEW_TOKENS and torch.compiler.is_compiling() and q.device.type == "cpu":
             y = few_token_attention(q, k, v, mask)
         else:
@@ -554,22 +564,22 @@ class Transformer(nn.Module):
                 layer.register_buffer("ran", torch.ones(max_batch_size, max_seq_length, dtype=torch.bool,
                                                         device=device), persistent=False)
         self.register_buffer("rope", rope_cache(self.args, max_seq_length).to(device), persistent=False)
-        causal = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
-        self.register_buffer("causal_mask", causal, persistent=False)
+        self.register_buffer("slots", torch.arange(max_seq_length, device=device), persistent=False)
         self.max_batch_size, self.max_seq_length = max_batch_size, max_seq_length
 
     def embed(self, idx: Tensor) -> Tensor:
         return self.tok_embeddings(idx)
 
     def run_layers(self, x: Tensor, input_pos: Tensor, start: int, end: int, skip_threshold: float = 0.5,
-                   masking: bool = False, regional: bool = False) -> Tensor:
+                   masking: bool = False, regional: bool = False, slots: Optional[Tensor] = None) -> Tensor:
         """Layers [start, end) on hidden states x at positions input_pos (each writes its K/V there).
         FlexiDepth: a token runs a routed layer iff its gate exceeds skip_threshold (0.5 is the checkpoint's rule);
         a one-token step skips for real unless masking asks for the masking form (the reference in tests).
         regional (compiled one-token CPU steps, steps.compile_one_token): dynamo traces the plain block once and
-        inductor compiles it once for every layer. Not for frozen graphs: a region's weights must stay inputs."""
+        inductor compiles it once for every layer. Not for frozen graphs: a region's weights must stay inputs.
+        slots: the cache slots attention reads, a prefix of self.slots (live_slots); all of them by default."""
         rope = rope_rows(self.rope, input_pos)
-        mask = self.causal_mask[None, None, input_pos]  # position t sees every slot <= t, never a stale one
+        mask = causal_mask(input_pos, self.slots if slots is None else slots)
         real_skip = x.shape[0] == 1 and x.shape[1] == 1 and not masking
         # a list, not self.layers[start:end]: dynamo would trace the building of that new ModuleList
         for layer in list(self.layers)[start:end]:
@@ -602,6 +612,6 @@ class Transformer(nn.Module):
         return full.index_copy(-1, self.draft_vocab, logits)
 
     def forward(self, idx: Tensor, input_pos: Tensor, skip_threshold: float = 0.5, masking: bool = False,
-                regional: bool = False) -> Tensor:
+                regional: bool = False, slots: Optional[Tensor] = None) -> Tensor:
         return self.head(self.run_layers(self.embed(idx), input_pos, 0, self.args.n_layers, skip_threshold, masking,
-                                         regional))
+                                         regional, slots))

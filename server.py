@@ -468,8 +468,9 @@ def build_engine(args) -> Engine:
             raise ValueError("self-speculation with a FlexiDepth checkpoint is not supported")
     model.setup_caches(1, min(args.max_seq_length, model.args.max_position_embeddings))
     tokenizer = load_tokenizer(args.checkpoint_path.parent)
-    steps = compile_steps(args.device, args.compile_prefill, precision, regional=args.compile_regional) \
-        if args.compile else Steps()
+    # the cache is the whole context: the steps read only the slots up to their position
+    steps = compile_steps(args.device, args.compile_prefill, precision, regional=args.compile_regional,
+                          bounded=True) if args.compile else Steps()
     name = args.checkpoint_path.parent.name
     engine = Engine(model, tokenizer, steps, name, speculate_k, args.early_exit if speculate_k else None)
     print(f"{name}: {L} layers, {str(precision).replace('torch.', '')}, {args.device}, context "

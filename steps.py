@@ -20,31 +20,33 @@ def synchronize(device):
 
 
 def forward_last(model: Transformer, x: Tensor, input_pos: Tensor, skip_threshold: float = 0.5, *,
-                 regional: bool = False) -> Tensor:
-    """Full-depth forward; logits of the last row. Prefill and one-token decode. regional: see model.run_layers."""
-    return model(x, input_pos, skip_threshold, regional=regional)[:, -1]
+                 regional: bool = False, slots: Optional[Tensor] = None) -> Tensor:
+    """Full-depth forward; logits of the last row. Prefill and one-token decode. regional, slots: see
+    model.run_layers."""
+    return model(x, input_pos, skip_threshold, regional=regional, slots=slots)[:, -1]
 
 
-def draft_step(model: Transformer, x: Tensor, input_pos: Tensor, early_exit: int, *, regional: bool = False):
+def draft_step(model: Transformer, x: Tensor, input_pos: Tensor, early_exit: int, *, regional: bool = False,
+               slots: Optional[Tensor] = None):
     """Early-exit draft of one token: layers [0, E), then the exit head at E (if trained), the final norm and the
     draft LM head (model.exit_logits). Returns (logits, raw layer-E hidden, which the verify continues from)."""
-    h = model.run_layers(model.embed(x), input_pos, 0, early_exit, regional=regional)
+    h = model.run_layers(model.embed(x), input_pos, 0, early_exit, regional=regional, slots=slots)
     return model.exit_logits(h, early_exit)[:, -1], h
 
 
 def verify_step(model: Transformer, last_draft: Tensor, last_index: Tensor, kept_hidden: Tensor,
-                input_pos: Tensor, early_exit: int):
+                input_pos: Tensor, early_exit: int, slots: Optional[Tensor] = None):
     """Verify drafts at positions input_pos. Only the last draft (row last_index) still needs layers [0, E): the
     rows before it hold the layer-E inputs the draft steps kept, and their K/V below E are already in the cache.
     Rows after it are padding, so that one compiled shape serves every k; they write K/V past the accepted
     length, which the position mask hides until real tokens overwrite them."""
-    h_last = model.run_layers(model.embed(last_draft), input_pos[last_index], 0, early_exit)
+    h_last = model.run_layers(model.embed(last_draft), input_pos[last_index], 0, early_exit, slots=slots)
     h = kept_hidden.index_copy(1, last_index, h_last)
-    return model.head(model.run_layers(h, input_pos, early_exit, model.args.n_layers))[0]
+    return model.head(model.run_layers(h, input_pos, early_exit, model.args.n_layers, slots=slots))[0]
 
 
-def verify_full(model: Transformer, tokens: Tensor, input_pos: Tensor) -> Tensor:
-    return model(tokens, input_pos)[0]
+def verify_full(model: Transformer, tokens: Tensor, input_pos: Tensor, slots: Optional[Tensor] = None) -> Tensor:
+    return model(tokens, input_pos, slots=slots)[0]
 
 
 @dataclass
@@ -57,6 +59,20 @@ class Steps:
     verify_full: Callable = verify_full
     compiled: bool = False
     warm: set = field(default_factory=set)  # the step shapes already compiled (see warm_up)
+    bounded: bool = True  # one-token and verify steps read only the cache slots up to their position (live_slots)
+
+
+def live_slots(model: Transformer, steps: Steps, end: int) -> Optional[Tensor]:
+    """The cache slots a one-token or verify step whose last position is end - 1 reads: [0, end), or None (every
+    slot) where the steps do not bound attention. Compiled, the count is a dynamic size, so that one graph serves
+    every position. Its size hint, by which inductor chooses which loops to run on several threads, is the whole
+    cache, whatever position traces the graph."""
+    if not steps.bounded:
+        return None
+    slots = model.slots[:end]
+    if steps.compiled:
+        torch._dynamo.mark_dynamic(slots, 0, hint_override=model.max_seq_length)
+    return slots
 
 
 # Unfrozen, every weight is an input of the compiled graph, and inductor's wrapper asserted the size and stride of
@@ -169,10 +185,15 @@ def end_kernel_groups_at_layer_ends():
 
 
 def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.dtype] = None,
-                  one_token_kind: Optional[str] = None, regional: bool = False) -> Steps:
+                  one_token_kind: Optional[str] = None, regional: bool = False, bounded: bool = False) -> Steps:
     """precision: the weights' dtype, when known; on CPU fp32 weights get inductor's own GEMM kernels (below).
     one_token_kind: compile the one-token steps for this kind of linear (model.ONE_TOKEN_LINEAR) instead of the
-    machine's choice (benchmarks that time the other kinds). regional: see compile_one_token (CPU only)."""
+    machine's choice (benchmarks that time the other kinds). regional: see compile_one_token (CPU only).
+    bounded (CPU only; see live_slots): for a cache much longer than the tokens in it, chat's and the server's whole
+    context. Attention reads every slot it is given (2,048 slots cost a bf16 decode step 3 ms on 2 cores), and
+    bounded, the step reads only the slots up to its position, their count a dynamic size in the graph. A one-shot
+    run's cache is sized to the run, so there it saves little, and the dynamic size costs ~0.5 s of a warm compile
+    (BENCHMARKS.md). Not on CUDA, where CUDA graphs would record a graph for each length."""
     few_rows = None  # what a step of few rows runs once before its first call (CPU: their kernels' probe)
     if device.startswith("cuda"):
         options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
@@ -238,6 +259,7 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         verify=before_first_call(few_rows, torch.compile(verify_step, **options)),
         verify_full=before_first_call(few_rows, torch.compile(verify_full, **options)),
         compiled=True,
+        bounded=bounded and not device.startswith("cuda"),
     )
 
 
@@ -263,21 +285,25 @@ def warm_up(model: Transformer, steps: Steps, prompt_len: int, start_pos: int = 
         prompt = torch.zeros(1, prompt_len, dtype=torch.long, device=device)
         todo.append((("prefill", cache, prompt_len == 1, skip_threshold),
                      lambda: steps.prefill(model, prompt, prompt_pos, skip_threshold)))
+    # traced with every slot: a length of 1 (a first position) would be a constant to dynamo
+    slots = live_slots(model, steps, model.max_seq_length)
+    draft_slots = draft_model is not None and live_slots(draft_model, steps, draft_model.max_seq_length)
     if not speculate_k:
-        todo.append((("decode", cache, skip_threshold), lambda: steps.decode(model, one, pos, skip_threshold)))
+        todo.append((("decode", cache, skip_threshold),
+                     lambda: steps.decode(model, one, pos, skip_threshold, slots=slots)))
     elif draft_model is None:
         rows = torch.arange(start_pos, start_pos + speculate_k + 1, device=device)
         hidden = torch.zeros(1, speculate_k + 1, model.args.dim, device=device, dtype=model.norm.weight.dtype)
         last = torch.tensor([speculate_k], device=device)
-        todo.append((("draft", cache, early_exit), lambda: steps.draft(model, one, pos, early_exit)))
+        todo.append((("draft", cache, early_exit), lambda: steps.draft(model, one, pos, early_exit, slots=slots)))
         todo.append((("verify", cache, early_exit, speculate_k),
-                     lambda: steps.verify(model, one, last, hidden, rows, early_exit)))
+                     lambda: steps.verify(model, one, last, hidden, rows, early_exit, slots)))
     else:
         rows = torch.arange(start_pos, start_pos + speculate_k + 1, device=device)
-        todo.append((("decode", draft_cache, 0.5), lambda: steps.decode(draft_model, one, pos)))
+        todo.append((("decode", draft_cache, 0.5), lambda: steps.decode(draft_model, one, pos, slots=draft_slots)))
         # contiguous, as the loop's candidates are: an expanded tensor's strides differ, and so would its graph
         todo.append((("verify_full", cache, speculate_k),
-                     lambda: steps.verify_full(model, one.repeat(1, speculate_k + 1), rows)))
+                     lambda: steps.verify_full(model, one.repeat(1, speculate_k + 1), rows, slots)))
     cold = [(key, call) for key, call in todo if key not in steps.warm]
     if not cold:
         return None
@@ -291,8 +317,9 @@ def warm_up(model: Transformer, steps: Steps, prompt_len: int, start_pos: int = 
 def checked_once(steps: Steps):
     """For the rest of a generation loop whose every step has run once with all of dynamo's guards checked: check
     only the guards that tell cached graphs apart. Within one loop the model, its cache and every input's shape
-    stay the same, so the others cannot fail; checking them costs ~0.7 ms a token on 2 CPU cores (measured on
-    SmolLM2-135M int4), 10% of a decode step. The first, fully checked pass is what makes skipping safe: it compiles
+    stay the same (but the live slots' length, a dynamic size in the graph: see live_slots), so the others
+    cannot fail; checking them costs ~0.7 ms a token on 2 CPU cores (measured on SmolLM2-135M int4), 10% of a
+    decode step. The first, fully checked pass is what makes skipping safe: it compiles
     this model's graph if the steps had only another model's, and a frozen graph holds its model's weights."""
     if not steps.compiled:
         return contextlib.nullcontext()

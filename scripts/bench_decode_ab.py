@@ -12,12 +12,16 @@ compared; timed round by round in one process they can. A variant is a one-token
                                at 60 and ends them at each layer's end); with a wide variant every variant
                                compiles with inductor's caches off, as its graph cache is keyed without that
                                grouping and would give both variants one code
+    ...-bounded                attention reads only the cache slots up to each step's position, not the whole
+                               cache (compile_steps(bounded=True): chat and the server, whose cache is the whole
+                               context; --cache_slots and --start_pos give such a cache and a later turn)
 Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
 function would hold one variant at a time). Then every round decodes the same prompt once per variant and reads
 the weights' bytes once with a torch sum (the limit); the best round of each counts.
 
     python scripts/bench_decode_ab.py --precision bf16 --variants gemv kernel kernel-separate
     python scripts/bench_decode_ab.py --checkpoint_path .../model_int4.g32.pth --variants kernel kernel-separate
+    python scripts/bench_decode_ab.py --variants gemv gemv-bounded --cache_slots 2048 --start_pos 1000
 """
 import argparse
 import os
@@ -40,7 +44,7 @@ from generate import DEFAULT_CHECKPOINT, PRECISIONS, generate, load_model  # noq
 from steps import Steps, compile_one_token, compile_steps, forward_last, own_code, warm_up  # noqa: E402
 
 KINDS = ("gemv", "linear", "kernel")
-OPTIONS = ("separate", "frozen", "regional", "wide")
+OPTIONS = ("separate", "frozen", "regional", "wide", "bounded")
 
 
 def parse_variant(text: str) -> tuple:
@@ -70,7 +74,10 @@ def run(args):
     dtype = PRECISIONS[args.precision]
     model = load_model(args.checkpoint_path, "cpu", dtype)
     prompt = torch.arange(20, 20 + args.prompt_tokens)
-    model.setup_caches(1, args.prompt_tokens + args.max_new_tokens + 1)
+    need = args.start_pos + args.prompt_tokens + args.max_new_tokens + 1
+    if args.cache_slots is not None and args.cache_slots < need:
+        raise ValueError(f"--cache_slots {args.cache_slots} is less than the {need} the run needs")
+    model.setup_caches(1, args.cache_slots or need)
     compile_steps("cpu", False)  # inductor's settings (the variants set the kinds: no probe)
     if any(parse_variant(v)[0] == "kernel" for v in args.variants) and not cpu_kernels.load():
         raise ValueError("a kernel variant was asked for, but the CPU kernels do not build here")
@@ -86,14 +93,14 @@ def run(args):
             decode = torch.compile(decode, **frozen_args)
         else:
             decode = compile_one_token(decode, kind, frozen_args, regional="regional" in options)
-        steps[v] = Steps(decode=decode, compiled=True)
+        steps[v] = Steps(decode=decode, compiled=True, bounded="bounded" in options)
         set_variant(v, dtype, grouped)
         CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = 500 if "wide" in options else capped
         steps_code.END_GROUPS_AT_LAYERS = "wide" not in options
         t0 = time.perf_counter()
         try:
             with torch.compiler.config.patch(force_disable_caches=any_wide):
-                warm_up(model, steps[v], len(prompt))
+                warm_up(model, steps[v], len(prompt), args.start_pos)
         finally:
             CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = capped
             steps_code.END_GROUPS_AT_LAYERS = True
@@ -106,7 +113,8 @@ def run(args):
         for _ in range(args.rounds):
             for v in args.variants:
                 set_variant(v, dtype, grouped)
-                _, stats = generate(model, prompt, args.max_new_tokens, steps=steps[v], ignore_eos=True)
+                _, stats = generate(model, prompt, args.max_new_tokens, steps=steps[v], ignore_eos=True,
+                                    start_pos=args.start_pos)
                 per_round[v].append(stats.decode_seconds / (stats.new_tokens - 1))
             t0 = time.perf_counter()
             weights_sized.sum()
@@ -117,7 +125,8 @@ def run(args):
     print(f"{cpu_model()}, torch {torch.__version__}, {args.threads} threads, {args.precision}, "
           f"{args.checkpoint_path.name}, {nbytes / 1e6:.0f} MB a token, read bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"(best round; worst {nbytes / max(read_seconds) / 1e9:.1f}), limit {bandwidth / nbytes:.0f} tok/s, "
-          f"{args.max_new_tokens} greedy tokens, load average {os.getloadavg()[0]:.1f}\n")
+          f"{args.max_new_tokens} greedy tokens from position {args.start_pos + args.prompt_tokens} of a "
+          f"{model.max_seq_length}-slot cache, load average {os.getloadavg()[0]:.1f}\n")
     print("| variant | ms a token (best) | tok/s | % of limit | ms a token per round |")
     print("|---|---|---|---|---|")
     for v in args.variants:
@@ -136,6 +145,8 @@ def parse_args(argv=None):
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--prompt_tokens", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache_slots", type=int, help="KV cache length (default: what the run needs)")
+    p.add_argument("--start_pos", type=int, default=0, help="where the prompt goes, as a later chat turn's does")
     return p.parse_args(argv)
 
 

@@ -52,8 +52,10 @@ def router_gates(model, prompt: torch.Tensor) -> torch.Tensor:
 
 def masking_steps(compile: bool) -> Steps:
     """Decode in the masking form (both branches for every token): what skipping only on paper costs."""
-    masked = lambda m, x, pos, threshold: m(x, pos, threshold, masking=True)[:, -1]
-    return Steps(prefill=masked, decode=torch.compile(masked, fullgraph=True) if compile else masked)
+    masked = lambda m, x, pos, threshold, slots=None: m(x, pos, threshold, masking=True, slots=slots)[:, -1]
+    # the whole cache, as the real-skip rows' compile_steps reads it (bounded, the slot count would be a new shape
+    # to this plain torch.compile at every token)
+    return Steps(prefill=masked, decode=torch.compile(masked, fullgraph=True) if compile else masked, bounded=False)
 
 
 def random_router_rows(args, base, prompt, steps, precision) -> list:

@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from cli import main_guard, parse_layers, save_atomic, write_text_atomic  # noqa: E402
 from convert_hf_checkpoint import convert, hf_state_dict, read_config, write_hf_folder  # noqa: E402
 from generate import load_model, read_state_dict  # noqa: E402
-from model import FlexiDepthBlock, KVCache, ModelArgs, Transformer, TransformerBlock, rope_rows  # noqa: E402
+from model import (FlexiDepthBlock, KVCache, ModelArgs, Transformer, TransformerBlock, causal_mask,  # noqa: E402
+                   rope_rows)
 from prompts import humaneval_prompts, pydoc_text  # noqa: E402
 
 STATE_FILE = "train_state.pth"
@@ -100,7 +101,7 @@ def forward_hidden(model: Transformer, x, start: int, end: int, full_depth: bool
     teacher). Appends each routed layer's gate weights and decisions ([B, T] each) to `runs`."""
     T = x.shape[1]
     pos = torch.arange(T)
-    rope, mask = rope_rows(model.rope, pos), model.causal_mask[None, None, :T, :T]
+    rope, mask = rope_rows(model.rope, pos), causal_mask(pos, pos)
     for layer in model.layers[start:end]:
         if isinstance(layer, FlexiDepthBlock) and not full_depth:
             x, w, run = layer.masked(x, rope, mask, pos, THRESHOLD, straight_through=compare)

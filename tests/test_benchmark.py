@@ -126,19 +126,22 @@ def test_quantized_table_figures():
 
 
 def test_decode_ab_times_every_variant_in_each_round(tmp_path, capsys):
-    """scripts/bench_decode_ab.py on a tiny model: one row per variant, a figure for every round."""
+    """scripts/bench_decode_ab.py on a tiny model: one row per variant, a figure for every round, a later turn
+    (--start_pos) in a longer cache."""
     import cpu_kernels
     import model
     from conftest import make_converted_llama
     import bench_decode_ab
     from torch._inductor.codegen.cpp import CppScheduling
     from steps import KERNEL_GROUP_ARGS
-    variants = ["gemv-regional", "kernel-separate" if cpu_kernels.load() else "gemv-frozen", "gemv-wide"]
+    variants = ["gemv-regional", "kernel-separate" if cpu_kernels.load() else "gemv-frozen", "gemv-wide",
+                "gemv-bounded"]
     before = dict(model.ONE_TOKEN_LINEAR), model.linears
     try:
         bench_decode_ab.run(bench_decode_ab.parse_args([
             "--checkpoint_path", str(make_converted_llama(tmp_path / "tiny")), "--precision", "fp32",
-            "--variants", *variants, "--rounds", "2", "--max_new_tokens", "4"]))
+            "--variants", *variants, "--rounds", "2", "--max_new_tokens", "4", "--cache_slots", "40",
+            "--start_pos", "3"]))
     finally:
         model.ONE_TOKEN_LINEAR.clear()
         model.ONE_TOKEN_LINEAR.update(before[0])

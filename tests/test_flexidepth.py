@@ -104,9 +104,13 @@ def test_layers_used_match_router_decisions(checkpoint):
     assert len(counts) > 1  # the depth varies from token to token
 
 
-def test_compiled_decode_agrees_and_does_not_recompile(checkpoint, monkeypatch):
+@pytest.mark.parametrize("bounded", [False, True], ids=["whole_cache", "bounded"])
+def test_compiled_decode_agrees_and_does_not_recompile(checkpoint, monkeypatch, bounded):
+    """The real skip under compile (torch.cond): eager's logits and layers, one graph for every skip pattern; bounded
+    (chat, the server: the slots read grow with the position), one graph for every position too."""
     import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
+    from steps import live_slots
     monkeypatch.setattr(inductor_config, "freezing", inductor_config.freezing)  # compile_steps sets it; restore
     monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", torch._dynamo.config.cache_size_limit)
     torch._dynamo.reset()
@@ -114,7 +118,10 @@ def test_compiled_decode_agrees_and_does_not_recompile(checkpoint, monkeypatch):
     tokens = greedy_tokens(eager)
     want = decode_logits(eager, tokens)
     graphs_before = counters["stats"]["unique_graphs"]
-    decode = compile_steps("cpu", compile_prefill=False).decode
+    steps = compile_steps("cpu", compile_prefill=False, bounded=bounded)
+
+    def decode(model, x, input_pos):
+        return steps.decode(model, x, input_pos, slots=live_slots(model, steps, int(input_pos[-1]) + 1))
     got = decode_logits(compiled, tokens, step=decode)
     assert counters["stats"]["unique_graphs"] - graphs_before == 1  # one graph for every skip pattern
     assert (got - want).abs().max() <= 1e-4

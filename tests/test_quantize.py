@@ -205,7 +205,8 @@ def test_flexidepth_routers_and_adapters_stay_float(tmp_path):
     # the one-token real-skip path and the masking form agree on the quantized model too
     model.setup_caches(1, 64)
     real_skip, stats = generate.generate(model, PROMPT, 16)
-    masking_steps = generate.Steps(decode=lambda m, x, pos, threshold: m(x, pos, threshold, masking=True)[:, -1])
+    masking_steps = generate.Steps(decode=lambda m, x, pos, threshold, slots: m(x, pos, threshold, masking=True,
+                                                                                slots=slots)[:, -1])
     masking, _ = generate.generate(model, PROMPT, 16, steps=masking_steps)
     assert real_skip.tolist() == masking.tolist()
 

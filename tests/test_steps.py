@@ -48,27 +48,71 @@ def tiny_draft():
     return Transformer(args).eval().requires_grad_(False)
 
 
+@pytest.mark.parametrize("bounded", [False, True], ids=["whole_cache", "bounded"])
 @pytest.mark.parametrize("spec", [{}, dict(early_exit=1, speculate_k=2), dict(draft_model=True, speculate_k=2)],
                          ids=["plain", "self_speculative", "draft_model"])
-def test_no_compiling_in_the_timed_loop(tiny, monkeypatch, spec):
+def test_no_compiling_in_the_timed_loop(tiny, monkeypatch, spec, bounded):
     """After warm_up, generate() compiles nothing: its decode loop runs only graphs warm_up made, with the same
-    shapes, constants and grad mode. A step shape warm_up misses would be compiled inside the timed loop."""
+    shapes, constants and grad mode. A step shape warm_up misses would be compiled inside the timed loop. Bounded
+    (chat's and the server's steps, a cache of the whole context), the slots each step reads grow by a token or more
+    a step: one graph serves them all. The tokens are eager's."""
     from torch._dynamo.utils import counters
     from steps import compile_steps, warm_up
     restore_compile_settings(monkeypatch)
     torch._dynamo.reset()
     spec = dict(spec, draft_model=tiny_draft()) if spec.get("draft_model") else spec
     try:
-        steps = compile_steps("cpu", compile_prefill=False)
+        steps = compile_steps("cpu", compile_prefill=False, bounded=bounded)
         for m in (tiny, spec.get("draft_model")):
-            if m is not None:
-                m.setup_caches(1, cache_length_needed(len(PROMPT), NEW_TOKENS, spec.get("speculate_k", 0)))
+            if m is not None:  # bounded: a cache of twice what the run needs, as chat's is longer than a turn
+                m.setup_caches(1, (2 if bounded else 1) * cache_length_needed(len(PROMPT), NEW_TOKENS,
+                                                                           spec.get("speculate_k", 0)))
         counters.clear()
         warm_up(tiny, steps, len(PROMPT), **spec)
         assert counters["stats"]["unique_graphs"] > 0  # the counters see compiling at all
         counters.clear()
-        stats = generate(tiny, PROMPT, NEW_TOKENS, steps=steps, **spec)[1]  # the cache warm_up saw, as in the CLI
+        # the cache warm_up saw, as in the CLI
+        tokens, stats = generate(tiny, PROMPT, NEW_TOKENS, steps=steps, **spec)
         assert stats.compile_seconds is None
+        assert counters["stats"]["unique_graphs"] == 0, {name: dict(c) for name, c in counters.items()}
+        assert tokens.tolist() == generate(tiny, PROMPT, NEW_TOKENS, steps=Steps(bounded=False), **spec)[0].tolist()
+    finally:
+        torch._dynamo.reset()
+
+
+def test_bounded_steps_read_no_slot_past_their_position(tiny, monkeypatch):
+    """Bounded steps (compile_steps(bounded=True): chat, the server) read only the cache slots up to their last
+    position. With NaN in every slot past it, the compiled decode and verify give the logits of a clean cache, at
+    several positions, from the one graph warm_up compiled; a step that reads the whole cache gives NaN."""
+    from torch._dynamo.utils import counters
+    from steps import compile_steps, forward_last, live_slots, verify_step, warm_up
+    restore_compile_settings(monkeypatch)
+    torch._dynamo.reset()
+    tokens = [5, 7, 9, 11, 13, 17, 19, 23, 29, 31]
+    try:
+        steps = compile_steps("cpu", compile_prefill=False, bounded=True)
+        tiny.setup_caches(1, 32)
+        with torch.no_grad():
+            warm_up(tiny, steps, 1)
+            warm_up(tiny, steps, 1, speculate_k=2, early_exit=1)
+            counters.clear()
+            forward_last(tiny, torch.tensor([tokens]), torch.arange(10))  # a clean cache at positions 0..9
+            caches = [(layer.attention.kv_cache.k_cache.clone(), layer.attention.kv_cache.v_cache.clone())
+                      for layer in tiny.layers]
+            hidden = torch.randn(1, 3, tiny.args.dim)
+            for p in (2, 5, 7):
+                x, pos, rows, last = torch.tensor([[tokens[p]]]), torch.tensor([p]), torch.arange(p, p + 3), torch.tensor([2])
+                want = forward_last(tiny, x, pos), verify_step(tiny, x, last, hidden, rows, 1)
+                for layer in tiny.layers:
+                    layer.attention.kv_cache.k_cache[:, :, p + 3:] = float("nan")
+                    layer.attention.kv_cache.v_cache[:, :, p + 3:] = float("nan")
+                got = (steps.decode(tiny, x, pos, slots=live_slots(tiny, steps, p + 1)),
+                       steps.verify(tiny, x, last, hidden, rows, 1, live_slots(tiny, steps, p + 3)))
+                torch.testing.assert_close(got, want)
+                assert forward_last(tiny, x, pos).isnan().all()  # the NaN are there for a step that reads them
+                for layer, (k, v) in zip(tiny.layers, caches):
+                    layer.attention.kv_cache.k_cache.copy_(k)
+                    layer.attention.kv_cache.v_cache.copy_(v)
         assert counters["stats"]["unique_graphs"] == 0, {name: dict(c) for name, c in counters.items()}
     finally:
         torch._dynamo.reset()

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import train_router  # noqa: E402
 from convert_hf_checkpoint import convert  # noqa: E402
 from generate import load_model  # noqa: E402
-from model import rope_rows  # noqa: E402
+from model import causal_mask, rope_rows  # noqa: E402
 
 COMMON = ["--routing_layers", "2-3", "--seq_len", "32", "--batch_size", "4", "--lr", "1e-2", "--eval_windows", "8"]
 
@@ -126,7 +126,7 @@ def test_compare_adds_the_branch_difference_to_the_gate_gradient(runs):
     layer.router.requires_grad_(True)
     x = torch.randn(2, 16, model.args.dim)
     pos = torch.arange(16)
-    rope, mask = rope_rows(model.rope, pos), model.causal_mask[None, None, :16, :16]
+    rope, mask = rope_rows(model.rope, pos), causal_mask(pos, pos)
     with torch.no_grad():
         reference = layer(x, rope, mask, pos, 0.5, False)
     results = {}
