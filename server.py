@@ -19,6 +19,7 @@ Our own response fields, which clients that do not know them ignore:
 """
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
 import json
@@ -31,6 +32,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import SimpleQueue
 from typing import List, Literal, Optional, Union
 
 import torch
@@ -163,9 +165,43 @@ class Job:
     stop: list = field(default_factory=list)
 
 
+class TorchThread:
+    """The one thread that runs the server's torch work: loading, compiling, warming up and every generation.
+    Each thread that starts an OpenMP parallel region gets a team of threads of its own. With two teams (the main
+    thread's from loading, a request thread's from decoding), torch on every core makes more OpenMP threads than
+    cores, and libgomp then stops spinning between parallel regions: each of a decode step's ~270 regions waits for
+    a sleeping thread to wake. On 2 cores a request thread decoded at 56 tok/s where the loading thread decodes at
+    119 (BENCHMARKS.md). A daemon thread, as request threads were: exiting the server waits for no generation."""
+    def __init__(self):
+        self.calls = SimpleQueue()
+        threading.Thread(target=self.serve, name="flexfast-torch", daemon=True).start()
+
+    def serve(self):
+        while True:
+            self.calls.get()()
+
+    def submit(self, fn):
+        """Run fn() on the thread, after every call submitted before it."""
+        self.calls.put(fn)
+
+    def call(self, fn, *args):
+        """fn(*args) on the thread: waits, and returns its result or raises its exception."""
+        future = concurrent.futures.Future()
+
+        def run():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+                future.set_exception(e)
+        self.submit(run)
+        return future.result()
+
+
 class Engine:
-    def __init__(self, model, tokenizer, steps: Steps, name: str, speculate_k: int = 0, early_exit=None):
+    def __init__(self, model, tokenizer, steps: Steps, name: str, torch_thread: TorchThread, speculate_k: int = 0,
+                 early_exit=None):
         self.model, self.tokenizer, self.steps, self.name = model, tokenizer, steps, name
+        self.torch_thread = torch_thread
         self.speculate_k, self.early_exit = speculate_k, early_exit
         self.max_seq_length = model.max_seq_length
         self.room = speculate_k + 1 if speculate_k else 0  # speculation writes up to k+1 slots past the end
@@ -193,7 +229,7 @@ class Engine:
         return Job(prompt_ids, max_tokens or free, sampling, stop)
 
     def run(self, job: Job, emit, cancelled: threading.Event) -> dict:
-        """In the worker thread: generate, emit(pieces) as text becomes final; returns finish_reason and usage.
+        """On the torch thread: generate, emit(pieces) as text becomes final; returns finish_reason and usage.
         cancelled (the client went away) stops generation after the current step."""
         model, T, eos_ids = self.model, len(job.prompt_ids), self.tokenizer.eos_ids
         pieces = TokenPieces(self.tokenizer, job.stop, eos_ids)
@@ -245,7 +281,7 @@ class Engine:
 
     async def events(self, job: Job):
         """Yields ("tokens", pieces)... then ("done", result) or ("error", exception). Holds the model from the
-        moment its turn comes until the worker thread has finished, also when the consumer goes away early."""
+        moment its turn comes until the torch thread has finished, also when the consumer goes away early."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -259,13 +295,13 @@ class Engine:
                 put(("done", self.run(job, lambda pieces: put(("tokens", pieces)), cancelled)))
             except Exception as e:  # noqa: BLE001 - reported to the client, the server keeps serving
                 put(("error", e))
-            finally:  # the worker, not the consumer, gives the model back: only it knows when generation ended
+            finally:  # the torch thread, not the consumer, gives the model back: only it knows when generation ended
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(self.lock.release)
 
         await self.lock.acquire()
         try:
-            threading.Thread(target=work, daemon=True).start()
+            self.torch_thread.submit(work)
         except BaseException:
             self.lock.release()
             raise
@@ -450,7 +486,8 @@ def open_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build_engine(args) -> Engine:
+def build_engine(args, torch_thread: TorchThread) -> Engine:
+    """Load, compile and warm up; to be called on torch_thread, which then runs the engine's generations."""
     if not 1 <= args.max_seq_length:
         raise ValueError(f"--max_seq_length must be positive, got {args.max_seq_length}")
     if args.compile_regional and not args.compile:
@@ -472,7 +509,8 @@ def build_engine(args) -> Engine:
     steps = compile_steps(args.device, args.compile_prefill, precision, regional=args.compile_regional,
                           bounded=True) if args.compile else Steps()
     name = args.checkpoint_path.parent.name
-    engine = Engine(model, tokenizer, steps, name, speculate_k, args.early_exit if speculate_k else None)
+    engine = Engine(model, tokenizer, steps, name, torch_thread, speculate_k,
+                    args.early_exit if speculate_k else None)
     print(f"{name}: {L} layers, {str(precision).replace('torch.', '')}, {args.device}, context "
           f"{engine.max_seq_length}" + (f", self-speculative E={args.early_exit} k={speculate_k}" if speculate_k else "")
           + (f", FlexiDepth routers on {len(model.args.routing_layers)} layers" if model.args.routing_layers else ""),
@@ -525,7 +563,8 @@ def main(argv=None):
         if not is_loopback(args.host):
             print(f"warning: listening on {args.host}, not on loopback: anyone who can reach this machine can use "
                   f"the model{'' if args.api_key else ' (no --api_key set)'}", file=sys.stderr, flush=True)
-        engine = build_engine(args)
+        torch_thread = TorchThread()
+        engine = torch_thread.call(build_engine, args, torch_thread)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"serving on http://{shown}:{port}/ (OpenAI base_url http://{shown}:{port}/v1)", flush=True)

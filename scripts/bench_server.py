@@ -8,8 +8,9 @@ so that a load change on a shared machine hits both alike.
 tok/s is decode throughput: tokens after the first, over the time from the first token to the last, stamped where
 the tokens arrive (generate()'s callback here; the client's streamed chunks through the server). The median of
 --runs runs is shown; "end to end" is the whole request as the client sees it (prefill and HTTP included). The
-server decodes in a worker thread, so the HTTP layer's cost is the server row over the worker-thread row; the main-
-thread row is there because OpenMP can run differently off the main thread (on a crowded machine it did, a lot).
+server does all its torch work on one thread (server.TorchThread), as this process does on its main thread, so the
+HTTP layer's cost is the server row over the in-process row. The second-thread row is what the server did before:
+generate() on a thread other than the one that loaded and compiled, which gives OpenMP a second team of threads.
 """
 import argparse
 import os
@@ -70,7 +71,7 @@ def main():
                                      callback=lambda out: stamps.append((time.perf_counter(), 1)) and False)
         return decode_rate(stamps), None, tokens.tolist()
 
-    def in_thread():  # as server.py runs it: OpenMP can behave differently off the main thread
+    def in_thread():  # a second OpenMP team: more OpenMP threads than cores, and libgomp stops spinning
         result = []
         worker = threading.Thread(target=lambda: result.append(direct()))
         worker.start()
@@ -100,7 +101,7 @@ def main():
             return decode_rate(stamps), time.perf_counter() - t_start, tokens
 
         served()  # warm-up (the first request's HTTP connection, allocator)
-        rows = {"generate() in process": [], "generate() in a worker thread": [],
+        rows = {"generate() in process": [], "generate() in a second thread": [],
                 "server.py, streamed (openai client)": []}
         for _ in range(args.runs):
             load = os.getloadavg()[0]
@@ -112,8 +113,8 @@ def main():
 
     n_direct = len(rows["generate() in process"][0][2])
     same = {name: all(r[2] == rows["generate() in process"][0][2] for r in rs) for name, rs in rows.items()}
-    # the HTTP layer's cost: the server against the same generate() in the same kind of thread
-    base = statistics.median(r[0] for r in rows["generate() in a worker thread"])
+    # the HTTP layer's cost: the server against generate() on the thread that loaded and compiled, as its own is
+    base = statistics.median(r[0] for r in rows["generate() in process"])
     gb = weight_bytes(model) / 1e9
     loads = [r[3] for rs in rows.values() for r in rs]
     print(f"\nCPU: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
@@ -121,7 +122,7 @@ def main():
           f"{args.max_seq_length}, prompt {len(prompt_ids)} tokens, {n_direct} new tokens, median of {args.runs} "
           f"alternating runs, load average {min(loads):.1f}-{max(loads):.1f}")
     print(f"compile/warm-up: in process {compile_direct:.1f}s; server start (load + compile) {start_server:.1f}s\n")
-    print("| path | decode tok/s | × generate() in a worker thread | GB/s (weights read) | end to end s | same tokens |")
+    print("| path | decode tok/s | × generate() in process | GB/s (weights read) | end to end s | same tokens |")
     print("|---|---|---|---|---|---|")
     for name, rs in rows.items():
         rate = statistics.median(r[0] for r in rs)

@@ -206,6 +206,43 @@ def test_api_key_and_self_speculation(default_checkpoint, reference):
         stop_server(proc)
 
 
+def test_loading_and_every_generation_run_on_one_thread(default_checkpoint, monkeypatch):
+    """server.py does all its torch work on one thread (TorchThread): a thread other than the one that loaded the
+    model would start a second OpenMP team, and on 2 cores decode ran at half speed (BENCHMARKS.md). In process:
+    build_engine and two requests' generate() run on the same thread, not the caller's; an error comes back raised."""
+    import asyncio
+    import server
+    threads = {"load": set(), "generate": set()}
+
+    def on_thread(name, fn):
+        def call(*args, **kwargs):
+            threads[name].add(threading.get_ident())
+            return fn(*args, **kwargs)
+        return call
+    monkeypatch.setattr(server, "load_model", on_thread("load", server.load_model))
+    monkeypatch.setattr(server, "generate", on_thread("generate", server.generate))
+    torch_thread = server.TorchThread()
+    args = server.parse_args(["--checkpoint_path", str(default_checkpoint), "--max_seq_length", "64"])
+    engine = torch_thread.call(server.build_engine, args, torch_thread)
+
+    async def answers():  # one event loop, as the server's: the torch thread gives the engine back through it
+        results = []
+        for question in QUESTIONS[:2]:
+            tokenizer = engine.tokenizer
+            ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]),
+                                   add_special_tokens=False)
+            job = engine.job(ids, server.Body(temperature=0.0), 4)
+            results.append([item async for item in engine.events(job)][-1])
+        return results
+
+    for kind, result in asyncio.run(asyncio.wait_for(answers(), timeout=120)):
+        assert kind == "done" and result["usage"]["completion_tokens"] == 4, result
+    assert threads["load"] == threads["generate"] and len(threads["load"]) == 1
+    assert threading.get_ident() not in threads["load"]
+    with pytest.raises(FileNotFoundError, match="not found"):
+        torch_thread.call(server.load_model, "/nonexistent/model.pth")
+
+
 def test_bad_command_line_is_one_error_line():
     assert_one_line_error(run_cli("server.py", "--port", "99999"), "cannot listen on 127.0.0.1:99999")
     assert_one_line_error(run_cli("server.py", "--checkpoint_path", "/nonexistent/model.pth"), "not found")
