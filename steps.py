@@ -287,7 +287,7 @@ def warm_up(model: Transformer, steps: Steps, prompt_len: int, start_pos: int = 
                      lambda: steps.prefill(model, prompt, prompt_pos, skip_threshold)))
     # traced with every slot: a length of 1 (a first position) would be a constant to dynamo
     slots = live_slots(model, steps, model.max_seq_length)
-    draft_slots = draft_model is not None and live_slots(draft_model, steps, draft_model.max_seq_length)
+    draft_slots = live_slots(draft_model, steps, draft_model.max_seq_length) if draft_model is not None else None
     if not speculate_k:
         todo.append((("decode", cache, skip_threshold),
                      lambda: steps.decode(model, one, pos, skip_threshold, slots=slots)))
@@ -317,10 +317,10 @@ def warm_up(model: Transformer, steps: Steps, prompt_len: int, start_pos: int = 
 def checked_once(steps: Steps):
     """For the rest of a generation loop whose every step has run once with all of dynamo's guards checked: check
     only the guards that tell cached graphs apart. Within one loop the model, its cache and every input's shape
-    stay the same (but the live slots' length, a dynamic size in the graph: see live_slots), so the others
-    cannot fail; checking them costs ~0.7 ms a token on 2 CPU cores (measured on SmolLM2-135M int4), 10% of a
-    decode step. The first, fully checked pass is what makes skipping safe: it compiles
-    this model's graph if the steps had only another model's, and a frozen graph holds its model's weights."""
+    stay the same (but the live slots' length, a dynamic size in the graph: see live_slots), so the others cannot
+    fail; checking them costs ~0.7 ms a token on 2 CPU cores (measured on SmolLM2-135M int4), 10% of a decode step.
+    The first, fully checked pass is what makes skipping safe: it compiles this model's graph if the steps had only
+    another model's, and a frozen graph holds its model's weights."""
     if not steps.compiled:
         return contextlib.nullcontext()
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
