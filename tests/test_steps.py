@@ -101,7 +101,8 @@ def test_bounded_steps_read_no_slot_past_their_position(tiny, monkeypatch):
                       for layer in tiny.layers]
             hidden = torch.randn(1, 3, tiny.args.dim)
             for p in (2, 5, 7):
-                x, pos, rows, last = torch.tensor([[tokens[p]]]), torch.tensor([p]), torch.arange(p, p + 3), torch.tensor([2])
+                x, pos = torch.tensor([[tokens[p]]]), torch.tensor([p])
+                rows, last = torch.arange(p, p + 3), torch.tensor([2])
                 want = forward_last(tiny, x, pos), verify_step(tiny, x, last, hidden, rows, 1)
                 for layer in tiny.layers:
                     layer.attention.kv_cache.k_cache[:, :, p + 3:] = float("nan")
