@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+import hugepages
 import tp
 from cli import main_guard
 from depth_view import stream_printer, token_texts, write_depth_html
@@ -108,6 +109,8 @@ def load_model(checkpoint_path, device="cpu", precision=torch.float32, tensor_pa
     if quantization is not None:
         from quantize import pack_for_device
         pack_for_device(model, device)
+    if torch.device(device).type == "cpu":
+        hugepages.move_weights(model)
     return model.eval().requires_grad_(False)
 
 

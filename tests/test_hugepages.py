@@ -1,0 +1,66 @@
+"""load_model puts a CPU model's weights in 2 MiB pages (hugepages.py): the same values, each tensor with a storage of
+its own, in huge pages where the kernel gives them."""
+import pytest
+import torch
+
+from conftest import PROMPT, make_converted_llama
+
+import hugepages
+from generate import load_model
+
+
+def mapping_holding(address: int) -> dict:
+    """The /proc/self/smaps fields (kB) of the mapping that holds address."""
+    fields, inside = {}, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and not head[0].endswith(":"):
+            start, end = (int(a, 16) for a in head[0].split("-"))
+            inside = start <= address < end
+            if inside:
+                fields = {"start": start, "end": end}
+        elif inside and head[0].endswith(":") and len(head) >= 2 and head[1].isdigit():
+            fields[head[0][:-1]] = int(head[1])
+    return fields
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weights_move_into_one_huge_page_area_and_compute_as_before(tmp_path, monkeypatch, tied):
+    path = make_converted_llama(tmp_path / "m", tie_word_embeddings=tied, num_key_value_heads=2)
+    monkeypatch.setenv("FLEXFAST_HUGE_PAGES", "0")
+    before = load_model(path, "cpu", torch.bfloat16)
+    monkeypatch.delenv("FLEXFAST_HUGE_PAGES")
+    moved = load_model(path, "cpu", torch.bfloat16)
+    weights = list(moved.parameters())  # a tied weight once
+    assert len(weights) == len(list(before.parameters()))
+    assert (moved.output.weight is moved.tok_embeddings.weight) == tied
+    for (name, a), b in zip(before.named_parameters(), moved.parameters()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        before.setup_caches(1, 16)
+        moved.setup_caches(1, 16)
+        positions = torch.arange(len(PROMPT))
+        assert torch.equal(before(PROMPT[None], positions), moved(PROMPT[None], positions))
+    if not hugepages.available():  # off Linux, or the kernel's policy is "never": nothing moved
+        assert not any(mapping_holding(w.data_ptr()).get("AnonHugePages") for w in weights)
+        return
+    area = mapping_holding(weights[0].data_ptr())
+    assert area["AnonHugePages"] > 0
+    assert all(mapping_holding(w.data_ptr())["start"] == area["start"] for w in weights)
+    assert all(w.data_ptr() % hugepages.ALIGN == 0 for w in weights)
+    # a storage each: safetensors refuses tensors that share one, and a saved state dict holds each tensor alone
+    assert len({w.untyped_storage().data_ptr() for w in weights}) == len(weights)
+    assert all(w.untyped_storage().nbytes() == w.numel() * w.element_size() for w in weights)
+
+
+def test_off_when_the_kernel_gives_no_huge_pages(monkeypatch, tmp_path):
+    policy = tmp_path / "enabled"
+    monkeypatch.setattr(hugepages, "POLICY", policy)
+    policy.write_text("always madvise [never]\n")
+    assert not hugepages.available()
+    policy.write_text("always [madvise] never\n")
+    assert hugepages.available()
+    monkeypatch.setenv("FLEXFAST_HUGE_PAGES", "0")
+    assert not hugepages.available()
+    module = torch.nn.Linear(4, 4)
+    assert hugepages.move_weights(module) == 0 and module.weight.untyped_storage().nbytes() == 64
