@@ -212,6 +212,11 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         # row, the mask and the positions, so a cold compile spent ~12 s on pairs 30 layers apart. At 8 the code
         # generated for decode (bf16, int4), the verify and prefill is byte-identical, and compiles 10-25% faster.
         inductor_config.max_fusion_buffer_group_pairwise_attempts = 8
+        # A pointwise node that several loops read (a one-token GEMV reads its input once per weight row) is
+        # recomputed in each of them unless its expression has more than this many ops (50 by default on CPU): the
+        # RMSNorm before wq/wk/wv, w1/w3 and the lm head was recomputed for every weight row, and the head's GEMV took
+        # 4.6 ms instead of 2.5 (bf16, 2-core Xeon). At 8 the norm is written once and read back (BENCHMARKS.md).
+        inductor_config.realize_cpu_opcount_threshold = 8
         # inductor puts consecutive CPU kernels into one C++ function until it takes 500 arguments: for a 30-layer
         # decode, two functions of 19 and 11 layers. GCC optimizes functions that size worse: at 60 arguments
         # (about one function a layer) the same graph decodes 6-13% faster in bf16 and fp32, and compiles as fast
