@@ -364,6 +364,19 @@ def test_linear_probe_times_every_kind_while_the_kernels_build(monkeypatch):
     assert all(0 < t < math.inf for t in times), entry
 
 
+def test_linear_probe_reads_past_the_largest_cache(tmp_path):
+    """Between timed calls the probe reads twice the largest cache sysfs reports, so that its weights come from
+    memory as a model's do (a Xeon here reports 480 MiB of L3, which held the whole 64 MiB probe)."""
+    import cpu_linear
+    for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "491520K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert cpu_linear.evicting_bytes(tmp_path) == 2 * 480 << 20
+    (tmp_path / "index3" / "size").write_text("2G\n")
+    assert cpu_linear.evicting_bytes(tmp_path) == 2 << 30  # at most 2 GiB
+    assert cpu_linear.evicting_bytes(tmp_path / "absent") == cpu_linear.PROBE_BYTES
+
+
 @pytest.mark.parametrize("T", [1, 3, 8])
 def test_few_token_attention_matches_sdpa(T):
     """The decode/verify attention written as two reductions equals SDPA with GQA and the causal cache mask, including
