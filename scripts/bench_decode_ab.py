@@ -15,6 +15,10 @@ compared; timed round by round in one process they can. A variant is a one-token
     ...-bounded                attention reads only the cache slots up to each step's position, not the whole
                                cache (compile_steps(bounded=True): chat and the server, whose cache is the whole
                                context; --cache_slots and --start_pos give such a cache and a later turn)
+    ...-smallpages             a second copy of the model with its weights in 4 KiB pages (load_model with
+                               FLEXFAST_HUGE_PAGES=0; hugepages.py)
+    ...-recompute              inductor's own realize threshold (compile_steps sets 8; 50 recomputes a GEMV's
+                               normed input for every weight row)
 Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
 function would hold one variant at a time). Then every round decodes the same prompt once per variant and reads
 the weights' bytes once with a torch sum (the limit); the best round of each counts.
@@ -36,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cpu_kernels  # noqa: E402
+import hugepages  # noqa: E402
 import model as model_code  # noqa: E402
 import steps as steps_code  # noqa: E402
 from cli import cpu_model, main_guard  # noqa: E402
@@ -44,7 +49,7 @@ from generate import DEFAULT_CHECKPOINT, PRECISIONS, generate, load_model  # noq
 from steps import Steps, compile_one_token, compile_steps, forward_last, own_code, warm_up  # noqa: E402
 
 KINDS = ("gemv", "linear", "kernel")
-OPTIONS = ("separate", "frozen", "regional", "wide", "bounded")
+OPTIONS = ("separate", "frozen", "regional", "wide", "bounded", "smallpages", "recompute")
 
 
 def parse_variant(text: str) -> tuple:
@@ -73,12 +78,23 @@ def run(args):
         parse_variant(v)
     dtype = PRECISIONS[args.precision]
     model = load_model(args.checkpoint_path, "cpu", dtype)
+    small_pages = None
+    if any("smallpages" in parse_variant(v)[1] for v in args.variants):
+        os.environ["FLEXFAST_HUGE_PAGES"] = "0"
+        try:
+            small_pages = load_model(args.checkpoint_path, "cpu", dtype)
+        finally:
+            del os.environ["FLEXFAST_HUGE_PAGES"]
+    models = {v: small_pages if "smallpages" in parse_variant(v)[1] else model for v in args.variants}
     prompt = torch.arange(20, 20 + args.prompt_tokens)
     need = args.start_pos + args.prompt_tokens + args.max_new_tokens + 1
     if args.cache_slots is not None and args.cache_slots < need:
         raise ValueError(f"--cache_slots {args.cache_slots} is less than the {need} the run needs")
-    model.setup_caches(1, args.cache_slots or need)
+    for m in {id(m): m for m in models.values()}.values():
+        m.setup_caches(1, args.cache_slots or need)
     compile_steps("cpu", False)  # inductor's settings (the variants set the kinds: no probe)
+    import torch._inductor.config as inductor_config
+    realize_threshold = inductor_config.realize_cpu_opcount_threshold
     if any(parse_variant(v)[0] == "kernel" for v in args.variants) and not cpu_kernels.load():
         raise ValueError("a kernel variant was asked for, but the CPU kernels do not build here")
     grouped = model_code.linears
@@ -97,23 +113,25 @@ def run(args):
         set_variant(v, dtype, grouped)
         CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = 500 if "wide" in options else capped
         steps_code.END_GROUPS_AT_LAYERS = "wide" not in options
+        inductor_config.realize_cpu_opcount_threshold = 50 if "recompute" in options else realize_threshold
         t0 = time.perf_counter()
         try:
             with torch.compiler.config.patch(force_disable_caches=any_wide):
-                warm_up(model, steps[v], len(prompt), args.start_pos)
+                warm_up(models[v], steps[v], len(prompt), args.start_pos)
         finally:
             CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = capped
             steps_code.END_GROUPS_AT_LAYERS = True
+            inductor_config.realize_cpu_opcount_threshold = realize_threshold
         print(f"{v}: compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     nbytes = weight_bytes(model)
-    weights_sized = torch.ones(nbytes // 4)
+    weights_sized = hugepages.empty(nbytes // 4 * 4, torch.float32).fill_(1)  # as the weights are (load_model)
     per_round = {v: [] for v in args.variants}
     read_seconds = []
     try:
         for _ in range(args.rounds):
             for v in args.variants:
                 set_variant(v, dtype, grouped)
-                _, stats = generate(model, prompt, args.max_new_tokens, steps=steps[v], ignore_eos=True,
+                _, stats = generate(models[v], prompt, args.max_new_tokens, steps=steps[v], ignore_eos=True,
                                     start_pos=args.start_pos)
                 per_round[v].append(stats.decode_seconds / (stats.new_tokens - 1))
             t0 = time.perf_counter()
