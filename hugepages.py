@@ -52,7 +52,9 @@ def empty(nbytes: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
 
 def move_weights(model: nn.Module) -> int:
     """Moves every CPU parameter and buffer of model into one huge-page area (a tensor that several modules share,
-    as tied embeddings do, stays shared). Returns the bytes moved; 0 where not available()."""
+    as tied embeddings do, stays shared). Each old tensor is let go once its copy is in place, so the move needs
+    the model's memory and one tensor more, not twice the model's. Returns the bytes moved; 0 where not
+    available()."""
     owners = {}  # id(tensor) -> (tensor, [(module, name, is_parameter)])
     for module in model.modules():
         for kind, tensors in ((True, module._parameters), (False, module._buffers)):
@@ -61,14 +63,19 @@ def move_weights(model: nn.Module) -> int:
                     owners.setdefault(id(t), (t, []))[1].append((module, name, kind))
     if not owners or not available():
         return 0
-    sizes = [-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t, _ in owners.values()]
+    moves = list(owners.values())
+    del owners
+    sizes = [-(-t.numel() * t.element_size() // ALIGN) * ALIGN for t, _ in moves]
     area, offset = huge_page_area(sum(sizes))
-    for (t, places), size in zip(owners.values(), sizes):
+    for i, size in enumerate(sizes):
+        t, places = moves[i]
+        moves[i] = None
         moved = torch.frombuffer(area, dtype=t.dtype, count=t.numel(), offset=offset).view(t.shape)
         moved.copy_(t)
         if isinstance(t, nn.Parameter):
             moved = nn.Parameter(moved, requires_grad=t.requires_grad)  # one object, as the modules shared one
         for module, name, is_parameter in places:
             (module._parameters if is_parameter else module._buffers)[name] = moved
+        del t
         offset += size
     return sum(sizes)

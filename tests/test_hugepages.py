@@ -64,3 +64,21 @@ def test_off_when_the_kernel_gives_no_huge_pages(monkeypatch, tmp_path):
     assert not hugepages.available()
     module = torch.nn.Linear(4, 4)
     assert hugepages.move_weights(module) == 0 and module.weight.untyped_storage().nbytes() == 64
+
+
+def test_each_old_weight_is_let_go_once_copied(monkeypatch):
+    """An 8B model's 16 GB of bf16 weights fit a 24 GB machine only if the move does not hold every old weight
+    until it ends: when the last weight is copied, the others' old tensors are gone."""
+    import weakref
+    monkeypatch.setattr(hugepages, "available", lambda: True)  # the move itself, whatever this kernel's policy
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64, bias=False) for _ in range(5)])
+    old = [weakref.ref(p) for p in model.parameters()]
+    alive_at_each_copy = []
+    frombuffer = torch.frombuffer
+
+    def counting(*args, **kwargs):
+        alive_at_each_copy.append(sum(ref() is not None for ref in old))
+        return frombuffer(*args, **kwargs)
+    monkeypatch.setattr(torch, "frombuffer", counting)
+    hugepages.move_weights(model)
+    assert alive_at_each_copy[-1] <= 1 and all(ref() is None for ref in old)
