@@ -12,8 +12,9 @@ Xeon with AMX than on an AMD EPYC with AVX-512):
 So the choice is made twice per dtype: for the main graph and for the branches; and a third time, between "linear"
 and "kernel", for linears of 2 to cpu_kernels.MAX_ROWS rows (the self-speculative verify, short compiled prefills), but
 only once a step of that many rows is about to compile (choose_rows). The probe compiles a stack of different weights
-(more bytes than a last-level cache holds) each way, the way compile_steps compiles the model, and times them in
-alternation (the best round of each); its result is kept in ~/.cache/flexfast/one_token_linear.json under the CPU
+(64 MiB, in huge pages as load_model places a model's) each way, the way compile_steps compiles the model, and times
+them in alternation (the best round of each), reading twice the last-level cache between two calls so that the
+weights come from memory as a model's do; its result is kept in ~/.cache/flexfast/one_token_linear.json under the CPU
 model, the torch version, the dtype, the thread count, the compile mode and the rows, so each machine probes once
 (about 20 s on 2 cores for one row, the kernels' build included; 8 s more for the few rows). model.Linear reads the
 choice at trace time.

@@ -80,11 +80,15 @@ def run(args):
     model = load_model(args.checkpoint_path, "cpu", dtype)
     small_pages = None
     if any("smallpages" in parse_variant(v)[1] for v in args.variants):
+        before = os.environ.get("FLEXFAST_HUGE_PAGES")
         os.environ["FLEXFAST_HUGE_PAGES"] = "0"
         try:
             small_pages = load_model(args.checkpoint_path, "cpu", dtype)
         finally:
-            del os.environ["FLEXFAST_HUGE_PAGES"]
+            if before is None:
+                del os.environ["FLEXFAST_HUGE_PAGES"]
+            else:
+                os.environ["FLEXFAST_HUGE_PAGES"] = before
     models = {v: small_pages if "smallpages" in parse_variant(v)[1] else model for v in args.variants}
     prompt = torch.arange(20, 20 + args.prompt_tokens)
     need = args.start_pos + args.prompt_tokens + args.max_new_tokens + 1

@@ -392,16 +392,15 @@ def test_few_token_attention_matches_sdpa(T):
     torch.testing.assert_close(few_token_attention(q, k, v, mask), want, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_one_token_rope_loads_whole_vectors():
-    """Inductor recomputes the query's rope inside the attention loop, once per cache slot. Its two halves must come
-    in as whole vector loads: swapped with roll, their index was modular and inductor gathered it element by
-    element into a temporary array (`tmpbuf` in the C++), which made int4 decode 1.3x slower (BENCHMARKS.md)."""
+def compiled_tiny_decode(vocab_size: int = 64) -> tuple:
+    """(compiled logits, eager logits, generated code) of one bf16 decode step of a one-layer model, compiled as the
+    one-token steps are (unfrozen); head_dim 64 as SmolLM2's: a bf16 vector is 32 lanes, so each rope half is one."""
     from torch._inductor.utils import run_and_get_code
     from model import Transformer
     from steps import UNFROZEN, forward_last
     torch.manual_seed(0)
-    # head_dim 64 as SmolLM2's: a bf16 vector is 32 lanes, so each half is one vector
-    args = ModelArgs(vocab_size=64, dim=128, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=64, intermediate_size=64)
+    args = ModelArgs(vocab_size=vocab_size, dim=128, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=64,
+                     intermediate_size=64)
     tiny = Transformer(args).to(torch.bfloat16).eval().requires_grad_(False)
     tiny.setup_caches(1, 32)
     x, pos = torch.tensor([[3]]), torch.tensor([5])
@@ -413,7 +412,14 @@ def test_compiled_one_token_rope_loads_whole_vectors():
             want = forward_last(tiny, x, pos)
     finally:
         torch._dynamo.reset()
-    code = "".join(code)
+    return got, want, "".join(code)
+
+
+def test_compiled_one_token_rope_loads_whole_vectors():
+    """Inductor may compute the query's rope inside the attention loop, once per cache slot. Its two halves must come
+    in as whole vector loads: swapped with roll, their index was modular and inductor gathered it element by
+    element into a temporary array (`tmpbuf` in the C++), which made int4 decode 1.3x slower (BENCHMARKS.md)."""
+    got, want, code = compiled_tiny_decode()
     assert "softmax" in code and "scaled_dot_product" not in code  # the attention is inductor's own C++
     assert "tmpbuf" not in code
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
@@ -425,28 +431,16 @@ def gemv_row_loops(code: str, rows: int) -> list:
     return [part.split("#pragma omp", 1)[0] for part in code.split("#pragma omp for")[1:] if head in part.split("\n")[1]]
 
 
-def test_compiled_one_token_gemv_reads_the_normed_input_once():
+def test_compiled_one_token_gemv_reads_the_normed_input_once(monkeypatch):
     """The RMSNorm before the lm head (and wq/wk/wv, w1/w3) is computed once and read back by the GEMV, which reads
     it once per weight row: inductor recomputed it inside the row loop (compile_steps' realize threshold), and the
     head's GEMV took 1.85x as long on a Xeon (BENCHMARKS.md)."""
-    from torch._inductor.utils import run_and_get_code
-    from model import Transformer
-    from steps import UNFROZEN, compile_steps, forward_last
+    import model
+    from steps import compile_steps
     compile_steps("cpu", False)  # inductor's settings
-    torch.manual_seed(0)
+    monkeypatch.setitem(model.ONE_TOKEN_LINEAR, (str(torch.bfloat16), False), "gemv")  # whatever this CPU's probe chose
     vocab = 96  # no other loop has 96 rows
-    args = ModelArgs(vocab_size=vocab, dim=128, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=64, intermediate_size=64)
-    tiny = Transformer(args).to(torch.bfloat16).eval().requires_grad_(False)
-    tiny.setup_caches(1, 32)
-    x, pos = torch.tensor([[3]]), torch.tensor([5])
-    try:
-        torch._dynamo.reset()
-        step = torch.compile(forward_last, fullgraph=True, dynamic=False, options=UNFROZEN)
-        with torch.no_grad():
-            got, code = run_and_get_code(step, tiny, x, pos)
-            want = forward_last(tiny, x, pos)
-    finally:
-        torch._dynamo.reset()
-    (head,) = gemv_row_loops("".join(code), vocab)
+    got, want, code = compiled_tiny_decode(vocab)
+    (head,) = gemv_row_loops(code, vocab)
     assert "sqrt" not in head and "tmp_acc0_vec" in head  # a reduction over the row, the norm's rsqrt outside
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
