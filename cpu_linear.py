@@ -41,9 +41,8 @@ CACHE_PATH = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / 
 # One SmolLM2 layer's linears (the default model), grouped as the model calls them: wq/wk/wv, wo, w1/w3, w2. The
 # kernel takes a group in one call (model.linears); the other kinds take one weight at a time.
 PROBE_LAYER = (((576, 576), (192, 576), (192, 576)), ((576, 576),), ((1536, 576), (1536, 576)), ((576, 1536),))
-# Which of those groups an RMSNorm feeds, as in the model. Inductor fuses the norm into a GEMV's reduction and
-# recomputes it for every weight row (torch 2.13 does not realize the producer of a broadcast): the lm head's GEMV took
-# 4.6 ms instead of 2.5 on a Xeon. The kernel and F.linear read the normed input once.
+# Which of those groups an RMSNorm feeds, as in the model, so that each kind is timed in the graph the model's
+# layers give it (how a GEMV reads its normed input: steps.compile_steps).
 PROBE_NORMED = (True, False, True, False)
 PROBE_BYTES = 64 << 20  # twice a 32 MiB L3, so that the weights stream from memory as the model's do
 MARGIN = 0.05  # another kind replaces the GEMV (the path before this probe existed) only if it is this much faster

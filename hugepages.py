@@ -19,13 +19,18 @@ from torch import nn
 HUGE_PAGE = 2 << 20
 ALIGN = 64
 POLICY = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+PROCESS_STATUS = Path("/proc/self/status")
 
 
 def available() -> bool:
+    """Linux with THP, not "never" system-wide, not turned off for this process (prctl PR_SET_THP_DISABLE, which
+    some containers set: /proc/self/status says THP_enabled: 0), nor by FLEXFAST_HUGE_PAGES=0."""
     if os.environ.get("FLEXFAST_HUGE_PAGES", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
-        return hasattr(mmap, "MADV_HUGEPAGE") and "[never]" not in POLICY.read_text()
+        if not hasattr(mmap, "MADV_HUGEPAGE") or "[never]" in POLICY.read_text():
+            return False
+        return not any(line.split() == ["THP_enabled:", "0"] for line in PROCESS_STATUS.read_text().splitlines())
     except OSError:
         return False
 
@@ -41,26 +46,26 @@ def huge_page_area(nbytes: int) -> tuple:
     return area, -address % HUGE_PAGE
 
 
-def empty(nbytes: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """An uninitialized 1-D tensor of nbytes in huge pages where available(), else torch.empty's."""
-    numel = nbytes // dtype.itemsize
-    if not available():
+def empty(numel: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """An uninitialized 1-D tensor of numel elements in huge pages where available(), else torch.empty's."""
+    if numel == 0 or not available():
         return torch.empty(numel, dtype=dtype)
-    area, start = huge_page_area(nbytes)
+    area, start = huge_page_area(numel * dtype.itemsize)
     return torch.frombuffer(area, dtype=dtype, count=numel, offset=start)
 
 
 def move_weights(model: nn.Module) -> int:
     """Moves every CPU parameter and buffer of model into one huge-page area (a tensor that several modules share,
-    as tied embeddings do, stays shared). Each old tensor is let go once its copy is in place, so the move needs
+    as tied embeddings do, stays shared; two tensors that are views of one storage would become two copies). Each
+    old tensor is let go once its copy is in place, so the move needs
     the model's memory and one tensor more, not twice the model's. Returns the bytes moved; 0 where not
     available()."""
     owners = {}  # id(tensor) -> (tensor, [(module, name, is_parameter)])
     for module in model.modules():
-        for kind, tensors in ((True, module._parameters), (False, module._buffers)):
+        for is_parameter, tensors in ((True, module._parameters), (False, module._buffers)):
             for name, t in tensors.items():
                 if t is not None and t.device.type == "cpu" and t.numel() > 0:
-                    owners.setdefault(id(t), (t, []))[1].append((module, name, kind))
+                    owners.setdefault(id(t), (t, []))[1].append((module, name, is_parameter))
     if not owners or not available():
         return 0
     moves = list(owners.values())

@@ -15,10 +15,10 @@ compared; timed round by round in one process they can. A variant is a one-token
     ...-bounded                attention reads only the cache slots up to each step's position, not the whole
                                cache (compile_steps(bounded=True): chat and the server, whose cache is the whole
                                context; --cache_slots and --start_pos give such a cache and a later turn)
-    ...-smallpages             a second copy of the model with its weights in 4 KiB pages (load_model with
-                               FLEXFAST_HUGE_PAGES=0; hugepages.py)
-    ...-recompute              inductor's own realize threshold (compile_steps sets 8; 50 recomputes a GEMV's
-                               normed input for every weight row)
+    ...-smallpages             a second copy of the model, loaded with FLEXFAST_HUGE_PAGES=0 (torch's own pages
+                               as before hugepages.py: 4 KiB where the kernel's THP policy is "madvise")
+    ...-recompute              inductor's default realize threshold (compile_steps sets 8; at inductor's 50 a GEMV
+                               recomputes its normed input for every weight row)
 Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
 function would hold one variant at a time). Then every round decodes the same prompt once per variant and reads
 the weights' bytes once with a torch sum (the limit); the best round of each counts.
@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 from torch._inductor.codegen.cpp import CppScheduling
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,7 +98,7 @@ def run(args):
     for m in {id(m): m for m in models.values()}.values():
         m.setup_caches(1, args.cache_slots or need)
     compile_steps("cpu", False)  # inductor's settings (the variants set the kinds: no probe)
-    import torch._inductor.config as inductor_config
+    default_threshold = inductor_config._config["realize_cpu_opcount_threshold"].default  # inductor's, not ours
     realize_threshold = inductor_config.realize_cpu_opcount_threshold
     if any(parse_variant(v)[0] == "kernel" for v in args.variants) and not cpu_kernels.load():
         raise ValueError("a kernel variant was asked for, but the CPU kernels do not build here")
@@ -117,7 +118,8 @@ def run(args):
         set_variant(v, dtype, grouped)
         CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = 500 if "wide" in options else capped
         steps_code.END_GROUPS_AT_LAYERS = "wide" not in options
-        inductor_config.realize_cpu_opcount_threshold = 50 if "recompute" in options else realize_threshold
+        threshold = default_threshold if "recompute" in options else realize_threshold
+        inductor_config.realize_cpu_opcount_threshold = threshold
         t0 = time.perf_counter()
         try:
             with torch.compiler.config.patch(force_disable_caches=any_wide):
@@ -128,7 +130,7 @@ def run(args):
             inductor_config.realize_cpu_opcount_threshold = realize_threshold
         print(f"{v}: compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     nbytes = weight_bytes(model)
-    weights_sized = hugepages.empty(nbytes // 4 * 4, torch.float32).fill_(1)  # as the weights are (load_model)
+    weights_sized = hugepages.empty(nbytes // 4, torch.float32).fill_(1)  # as the weights are (load_model)
     per_round = {v: [] for v in args.variants}
     read_seconds = []
     try:

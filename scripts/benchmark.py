@@ -45,8 +45,8 @@ def measure_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> tuple:
     over a buffer the size of the weights too: a buffer that fits the last-level cache reads faster than DRAM. The
     buffers are in huge pages, as load_model places the weights (hugepages.py): a sum over 269 MB read 31 GB/s in
     huge pages and 24 GB/s in 4 KiB pages on a 2-core Xeon, and the limit is the faster read."""
-    x = hugepages.empty(max(nbytes // 4, 1) * 4, torch.float32).fill_(1)
-    y = hugepages.empty(x.numel() * 4, torch.float32)
+    x = hugepages.empty(max(nbytes // 4, 1), torch.float32).fill_(1)
+    y = hugepages.empty(x.numel(), torch.float32)
     nbytes = x.numel() * x.element_size()
     read = copy = float("inf")
     for _ in range(repeats):

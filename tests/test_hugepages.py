@@ -1,5 +1,7 @@
 """load_model puts a CPU model's weights in 2 MiB pages (hugepages.py): the same values, each tensor with a storage of
 its own, in huge pages where the kernel gives them."""
+import os
+
 import pytest
 import torch
 
@@ -10,7 +12,9 @@ from generate import load_model
 
 
 def mapping_holding(address: int) -> dict:
-    """The /proc/self/smaps fields (kB) of the mapping that holds address."""
+    """The /proc/self/smaps fields (kB) and VmFlags of the mapping that holds address; {} without that file."""
+    if not os.path.exists("/proc/self/smaps"):
+        return {}
     fields, inside = {}, False
     for line in open("/proc/self/smaps"):
         head = line.split()
@@ -19,6 +23,8 @@ def mapping_holding(address: int) -> dict:
             inside = start <= address < end
             if inside:
                 fields = {"start": start, "end": end}
+        elif inside and head[0] == "VmFlags:":
+            fields["VmFlags"] = head[1:]
         elif inside and head[0].endswith(":") and len(head) >= 2 and head[1].isdigit():
             fields[head[0][:-1]] = int(head[1])
     return fields
@@ -45,7 +51,7 @@ def test_weights_move_into_one_huge_page_area_and_compute_as_before(tmp_path, mo
         assert not any(mapping_holding(w.data_ptr()).get("AnonHugePages") for w in weights)
         return
     area = mapping_holding(weights[0].data_ptr())
-    assert area["AnonHugePages"] > 0
+    assert "hg" in area["VmFlags"] and area["AnonHugePages"] > 0  # advised MADV_HUGEPAGE, and given huge pages
     assert all(mapping_holding(w.data_ptr())["start"] == area["start"] for w in weights)
     assert all(w.data_ptr() % hugepages.ALIGN == 0 for w in weights)
     # a storage each: safetensors refuses tensors that share one, and a saved state dict holds each tensor alone
@@ -59,7 +65,13 @@ def test_off_when_the_kernel_gives_no_huge_pages(monkeypatch, tmp_path):
     policy.write_text("always madvise [never]\n")
     assert not hugepages.available()
     policy.write_text("always [madvise] never\n")
+    status = tmp_path / "status"
+    monkeypatch.setattr(hugepages, "PROCESS_STATUS", status)
+    status.write_text("Name:\tpython\nTHP_enabled:\t1\n")
     assert hugepages.available()
+    status.write_text("Name:\tpython\nTHP_enabled:\t0\n")  # prctl(PR_SET_THP_DISABLE), as some containers set
+    assert not hugepages.available()
+    status.write_text("Name:\tpython\nTHP_enabled:\t1\n")
     monkeypatch.setenv("FLEXFAST_HUGE_PAGES", "0")
     assert not hugepages.available()
     module = torch.nn.Linear(4, 4)
