@@ -113,23 +113,20 @@ inline void block_int8(const int8_t* w, int64_t K, const Int16Rows& xr, int64_t 
   }
 }
 
-// Lane i of a 64-byte step belongs to block i / 4; its group, counted from the step's first group.
-inline __m512i lane_groups(int64_t blocks_per_group) {
-  alignas(64) int32_t lanes[16];
-  for (int i = 0; i < 16; ++i) lanes[i] = static_cast<int32_t>((i / 4) / blocks_per_group);
-  return _mm512_load_si512(lanes);
-}
-
-// int4 (llama.cpp's Q4 x Q8 scheme, on quantize.py's layout). Per call, each activation row is quantized to int8 in
-// blocks of 32 columns (xq = round(x / dx), dx = max|x| / 127), so that a block's 32 products q * xq are integer
-// dot products, 64 a instruction (VNNI vpdpbusd: the nibbles are its unsigned operand): converting every nibble to
-// float, as a float kernel must, cost 2.5x the uops and left it compute-bound at ~10 GB/s a core. Then
+// int4 (llama.cpp's Q4 x Q8 scheme). Per call, each activation row is quantized to int8 in blocks of 32 columns
+// (xq = round(x / dx), dx = max|x| / 127), so that a block's products q * xq are integer dot products (VNNI vpdpbusd,
+// the nibbles its unsigned operand). Then
 //     sum_k w_k x_k ~ sum_blocks dx_b * (s_g * sum_b q_k xq_k + (z_g - 8 s_g) * sum_b xq_k)
-// for the block's group g. A step takes 64 bytes of a row, 4 blocks: int32 lane i holds block i / 4's partial dot.
+// for the block's group g. The weights are interleaved by pack_int4 (quantize.py) 16 rows at a time: 64 bytes hold
+// 4 bytes (8 columns) of each of 16 rows, so one vpdpbusd against 4 activation bytes broadcast to every lane adds 4
+// products to each of the 16 rows, and the rows' sums end in the 16 lanes of one vector: no horizontal sum, one scale
+// vector per group for 16 rows, and a block of rows is one contiguous stream. Reading each row's bytes in turn
+// instead (the file's layout) took twice the instructions per byte and left one core at 16-20 GB/s (BENCHMARKS.md).
+// The scales and zeros are interleaved alike: per 16 rows and group, 16 scales then 16 zeros.
 // The rounding of x is the one approximation (tests/test_cpu_kernels.py checks it against exact x and torch's kernel;
 // BENCHMARKS.md has its perplexity cost).
 constexpr int BLOCK = 32;         // activation columns per int8 scale
-constexpr int STEP_BLOCKS = 4;    // blocks per 64-byte step
+constexpr int INT4_ROWS = 16;     // weight rows interleaved, one per int32 lane
 
 inline __m512i dot_u8_s8(__m512i acc, __m512i u, __m512i s) {
 #ifdef __AVX512VNNI__
@@ -139,83 +136,71 @@ inline __m512i dot_u8_s8(__m512i acc, __m512i u, __m512i s) {
 #endif
 }
 
-// Scale and zero of each lane's group, for `count` groups starting at sz (pairs side by side); lane i takes group
-// lane_group[i]. bf16 pairs are one 32-bit lane each, so one permute places both.
-inline void scales_zeros(const at::BFloat16* sz, int count, __m512i lane_group, __m512& s, __m512& z) {
-  const __m512i pairs = _mm512_permutexvar_epi32(
-      lane_group, _mm512_castsi128_si512(_mm_maskz_loadu_epi32((1 << count) - 1, sz)));
-  s = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
-  z = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
-}
-inline void scales_zeros(const float* sz, int count, __m512i lane_group, __m512& s, __m512& z) {
-  const __m512 pairs = _mm512_castps256_ps512(_mm256_maskz_loadu_ps((1 << (2 * count)) - 1, sz));
-  const __m512i twice = _mm512_add_epi32(lane_group, lane_group);
-  s = _mm512_permutexvar_ps(twice, pairs);
-  z = _mm512_permutexvar_ps(_mm512_add_epi32(twice, _mm512_set1_epi32(1)), pairs);
-}
-
-// The quantized activations of one call. Per row m and step c: lo/hi [64] the int8 x meeting the low/high nibbles
-// (odd/even columns) byte for byte; dx [16] each lane's block scale; dxsum [16] dx_b * sum_b xq / 4 (a block's
-// 4 lanes add up to its zero term).
+// The quantized activations of one call. Per row m and 8 columns c: hi[c] the int8 x of columns 8c, 8c+2, 8c+4, 8c+6
+// (which meet the high nibbles of a row's 4 bytes), lo[c] those of 8c+1, ..., 8c+7; per block b of 32 columns
+// dx[b] and dxsum[b] = dx_b * sum_b xq.
 struct Int8Rows {
-  int64_t steps;
-  const int8_t *lo, *hi;
+  int64_t blocks;  // per row
+  const int32_t *lo, *hi;
   const float *dx, *dxsum;
 };
 
+inline __m512 load16_scales(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16_scales(const at::BFloat16* p) { return load16(p); }
+
 template <typename S, int MC>
-inline void block_int4(const uint8_t* w, int64_t half, int64_t groups, int64_t G, const S* sz, const Int8Rows& xr,
-                       int64_t m0, float* out) {
-  const int64_t blocks_per_group = G / BLOCK;
+inline void block_int4(const uint8_t* w, int64_t blocks_per_group, const S* sz, const Int8Rows& xr, int64_t m0,
+                       float* out) {
+  const int64_t blocks = xr.blocks;
   const char* ahead = reinterpret_cast<const char*>(w) + PREFETCH_BYTES;
-  // the scales as far ahead, in blocks, as the nibbles: a second stream the hardware prefetcher left behind
   const char* scales_ahead = reinterpret_cast<const char*>(sz) +
-                             (PREFETCH_BYTES / (R * half) + 1) * R * groups * 2 * static_cast<int64_t>(sizeof(S));
+                             (PREFETCH_BYTES / (4 * 64 * blocks_per_group) + 1) * 2 * INT4_ROWS * sizeof(S);
   const __m512i low4 = _mm512_set1_epi8(15);
-  const __m512i lane_group = lane_groups(blocks_per_group);
-  __m512 acc[R][MC];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < xr.steps; ++c) {
-    const int64_t bytes = std::min<int64_t>(64, half - c * 64);
-    const __mmask64 wmask = bytes == 64 ? ~0ULL : (1ULL << bytes) - 1;
-    const int64_t g0 = c * STEP_BLOCKS / blocks_per_group;
-    const int count = static_cast<int>(std::min<int64_t>((STEP_BLOCKS + blocks_per_group - 1) / blocks_per_group,
-                                                         groups - g0));
-    prefetch_lines(ahead + c * R * 64, R);
-    _mm_prefetch(scales_ahead + c * 64, _MM_HINT_T0);
-    for (int r = 0; r < R; ++r) {
-      const __m512i v = _mm512_maskz_loadu_epi8(wmask, w + r * half + c * 64);
-      const __m512i lo = _mm512_and_si512(v, low4);
-      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-      __m512 s, z;
-      scales_zeros(sz + (r * groups + g0) * 2, count, lane_group, s, z);
-      const __m512 zero_term = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z);  // z - 8 s
+  __m512 acc[MC];
+  for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < blocks / blocks_per_group; ++g) {
+    _mm_prefetch(scales_ahead + g * 2 * INT4_ROWS * sizeof(S), _MM_HINT_T0);
+    const __m512 s = load16_scales(sz + g * 2 * INT4_ROWS), z = load16_scales(sz + g * 2 * INT4_ROWS + INT4_ROWS);
+    const __m512 zero_term = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z);  // z - 8 s
+    for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
+      __m512i lo_sum[MC], hi_sum[MC];
+      for (int m = 0; m < MC; ++m) lo_sum[m] = hi_sum[m] = _mm512_setzero_si512();
+      for (int c = 4 * b; c < 4 * b + 4; ++c) {
+        _mm_prefetch(ahead + c * 64, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(w + c * 64);
+        const __m512i lo = _mm512_and_si512(v, low4);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        for (int m = 0; m < MC; ++m) {
+          const int64_t at = (m0 + m) * blocks * 4 + c;
+          lo_sum[m] = dot_u8_s8(lo_sum[m], lo, _mm512_set1_epi32(xr.lo[at]));
+          hi_sum[m] = dot_u8_s8(hi_sum[m], hi, _mm512_set1_epi32(xr.hi[at]));
+        }
+      }
       for (int m = 0; m < MC; ++m) {
-        const int64_t at = (m0 + m) * xr.steps + c;
-        __m512i d = dot_u8_s8(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xr.lo + at * 64));
-        d = dot_u8_s8(d, hi, _mm512_loadu_si512(xr.hi + at * 64));
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_loadu_ps(xr.dx + at * 16)),
-                                    acc[r][m]);
-        acc[r][m] = _mm512_fmadd_ps(zero_term, _mm512_loadu_ps(xr.dxsum + at * 16), acc[r][m]);
+        const int64_t at = (m0 + m) * blocks + b;
+        const __m512i d = _mm512_add_epi32(lo_sum[m], hi_sum[m]);
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_set1_ps(xr.dx[at])), acc[m]);
+        acc[m] = _mm512_fmadd_ps(zero_term, _mm512_set1_ps(xr.dxsum[at]), acc[m]);
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MC; ++m) out[r * MC + m] = _mm512_reduce_add_ps(acc[r][m]);
+  for (int m = 0; m < MC; ++m) {
+    alignas(64) float rows[INT4_ROWS];
+    _mm512_store_ps(rows, acc[m]);
+    for (int r = 0; r < INT4_ROWS; ++r) out[r * MC + m] = rows[r];
+  }
 }
-
 // Runs block(b, m0, mc, out) over `blocks` blocks of R weight rows and chunks of up to 4 activation rows, in parallel
 // over blocks; block returns the column of y [M, ldy] its first row goes to and leaves in out its R x mc results.
-template <typename Y, typename Block>
+template <int RB, typename Y, typename Block>
 void for_blocks(int64_t M, int64_t ldy, int64_t blocks, Y* y, const Block& block) {
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    float out[R * 4];
+  at::parallel_for(0, blocks, 64 / RB, [&](int64_t b0, int64_t b1) {
+    float out[RB * 4];
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
         const int64_t col = block(b, m0, mc, out);
-        for (int r = 0; r < R; ++r)
+        for (int r = 0; r < RB; ++r)
           for (int m = 0; m < mc; ++m) y[(m0 + m) * ldy + col + r] = static_cast<Y>(out[r * mc + m]);
       }
   });
@@ -242,18 +227,18 @@ Parts parts_of(const std::vector<int64_t>& rows) {
 
 // y [M, sum rows] filled block by block: block(j, local, m0, mc, out) leaves in out the R x mc results of weight j's
 // rows from local, for activation rows m0 to m0 + mc - 1
-template <typename Block>
+template <int RB = R, typename Block>
 void run_parts(int64_t M, const std::vector<int64_t>& rows, at::Tensor& y, const Block& block) {
   const Parts parts = parts_of(rows);
   const int64_t N = parts.ends.back();
   auto at_row = [&](int64_t b, int64_t m0, int mc, float* out) {
-    const int64_t row = b * R;
+    const int64_t row = b * RB;
     const int j = parts.part(row);
     block(j, row - parts.first_row(j), m0, mc, out);
     return row;
   };
-  if (y.scalar_type() == at::kFloat) for_blocks(M, N, N / R, y.data_ptr<float>(), at_row);
-  else for_blocks(M, N, N / R, y.data_ptr<at::BFloat16>(), at_row);
+  if (y.scalar_type() == at::kFloat) for_blocks<RB>(M, N, N / RB, y.data_ptr<float>(), at_row);
+  else for_blocks<RB>(M, N, N / RB, y.data_ptr<at::BFloat16>(), at_row);
 }
 
 template <typename W>
@@ -403,42 +388,39 @@ at::Tensor linear_int8(const at::Tensor& x_any, at::TensorList ws, at::TensorLis
   else run_int8<at::BFloat16>(x, pointers<int8_t>(ws), rows, K, pointers<at::BFloat16>(scales), y);
   return y;
 }
-
 // Quantizes x [M, K] to Int8Rows (buffers reused per thread; the kernel reads them from every thread).
 Int8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
-  static thread_local std::vector<int8_t> lo_buffer, hi_buffer;
+  static thread_local std::vector<int32_t> lo_buffer, hi_buffer;
   static thread_local std::vector<float> dx_buffer, dxsum_buffer;
-  const int64_t half = K / 2, steps = (half + 63) / 64;
-  int8_t* lo = aligned_zeros(lo_buffer, M * steps * 64);
-  int8_t* hi = aligned_zeros(hi_buffer, M * steps * 64);
-  float* dx = aligned_zeros(dx_buffer, M * steps * 16);
-  float* dxsum = aligned_zeros(dxsum_buffer, M * steps * 16);
+  const int64_t blocks = K / BLOCK;
+  int32_t* lo = aligned(lo_buffer, M * blocks * 4);
+  int32_t* hi = aligned(hi_buffer, M * blocks * 4);
+  float* dx = aligned(dx_buffer, M * blocks);
+  float* dxsum = aligned(dxsum_buffer, M * blocks);
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < K / BLOCK; ++b) {
-      const __m512 first = _mm512_loadu_ps(x + m * K + b * BLOCK), second = _mm512_loadu_ps(x + m * K + b * BLOCK + 16);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* xb = x + m * K + b * BLOCK;
+      const __m512 first = _mm512_loadu_ps(xb), second = _mm512_loadu_ps(xb + 16);
       const float d = std::max(_mm512_reduce_max_ps(_mm512_abs_ps(first)),
                                _mm512_reduce_max_ps(_mm512_abs_ps(second))) / 127.f;
-      const int64_t step = b / STEP_BLOCKS, in_step = b % STEP_BLOCKS, base = (m * steps + step) * 64 + in_step * 16;
       // round(x / d) to nearest even, as torch.round (a zero block stays zero)
       const __m512 dv = _mm512_set1_ps(d > 0.f ? d : 1.f);
       const __m512i even = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_permutex2var_ps(first, evens, second), dv));
       const __m512i odd = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_permutex2var_ps(first, odds, second), dv));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + base), _mm512_cvtepi32_epi8(even));  // high nibble: even column
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + base), _mm512_cvtepi32_epi8(odd));
-      const float sum = static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(even, odd)));
-      for (int i = 0; i < 4; ++i) {
-        dx[(m * steps + step) * 16 + in_step * 4 + i] = d;
-        dxsum[(m * steps + step) * 16 + in_step * 4 + i] = d * sum / 4.f;
-      }
+      const int64_t at = m * blocks + b;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at * 4), _mm512_cvtepi32_epi8(even));  // high nibble: even column
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at * 4), _mm512_cvtepi32_epi8(odd));
+      dx[at] = d;
+      dxsum[at] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(even, odd)));
     }
-  return Int8Rows{steps, lo, hi, dx, dxsum};
+  return Int8Rows{blocks, lo, hi, dx, dxsum};
 }
 
 template <typename S>
 void run_int4(const at::Tensor& x, at::TensorList ws, at::TensorList scales_zeros, at::Tensor& y) {
-  const int64_t K = ws[0].size(1) * 2, groups = scales_zeros[0].size(1), G = K / groups, half = K / 2;
+  const int64_t K = ws[0].size(1) * 2, groups = scales_zeros[0].size(1), half = K / 2;
   const int64_t M = x.numel() / K;
   std::vector<int64_t> rows;
   std::vector<const uint8_t*> wps;
@@ -449,14 +431,15 @@ void run_int4(const at::Tensor& x, at::TensorList ws, at::TensorList scales_zero
     szps.push_back(scales_zeros[j].data_ptr<S>());
   }
   const Int8Rows xr = quantize_rows(float_rows(x, M, K), M, K);
-  run_parts(M, rows, y, [&](int j, int64_t local, int64_t m0, int mc, float* out) {
+  const int64_t blocks_per_group = K / groups / BLOCK;
+  run_parts<INT4_ROWS>(M, rows, y, [&](int j, int64_t local, int64_t m0, int mc, float* out) {
     const uint8_t* wb = wps[j] + local * half;
     const S* szb = szps[j] + local * groups * 2;
     switch (mc) {
-      case 1: block_int4<S, 1>(wb, half, groups, G, szb, xr, m0, out); break;
-      case 2: block_int4<S, 2>(wb, half, groups, G, szb, xr, m0, out); break;
-      case 3: block_int4<S, 3>(wb, half, groups, G, szb, xr, m0, out); break;
-      default: block_int4<S, 4>(wb, half, groups, G, szb, xr, m0, out); break;
+      case 1: block_int4<S, 1>(wb, blocks_per_group, szb, xr, m0, out); break;
+      case 2: block_int4<S, 2>(wb, blocks_per_group, szb, xr, m0, out); break;
+      case 3: block_int4<S, 3>(wb, blocks_per_group, szb, xr, m0, out); break;
+      default: block_int4<S, 4>(wb, blocks_per_group, szb, xr, m0, out); break;
     }
   });
 }
@@ -478,6 +461,7 @@ at::Tensor linear_int4(const at::Tensor& x_any, at::TensorList ws, at::TensorLis
                     sz.scalar_type() == sz_dtype && (sz_dtype == at::kFloat || sz_dtype == at::kBFloat16),
                 "flexfast::linear_int4: scales_zeros must be fp32 or bf16 [N, K/groupsize, 2], one groupsize (a "
                 "multiple of 32) and dtype for all");
+    TORCH_CHECK(w.size(0) % INT4_ROWS == 0, "flexfast::linear_int4: N must be a multiple of ", INT4_ROWS);
     check_x(x, K, w.size(0));
     N += w.size(0);
   }

@@ -13,11 +13,10 @@ in one call; model.linears):
     torch.ops.flexfast.linear(x, [w, ...])                        w [N, K] bf16 or fp32
     torch.ops.flexfast.linear_int8(x, [w, ...], [scales, ...])    w [N, K] int8, scales [N]; x rounded to int16
                                                                   per row (integer products)
-    torch.ops.flexfast.linear_int4(x, [w, ...], [sz, ...])        w [N, K/2] uint8 (quantize.py's layout), sz
-                                                                  [N, K/groupsize, 2]: each group's scale and zero;
+    torch.ops.flexfast.linear_int4(x, [w, ...], [sz, ...])        w, sz from interleave_int4 (16 rows at a time);
                                                                   x rounded to int8 per 32 columns
 x is [..., K], fp32 or bf16, at most MAX_ROWS rows; the result has x's dtype. K must be a multiple of 32 and N of 4
-(supports()).
+(supports()), and of INT4_ROWS for int4.
 """
 import functools
 import hashlib
@@ -33,6 +32,7 @@ from cli import cpu_model
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 BUILD_ROOT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexfast" / "kernels"
 MAX_ROWS = 8
+INT4_ROWS = 16  # the int4 kernel's rows per interleaved block (cpu_kernels.cpp)
 LOADED = False  # set by load(); a plain global, which torch.compile reads as a constant at trace time
 
 
@@ -73,6 +73,17 @@ def load() -> bool:
     register_fakes()
     LOADED = True
     return True
+
+
+def interleave_int4(nibbles: Tensor, scales: Tensor, zeros: Tensor) -> tuple:
+    """quantize.py's int4 form (nibbles uint8 [N, K/2], scales and zeros [N, K/g]) in linear_int4's layout: the
+    nibbles of 16 rows interleaved 4 bytes (8 columns) at a time, and per 16 rows and group the 16 scales, then the
+    16 zeros (why: cpu_kernels.cpp). Shapes [N, K/2] and [N, K/g, 2], as before; N must be a multiple of INT4_ROWS."""
+    N, half = nibbles.shape
+    groups = scales.shape[1]
+    weight = nibbles.reshape(N // INT4_ROWS, INT4_ROWS, half // 4, 4).transpose(1, 2).reshape(N, half)
+    scales_zeros = torch.stack([scales, zeros], dim=1).reshape(N // INT4_ROWS, INT4_ROWS, 2, groups).permute(0, 3, 2, 1)
+    return weight.contiguous(), scales_zeros.reshape(N, groups, 2).contiguous()
 
 
 def register_fakes():

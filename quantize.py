@@ -119,8 +119,8 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Holds the file's device-neutral form (weight uint8 [N, K/2], scales, zeros [N, K/g]) until pack() turns it
     into the kernel's layout for one device (weight packed, scales_and_zeros [K/g, N, 2]). On CPU with cpu_kernels
-    it also keeps the neutral form (nibbles, kernel_scales_zeros [N, K/g, 2]) for few-row calls: int4 weights are held
-    twice, still half the bf16 bytes, and each call reads one copy. TP shards the neutral
+    it also keeps a copy in their int4 layout (nibbles, kernel_scales_zeros; cpu_kernels.interleave_int4) for few-row
+    calls: int4 weights are held twice, still half the bf16 bytes, and each call reads one copy. TP shards the neutral
     form, before pack(): column-parallel splits rows of all three; row-parallel splits columns (K/N_ranks must stay
     a multiple of groupsize)."""
 
@@ -147,10 +147,10 @@ class Int4Linear(nn.Module):
             packed = torch._convert_weight_to_int4pack(self.weight.contiguous(), inner_k_tiles)
         elif device.type == "cpu":
             packed = torch._convert_weight_to_int4pack_for_cpu(unpack_int4(self.weight).to(torch.int32), 2)
-            if cpu_kernels.load():  # few rows take cpu_kernels' int4 kernel, which reads the file's layout
-                self.nibbles = nn.Parameter(self.weight, requires_grad=False)
-                self.kernel_scales_zeros = nn.Parameter(torch.stack([self.scales, self.zeros], dim=-1).contiguous(),
-                                                        requires_grad=False)
+            if cpu_kernels.load():  # few rows take cpu_kernels' int4 kernel (torch's packing also needs N % 16 == 0)
+                nibbles, scales_zeros = cpu_kernels.interleave_int4(self.weight, self.scales, self.zeros)
+                self.nibbles = nn.Parameter(nibbles, requires_grad=False)
+                self.kernel_scales_zeros = nn.Parameter(scales_zeros, requires_grad=False)
         else:
             raise ValueError(f"int4 has no kernel on device {device.type!r}")
         del self.scales, self.zeros

@@ -111,7 +111,8 @@ def test_int4_matches_torch_and_dequantized(dtype, groupsize, rows):
     nibbles, scales, zeros = quantize_int4(w, groupsize)
     x = torch.randn(1, rows, K, generator=gen).to(dtype)
     x[0, 0, :32] = 0  # an all-zero block
-    got = torch.ops.flexfast.linear_int4(x, [nibbles], [torch.stack([scales, zeros], dim=-1)]).float()
+    weight, scales_zeros = cpu_kernels.interleave_int4(nibbles, scales, zeros)
+    got = torch.ops.flexfast.linear_int4(x, [weight], [scales_zeros]).float()
     weight = dequantize_int4(nibbles, scales, zeros)
     # the scheme exactly: x rounded to int8 per block of 32
     torch.testing.assert_close(got, F.linear(int8_blocks(x), weight), **tolerance(dtype))
@@ -166,6 +167,9 @@ def test_unsupported_shapes_keep_torch_paths():
     assert cpu_kernels.supports(torch.randn(cpu_kernels.MAX_ROWS, 64), [torch.randn(8, 64), torch.randn(4, 64)], 64)
     with pytest.raises(RuntimeError, match="multiple of 32"):
         torch.ops.flexfast.linear(x, [torch.randn(8, 48)])
+    with pytest.raises(RuntimeError, match="multiple of 16"):  # the int4 kernel's interleaved rows
+        torch.ops.flexfast.linear_int4(torch.randn(1, 64), [torch.zeros(8, 32, dtype=torch.uint8)],
+                                       [torch.zeros(8, 2, 2)])
 
 
 def tiny_model(**extra):
