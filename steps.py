@@ -79,6 +79,13 @@ def live_slots(model: Transformer, steps: Steps, end: int) -> Optional[Tensor]:
 # each at every call: ~500 asserts a token for an int4 model, 5-8% of its decode (BENCHMARKS.md). Dynamo's guards
 # check the same sizes and strides before a graph first runs in a generation loop (steps.checked_once).
 UNFROZEN = {"freezing": False, "size_asserts": False}
+# inductor's C++ wrapper, for the one-token steps of quantized models (cpp_wrapped): from the Python wrapper each
+# cpu_kernels op call costs ~1.7 us of dispatch (its tensor lists parsed against the op's schema), and an int4 token
+# makes 121. In C++ the same int4 g32 step decoded 3.73 -> 3.44 ms (2-core Xeon; BENCHMARKS.md). Built separately
+# (the kernels in files of their own, shared across layers as before; the entry at -O1), a first compile took 43 s
+# instead of 25 (84 s built as one file); a warm one the same 4 s. Dense steps (the GEMV: no op calls) gained nothing
+# (12.36 against 12.24 ms, bf16), so they keep the Python wrapper and its shorter first compile.
+CPP_WRAPPER = {**UNFROZEN, "cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 KERNEL_GROUP_ARGS = 60  # see compile_steps
 CACHE_KEY_TAG = f" | flexfast: CPU kernel groups of {KERNEL_GROUP_ARGS} arguments, ended at each layer's end"
 LAYER_PATH = re.compile(r"\.layers\.(\d+)(?:\.|$)")  # a module path inside model.layers, as dynamo records it
@@ -125,8 +132,17 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
     inductor's process-wide freezing flag when it traces (frozen, weights become graph constants, and a region's
     weights must stay inputs), so a regional step runs with that flag off; options= alone reaches inductor only."""
     compile_args = one_token_compile_args(kind, frozen_args)
-    if not regional or compile_args is frozen_args:
+    if compile_args is frozen_args:
         return torch.compile(step, **compile_args)
+    if not regional:
+        python_wrapped = torch.compile(step, **compile_args)
+        # a code object of its own: dynamo keeps one cache per code object (own_code)
+        cpp_wrapped_step = torch.compile(own_code(step, f"{step.__name__}_cpp_wrapper"), fullgraph=True,
+                                         dynamic=False, options=CPP_WRAPPER)
+
+        def call(model, *args, **kwargs):
+            return (cpp_wrapped_step if cpp_wrapped(model) else python_wrapped)(model, *args, **kwargs)
+        return call
     import torch._inductor.config as inductor_config
     # regional=True as the default of a function of its own: a functools.partial is compiled through one wrapper
     # frame that every such step shares, and dynamo then checks guards to tell them apart at every call
@@ -138,6 +154,14 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
         with inductor_config.patch(freezing=False):
             return compiled(*args, **kwargs)
     return call
+
+
+def cpp_wrapped(model: Transformer) -> bool:
+    """Whether model's one-token CPU steps compile with CPP_WRAPPER: its quantized linears call cpu_kernels' ops. Not
+    under tensor parallelism, whose collectives were not tried in the C++ wrapper."""
+    import cpu_kernels
+    return (cpu_kernels.LOADED and "quantization" in vars(model)
+            and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
 
 
 def layer_of(node) -> Optional[int]:

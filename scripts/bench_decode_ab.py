@@ -19,6 +19,8 @@ compared; timed round by round in one process they can. A variant is a one-token
                                as before hugepages.py: 4 KiB where the kernel's THP policy is "madvise")
     ...-recompute              inductor's default realize threshold (compile_steps sets 8; at inductor's 50 a GEMV
                                recomputes its normed input for every weight row)
+    ...-pywrapper              inductor's Python wrapper also for a quantized model (compile_one_token gives their
+                               steps the C++ wrapper: steps.CPP_WRAPPER)
 Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
 function would hold one variant at a time). Then every round decodes the same prompt once per variant and reads
 the weights' bytes once with a torch sum (the limit); the best round of each counts.
@@ -47,10 +49,11 @@ import steps as steps_code  # noqa: E402
 from cli import cpu_model, main_guard  # noqa: E402
 from figures import weight_bytes  # noqa: E402
 from generate import DEFAULT_CHECKPOINT, PRECISIONS, generate, load_model  # noqa: E402
-from steps import Steps, compile_one_token, compile_steps, forward_last, own_code, warm_up  # noqa: E402
+from steps import (Steps, compile_one_token, compile_steps, forward_last, one_token_compile_args, own_code,  # noqa: E402
+                   warm_up)
 
 KINDS = ("gemv", "linear", "kernel")
-OPTIONS = ("separate", "frozen", "regional", "wide", "bounded", "smallpages", "recompute")
+OPTIONS = ("separate", "frozen", "regional", "wide", "bounded", "smallpages", "recompute", "pywrapper")
 
 
 def parse_variant(text: str) -> tuple:
@@ -112,6 +115,8 @@ def run(args):
         decode = own_code(forward_last, f"decode_{i}")
         if "frozen" in options:
             decode = torch.compile(decode, **frozen_args)
+        elif "pywrapper" in options:
+            decode = torch.compile(decode, **one_token_compile_args(kind, frozen_args))
         else:
             decode = compile_one_token(decode, kind, frozen_args, regional="regional" in options)
         steps[v] = Steps(decode=decode, compiled=True, bounded="bounded" in options)

@@ -136,7 +136,7 @@ def test_decode_ab_times_every_variant_in_each_round(tmp_path, capsys):
     from steps import KERNEL_GROUP_ARGS
     import torch._inductor.config as inductor_config
     variants = ["gemv-regional", "kernel-separate" if cpu_kernels.load() else "gemv-frozen", "gemv-wide",
-                "gemv-bounded", "gemv-smallpages-recompute"]
+                "gemv-bounded", "gemv-smallpages-recompute-pywrapper"]
     before = dict(model.ONE_TOKEN_LINEAR), model.linears
     try:
         bench_decode_ab.run(bench_decode_ab.parse_args([

@@ -212,7 +212,11 @@ def test_flexidepth_routers_and_adapters_stay_float(tmp_path):
 
 
 def test_compiled_quantized_decode(tiny):
-    """--compile: the compiled one-token decode step of an int8 and an int4 model equals the eager step."""
+    """--compile: the compiled one-token decode step of an int8 and an int4 model equals the eager step; where the
+    CPU kernels run its linears, the step is compiled with inductor's C++ wrapper (steps.CPP_WRAPPER)."""
+    from torch._inductor.utils import run_and_get_code
+    import cpu_kernels
+    from steps import cpp_wrapped
     steps = generate.compile_steps("cpu", compile_prefill=False)
     for mode in ("int8", "int4"):
         model = generate.load_model(tiny[mode], "cpu", torch.bfloat16)
@@ -221,6 +225,11 @@ def test_compiled_quantized_decode(tiny):
         eager, _ = generate.generate(model, prompt, 8)
         compiled, _ = generate.generate(model, prompt, 8, steps=steps)
         assert compiled.tolist() == eager.tolist(), mode
+        assert cpp_wrapped(model) == cpu_kernels.LOADED
+        with torch.no_grad():
+            _, code = run_and_get_code(steps.decode, model, prompt[:1].view(1, 1), torch.tensor([5]))
+        if cpu_kernels.LOADED:
+            assert "inductor_entry_impl" in "".join(code), mode  # the C++ wrapper's entry point
 
 
 # ---------------------------------------------------------------- the CLI's bad inputs
