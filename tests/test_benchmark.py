@@ -202,3 +202,20 @@ def test_bench_compile_bad_arguments_give_one_error_line(tmp_path):
     assert_one_line_error(run_cli("scripts/bench_compile.py", "--modes", "fastest"), "unknown mode")
     assert_one_line_error(run_cli("scripts/bench_compile.py", "--checkpoint_path", tmp_path / "none.pth"),
                           "no checkpoint")
+
+
+def test_profile_times_the_step_unprofiled_and_lists_the_kernels(tmp_path):
+    """--profile's cost model on a tiny model: the step time comes from a compile without the kernels' profiler
+    records (which slow a C++-wrapped step), the kernels from a second one."""
+    import torch
+    from conftest import make_converted_llama
+    args = benchmark.parse_args(["--checkpoint_path", str(make_converted_llama(tmp_path / "tiny")),
+                                 "--max_new_tokens", "4", "--repeats", "1"])
+    try:
+        table = benchmark.profile_decode(args, "fp32", torch.tensor([1, 2, 3]))
+    finally:
+        torch._dynamo.reset()
+    step = next(line for line in table.splitlines() if line.startswith("| measured step time"))
+    assert float(step.split("| ")[2].split(" ms")[0]) > 0
+    kernels = [line for line in table.splitlines() if line.startswith("| `")]
+    assert kernels and all(float(line.split(" | ")[1]) > 0 for line in kernels)
