@@ -19,7 +19,7 @@ import cpu_kernels
 
 
 # quantize.py's int4 weights and tp.py's split of them both need it, so it sits below both
-INT4_ROW_MULTIPLE = 16  # the CPU int4 packer needs out_features % 16 == 0 (CUDA needs % 8)
+INT4_ROW_MULTIPLE = 16  # torch's CPU int4 packer and cpu_kernels' (16 rows interleaved) need out_features % 16 == 0
 
 
 @dataclass
