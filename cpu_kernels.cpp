@@ -117,12 +117,12 @@ inline void block_int8(const int8_t* w, int64_t K, const Int16Rows& xr, int64_t 
 // (xq = round(x / dx), dx = max|x| / 127), so that a block's products q * xq are integer dot products (VNNI vpdpbusd,
 // the nibbles its unsigned operand). Then
 //     sum_k w_k x_k ~ sum_blocks dx_b * (s_g * sum_b q_k xq_k + (z_g - 8 s_g) * sum_b xq_k)
-// for the block's group g. The weights are interleaved by pack_int4 (quantize.py) 16 rows at a time: 64 bytes hold
+// for the block's group g. The weights come interleaved 16 rows at a time (cpu_kernels.interleave_int4): 64 bytes hold
 // 4 bytes (8 columns) of each of 16 rows, so one vpdpbusd against 4 activation bytes broadcast to every lane adds 4
 // products to each of the 16 rows, and the rows' sums end in the 16 lanes of one vector: no horizontal sum, one scale
 // vector per group for 16 rows, and a block of rows is one contiguous stream. Reading each row's bytes in turn
-// instead (the file's layout) took twice the instructions per byte and left one core at 16-20 GB/s (BENCHMARKS.md).
-// The scales and zeros are interleaved alike: per 16 rows and group, 16 scales then 16 zeros.
+// instead (the file's layout) took twice the instructions per byte and left one core at 20-27 GB/s in cache
+// (BENCHMARKS.md). The scales and zeros are interleaved alike: per 16 rows and group, 16 scales then 16 zeros.
 // The rounding of x is the one approximation (tests/test_cpu_kernels.py checks it against exact x and torch's kernel;
 // BENCHMARKS.md has its perplexity cost).
 constexpr int BLOCK = 32;         // activation columns per int8 scale
@@ -190,8 +190,9 @@ inline void block_int4(const uint8_t* w, int64_t blocks_per_group, const S* sz, 
     for (int r = 0; r < INT4_ROWS; ++r) out[r * MC + m] = rows[r];
   }
 }
-// Runs block(b, m0, mc, out) over `blocks` blocks of R weight rows and chunks of up to 4 activation rows, in parallel
-// over blocks; block returns the column of y [M, ldy] its first row goes to and leaves in out its R x mc results.
+
+// Runs block(b, m0, mc, out) over `blocks` blocks of RB weight rows and chunks of up to 4 activation rows, in parallel
+// over blocks; block returns the column of y [M, ldy] its first row goes to and leaves in out its RB x mc results.
 template <int RB, typename Y, typename Block>
 void for_blocks(int64_t M, int64_t ldy, int64_t blocks, Y* y, const Block& block) {
   at::parallel_for(0, blocks, 64 / RB, [&](int64_t b0, int64_t b1) {
@@ -225,7 +226,7 @@ Parts parts_of(const std::vector<int64_t>& rows) {
   return p;
 }
 
-// y [M, sum rows] filled block by block: block(j, local, m0, mc, out) leaves in out the R x mc results of weight j's
+// y [M, sum rows] filled block by block: block(j, local, m0, mc, out) leaves in out the RB x mc results of weight j's
 // rows from local, for activation rows m0 to m0 + mc - 1
 template <int RB = R, typename Block>
 void run_parts(int64_t M, const std::vector<int64_t>& rows, at::Tensor& y, const Block& block) {
@@ -256,14 +257,6 @@ template <typename T>
 T* aligned(std::vector<T>& buffer, int64_t n) {
   buffer.resize(n + 64 / sizeof(T));
   return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t{63});
-}
-
-// the same, zeroed, for buffers whose padding the kernels read
-template <typename T>
-T* aligned_zeros(std::vector<T>& buffer, int64_t n) {
-  T* p = aligned(buffer, n);
-  std::fill(p, p + n, T{});
-  return p;
 }
 
 // x as fp32 rows [M, K] (a reused per-thread buffer: the call itself allocates only y)
@@ -388,6 +381,7 @@ at::Tensor linear_int8(const at::Tensor& x_any, at::TensorList ws, at::TensorLis
   else run_int8<at::BFloat16>(x, pointers<int8_t>(ws), rows, K, pointers<at::BFloat16>(scales), y);
   return y;
 }
+
 // Quantizes x [M, K] to Int8Rows (buffers reused per thread; the kernel reads them from every thread).
 Int8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
   static thread_local std::vector<int32_t> lo_buffer, hi_buffer;
@@ -410,7 +404,8 @@ Int8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
       const __m512i even = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_permutex2var_ps(first, evens, second), dv));
       const __m512i odd = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_permutex2var_ps(first, odds, second), dv));
       const int64_t at = m * blocks + b;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at * 4), _mm512_cvtepi32_epi8(even));  // high nibble: even column
+      // the high nibble holds the even column
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at * 4), _mm512_cvtepi32_epi8(even));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at * 4), _mm512_cvtepi32_epi8(odd));
       dx[at] = d;
       dxsum[at] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(even, odd)));

@@ -16,7 +16,7 @@ in one call; model.linears):
     torch.ops.flexfast.linear_int4(x, [w, ...], [sz, ...])        w, sz from interleave_int4 (16 rows at a time);
                                                                   x rounded to int8 per 32 columns
 x is [..., K], fp32 or bf16, at most MAX_ROWS rows; the result has x's dtype. K must be a multiple of 32 and N of 4
-(supports()), and of INT4_ROWS for int4.
+(supports()); for int4 N must be a multiple of INT4_ROWS, as quantize.py's int4 rule (model.INT4_ROW_MULTIPLE) makes it.
 """
 import functools
 import hashlib

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+import cpu_kernels
 from model import Transformer
 
 
@@ -81,10 +82,10 @@ def live_slots(model: Transformer, steps: Steps, end: int) -> Optional[Tensor]:
 UNFROZEN = {"freezing": False, "size_asserts": False}
 # inductor's C++ wrapper, for the one-token steps of quantized models (cpp_wrapped): from the Python wrapper each
 # cpu_kernels op call costs ~1.7 us of dispatch (its tensor lists parsed against the op's schema), and an int4 token
-# makes 121. In C++ the same int4 g32 step decoded 3.73 -> 3.44 ms (2-core Xeon; BENCHMARKS.md). Built separately
-# (the kernels in files of their own, shared across layers as before; the entry at -O1), a first compile took 43 s
-# instead of 25 (84 s built as one file); a warm one the same 4 s. Dense steps (the GEMV: no op calls) gained nothing
-# (12.36 against 12.24 ms, bf16), so they keep the Python wrapper and its shorter first compile.
+# makes 121. In C++ the same int4 g32 step decoded 3.86 -> 3.50 ms (2-core Xeon; BENCHMARKS.md). Built separately
+# (the kernels in files of their own, shared across layers as before; the entry at -O1), a first compile took 38-43 s
+# instead of 25 (84 s built as one file); a warm one the same 4-4.5 s. Dense steps (the GEMV: no op calls) gained
+# nothing (12.36 against 12.24 ms, bf16), so they keep the Python wrapper and its shorter first compile.
 CPP_WRAPPER = {**UNFROZEN, "cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 KERNEL_GROUP_ARGS = 60  # see compile_steps
 CACHE_KEY_TAG = f" | flexfast: CPU kernel groups of {KERNEL_GROUP_ARGS} arguments, ended at each layer's end"
@@ -130,7 +131,9 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
     first compile that costs decode about 10% in bf16 and int4 (per-layer calls, and dynamo passing every
     weight from Python; BENCHMARKS.md), so it is the user's choice (generate.py --compile_regional). Dynamo reads
     inductor's process-wide freezing flag when it traces (frozen, weights become graph constants, and a region's
-    weights must stay inputs), so a regional step runs with that flag off; options= alone reaches inductor only."""
+    weights must stay inputs), so a regional step runs with that flag off; options= alone reaches inductor only.
+    An unfrozen whole-graph step is compiled per call with inductor's C++ wrapper where cpp_wrapped(model) says so,
+    else with the Python one (torch.compile is lazy: only the kind a model calls is compiled)."""
     compile_args = one_token_compile_args(kind, frozen_args)
     if compile_args is frozen_args:
         return torch.compile(step, **compile_args)
@@ -159,7 +162,6 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
 def cpp_wrapped(model: Transformer) -> bool:
     """Whether model's one-token CPU steps compile with CPP_WRAPPER: its quantized linears call cpu_kernels' ops. Not
     under tensor parallelism, whose collectives were not tried in the C++ wrapper."""
-    import cpu_kernels
     return (cpu_kernels.LOADED and "quantization" in vars(model)
             and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
 
