@@ -3,11 +3,10 @@
 // at a time (one contiguous chunk of memory), every activation row applied to each weight vector while it is in a
 // register, fp32 accumulation, and a software prefetch PREFETCH_BYTES ahead, because the hardware prefetcher alone
 // does not follow four short row streams (measured: 17 GB/s a core without it, 30 with it, on a 43 GB/s core).
-// Weights: bf16 or fp32 (dense), int8 with a scale per row, int4 with a scale and zero per group of columns, in
-// quantize.py's file layout (two columns a byte, the even column in the high nibble): dequantized as
-// (q - 8) * scale + zero. Each op takes a list of weights of one K (wq/wk/wv, w1/w3) and returns their outputs side by
-// side: one call, so one fork and join of the threads, reads them all. tests/test_cpu_kernels.py checks each against
-// the torch path it replaces.
+// Weights: bf16 or fp32 (dense), int8 with a scale per row (rows as in quantize.py's file), int4 with a scale and zero
+// per group of columns, dequantized as (q - 8) * scale + zero, its rows interleaved 16 at a time (below). Each op
+// takes a list of weights of one K (wq/wk/wv, w1/w3) and returns their outputs side by side: one call, so one fork
+// and join of the threads, reads them all. tests/test_cpu_kernels.py checks each against the torch path it replaces.
 // ATen and the op registry only: torch/extension.h (pybind, autograd, the whole C++ frontend) took the first build
 // from 11 to 29 s on 2 cores, and the ops need none of it (they are registered with TORCH_LIBRARY, not as a module).
 #include <ATen/ATen.h>
@@ -121,7 +120,7 @@ inline void block_int8(const int8_t* w, int64_t K, const Int16Rows& xr, int64_t 
 // 4 bytes (8 columns) of each of 16 rows, so one vpdpbusd against 4 activation bytes broadcast to every lane adds 4
 // products to each of the 16 rows, and the rows' sums end in the 16 lanes of one vector: no horizontal sum, one scale
 // vector per group for 16 rows, and a block of rows is one contiguous stream. Reading each row's bytes in turn
-// instead (the file's layout) took twice the instructions per byte and left one core at 20-27 GB/s in cache
+// instead (the file's layout) took ~1.7x the instructions per byte and left one core at 20-27 GB/s in cache
 // (BENCHMARKS.md). The scales and zeros are interleaved alike: per 16 rows and group, 16 scales then 16 zeros.
 // The rounding of x is the one approximation (tests/test_cpu_kernels.py checks it against exact x and torch's kernel;
 // BENCHMARKS.md has its perplexity cost).
@@ -145,27 +144,25 @@ struct Int8Rows {
   const float *dx, *dxsum;
 };
 
-inline __m512 load16_scales(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16_scales(const at::BFloat16* p) { return load16(p); }
-
 template <typename S, int MC>
 inline void block_int4(const uint8_t* w, int64_t blocks_per_group, const S* sz, const Int8Rows& xr, int64_t m0,
                        float* out) {
   const int64_t blocks = xr.blocks;
   const char* ahead = reinterpret_cast<const char*>(w) + PREFETCH_BYTES;
+  // the scales as far ahead, in groups, as the nibbles: a second stream the hardware prefetcher left behind
   const char* scales_ahead = reinterpret_cast<const char*>(sz) +
                              (PREFETCH_BYTES / (4 * 64 * blocks_per_group) + 1) * 2 * INT4_ROWS * sizeof(S);
   const __m512i low4 = _mm512_set1_epi8(15);
   __m512 acc[MC];
   for (int m = 0; m < MC; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < blocks / blocks_per_group; ++g) {
-    _mm_prefetch(scales_ahead + g * 2 * INT4_ROWS * sizeof(S), _MM_HINT_T0);
-    const __m512 s = load16_scales(sz + g * 2 * INT4_ROWS), z = load16_scales(sz + g * 2 * INT4_ROWS + INT4_ROWS);
+    prefetch_lines(scales_ahead + g * 2 * INT4_ROWS * sizeof(S), 2 * INT4_ROWS * sizeof(S) / 64);
+    const __m512 s = load16(sz + g * 2 * INT4_ROWS), z = load16(sz + g * 2 * INT4_ROWS + INT4_ROWS);
     const __m512 zero_term = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z);  // z - 8 s
     for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) {
       __m512i lo_sum[MC], hi_sum[MC];
       for (int m = 0; m < MC; ++m) lo_sum[m] = hi_sum[m] = _mm512_setzero_si512();
-      for (int c = 4 * b; c < 4 * b + 4; ++c) {
+      for (int64_t c = 4 * b; c < 4 * b + 4; ++c) {
         _mm_prefetch(ahead + c * 64, _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(w + c * 64);
         const __m512i lo = _mm512_and_si512(v, low4);

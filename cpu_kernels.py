@@ -78,12 +78,12 @@ def load() -> bool:
 def interleave_int4(nibbles: Tensor, scales: Tensor, zeros: Tensor) -> tuple:
     """quantize.py's int4 form (nibbles uint8 [N, K/2], scales and zeros [N, K/g]) in linear_int4's layout: the
     nibbles of 16 rows interleaved 4 bytes (8 columns) at a time, and per 16 rows and group the 16 scales, then the
-    16 zeros (why: cpu_kernels.cpp). Shapes [N, K/2] and [N, K/g, 2], as before; N must be a multiple of INT4_ROWS."""
+    16 zeros (why: cpu_kernels.cpp). Shapes [N, K/2] and [N, K/g, 2]; N must be a multiple of INT4_ROWS."""
     N, half = nibbles.shape
     groups = scales.shape[1]
     weight = nibbles.reshape(N // INT4_ROWS, INT4_ROWS, half // 4, 4).transpose(1, 2).reshape(N, half)
     scales_zeros = torch.stack([scales, zeros], dim=1).reshape(N // INT4_ROWS, INT4_ROWS, 2, groups).permute(0, 3, 2, 1)
-    return weight.contiguous(), scales_zeros.reshape(N, groups, 2).contiguous()
+    return weight, scales_zeros.reshape(N, groups, 2)  # both reshapes copy: contiguous
 
 
 def register_fakes():

@@ -13,12 +13,13 @@ The file is device-neutral: int8 weights [N, K] + scales [N]; int4 weights as tw
 "quantization", which is how generate.py recognises it.
 
 Kernels: calls of at most cpu_kernels.MAX_ROWS rows on CPU (decode, draft, verify) take cpu_kernels.cpp's int8 and
-int4 kernels, which read the file's layout and stream it (BENCHMARKS.md: 1.6-2.3x torch's at one row); more rows
-(prefill), CUDA, and CPUs where the kernels cannot be built take torch._weight_int8pack_mm and
-torch._weight_int4pack_mm(_for_cpu), whose packed int4 layout differs per device, so load_model packs at load time
-(pack_for_device). An inductor-generated dequantize-and-reduce loses to both (scripts/bench_quant_kernels.py): it
-converts int8/int4 to float at ~5 GB/s a core, and under compile_steps' freezing a `.float()` dequantization of a
-frozen int8 weight is constant-folded into an fp32 copy (4 bytes a weight read per token).
+int4 kernels, which stream the file's int8 rows, and int4 rows interleaved 16 at a time (Int4Linear.pack)
+(BENCHMARKS.md: 1.6-2.3x torch's at one row); more rows (prefill), CUDA, and CPUs where the kernels cannot be
+built take torch._weight_int8pack_mm and torch._weight_int4pack_mm(_for_cpu), whose packed int4 layout differs per
+device, so load_model packs at load time (pack_for_device). An inductor-generated dequantize-and-reduce loses to
+both (scripts/bench_quant_kernels.py): it converts int8/int4 to float at ~5 GB/s a core, and under compile_steps'
+freezing a `.float()` dequantization of a frozen int8 weight is constant-folded into an fp32 copy (4 bytes a weight
+read per token).
 """
 import argparse
 from pathlib import Path

@@ -132,16 +132,16 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
     weight from Python; BENCHMARKS.md), so it is the user's choice (generate.py --compile_regional). Dynamo reads
     inductor's process-wide freezing flag when it traces (frozen, weights become graph constants, and a region's
     weights must stay inputs), so a regional step runs with that flag off; options= alone reaches inductor only.
-    An unfrozen whole-graph step is compiled per call with inductor's C++ wrapper where cpp_wrapped(model) says so,
-    else with the Python one (torch.compile is lazy: only the kind a model calls is compiled)."""
+    An unfrozen whole-graph step runs, call by call, in inductor's C++ wrapper where cpp_wrapped(model) says so, else
+    in the Python one (each compiled on its first call only). Frozen and regional steps keep the Python wrapper."""
     compile_args = one_token_compile_args(kind, frozen_args)
     if compile_args is frozen_args:
         return torch.compile(step, **compile_args)
     if not regional:
         python_wrapped = torch.compile(step, **compile_args)
         # a code object of its own: dynamo keeps one cache per code object (own_code)
-        cpp_wrapped_step = torch.compile(own_code(step, f"{step.__name__}_cpp_wrapper"), fullgraph=True,
-                                         dynamic=False, options=CPP_WRAPPER)
+        cpp_wrapped_step = torch.compile(own_code(step, f"{step.__name__}_cpp_wrapper"),
+                                         **{**compile_args, "options": CPP_WRAPPER})
 
         def call(model, *args, **kwargs):
             return (cpp_wrapped_step if cpp_wrapped(model) else python_wrapped)(model, *args, **kwargs)
@@ -160,8 +160,8 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
 
 
 def cpp_wrapped(model: Transformer) -> bool:
-    """Whether model's one-token CPU steps compile with CPP_WRAPPER: its quantized linears call cpu_kernels' ops. Not
-    under tensor parallelism, whose collectives were not tried in the C++ wrapper."""
+    """Whether model's unfrozen one-token CPU steps compile with CPP_WRAPPER (compile_one_token): its quantized linears
+    call cpu_kernels' ops. Not under tensor parallelism, whose collectives were not tried in the C++ wrapper."""
     return (cpu_kernels.LOADED and "quantization" in vars(model)
             and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
 

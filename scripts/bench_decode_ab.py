@@ -6,7 +6,7 @@ compared; timed round by round in one process they can. A variant is a one-token
                                picks one per machine)
     ...-separate               one kernel call per weight (model.linears not grouping wq/wk/wv and w1/w3)
     ...-frozen                 decode compiled with inductor's freezing (otherwise as compile_steps compiles it:
-                               steps.one_token_compile_args)
+                               steps.compile_one_token)
     ...-regional               the repeated block compiled once for every layer (steps.compile_one_token)
     ...-wide                   inductor's own CPU kernel groups of up to 500 arguments (compile_steps caps them
                                at 60 and ends them at each layer's end); with a wide variant every variant
@@ -49,8 +49,8 @@ import steps as steps_code  # noqa: E402
 from cli import cpu_model, main_guard  # noqa: E402
 from figures import weight_bytes  # noqa: E402
 from generate import DEFAULT_CHECKPOINT, PRECISIONS, generate, load_model  # noqa: E402
-from steps import (Steps, compile_one_token, compile_steps, forward_last, one_token_compile_args, own_code,  # noqa: E402
-                   warm_up)
+from steps import (Steps, compile_one_token, compile_steps, forward_last,  # noqa: E402
+                   one_token_compile_args, own_code, warm_up)
 
 KINDS = ("gemv", "linear", "kernel")
 OPTIONS = ("separate", "frozen", "regional", "wide", "bounded", "smallpages", "recompute", "pywrapper")
@@ -61,6 +61,8 @@ def parse_variant(text: str) -> tuple:
     if kind not in KINDS or any(o not in OPTIONS for o in options):
         raise ValueError(f"unknown variant {text!r}: a kind ({', '.join(KINDS)}) and optional "
                          f"-{' -'.join(OPTIONS)}")
+    if {"pywrapper", "regional"} <= set(options):
+        raise ValueError(f"variant {text!r}: a regional step has the Python wrapper already; drop -pywrapper")
     return kind, set(options)
 
 

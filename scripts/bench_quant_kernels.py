@@ -115,7 +115,8 @@ def operands(kernel: str, ws: list) -> tuple:
     qs = [quantize_int4(w, GS) for w in ws]
     nbytes = N * K // 2 + N * (K // GS) * 4
     if kernel == "int4_ours":
-        return ([n for n, _, _ in qs], [torch.stack([s, z], -1).to(bf16).contiguous() for _, s, z in qs]), nbytes
+        interleaved = [cpu_kernels.interleave_int4(n, s.to(bf16), z.to(bf16)) for n, s, z in qs]
+        return ([w for w, _ in interleaved], [sz for _, sz in interleaved]), nbytes
     if kernel == "int4_torch":
         packed = [torch._convert_weight_to_int4pack_for_cpu(unpack_int4(n).to(torch.int32), 2) for n, _, _ in qs]
         sz = [torch.stack([s.to(bf16), z.to(bf16)], -1).transpose(0, 1).contiguous() for _, s, z in qs]

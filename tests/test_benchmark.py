@@ -158,8 +158,12 @@ def test_decode_ab_times_every_variant_in_each_round(tmp_path, capsys):
 
 
 def test_decode_ab_unknown_variant_is_one_error_line():
+    import pytest
+    import bench_decode_ab
     from conftest import assert_one_line_error
     assert_one_line_error(run_cli("scripts/bench_decode_ab.py", "--variants", "gemv", "fastest"), "unknown variant")
+    with pytest.raises(ValueError, match="drop -pywrapper"):  # a regional step has no C++ wrapper to take away
+        bench_decode_ab.parse_variant("kernel-regional-pywrapper")
 
 
 def test_bench_compile_runs_each_mode_cold_then_warm_on_its_own_caches(monkeypatch, capsys):
