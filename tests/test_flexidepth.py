@@ -138,7 +138,7 @@ def test_quantized_step_in_cpp_wrapper_matches_python_wrapper(checkpoint, monkey
     import cpu_kernels
     import torch._inductor.config as inductor_config
     from quantize import quantize
-    from steps import UNFROZEN, cpp_wrapped, live_slots, own_code
+    from steps import cpp_wrapped, live_slots, one_token_compile_args, own_code
     if not cpu_kernels.load():
         pytest.skip("the C++ wrapper is for steps that call the CPU kernels")
     monkeypatch.setattr(inductor_config, "freezing", inductor_config.freezing)  # compile_steps sets it; restore
@@ -148,8 +148,7 @@ def test_quantized_step_in_cpp_wrapper_matches_python_wrapper(checkpoint, monkey
     tokens = greedy_tokens(fresh_model(int4))
     torch._dynamo.reset()
     steps = compile_steps("cpu", compile_prefill=False, bounded=True)
-    python_step = torch.compile(own_code(forward_last, "python_wrapped"), fullgraph=True, dynamic=False,
-                                options=UNFROZEN)
+    python_step = torch.compile(own_code(forward_last, "python_wrapped"), **one_token_compile_args("kernel", {}))
 
     def decode(step):
         return lambda model, x, pos: step(model, x, pos, slots=live_slots(model, steps, int(pos[-1]) + 1))
