@@ -13,8 +13,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <omp.h>
 #include <cmath>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -24,6 +26,9 @@ constexpr int MAX_M = 8;
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 4096
 #endif
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT _MM_HINT_T0
+#endif
 
 inline __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -31,7 +36,7 @@ inline __m512 load16(const at::BFloat16* p) {
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 
 inline void prefetch_lines(const char* p, int lines) {
-  for (int i = 0; i < lines; ++i) _mm_prefetch(p + 64 * i, _MM_HINT_T0);
+  for (int i = 0; i < lines; ++i) _mm_prefetch(p + 64 * i, PREFETCH_HINT);
 }
 
 // Dense rows: out[r * MC + m] = sum_k w[r, k] * x[m, k]
@@ -140,8 +145,8 @@ inline __m512i dot_u8_s8(__m512i acc, __m512i u, __m512i s) {
 // dx[b] and dxsum[b] = dx_b * sum_b xq.
 struct Int8Rows {
   int64_t blocks;  // per row
-  const int32_t *lo, *hi;
-  const float *dx, *dxsum;
+  int32_t *lo, *hi;
+  float *dx, *dxsum;
 };
 
 template <typename S, int MC>
@@ -163,7 +168,7 @@ inline void block_int4(const uint8_t* w, int64_t blocks_per_group, const S* sz, 
       __m512i lo_sum[MC], hi_sum[MC];
       for (int m = 0; m < MC; ++m) lo_sum[m] = hi_sum[m] = _mm512_setzero_si512();
       for (int64_t c = 4 * b; c < 4 * b + 4; ++c) {
-        _mm_prefetch(ahead + c * 64, _MM_HINT_T0);
+        _mm_prefetch(ahead + c * 64, PREFETCH_HINT);
         const __m512i v = _mm512_loadu_si512(w + c * 64);
         const __m512i lo = _mm512_and_si512(v, low4);
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
@@ -379,40 +384,65 @@ at::Tensor linear_int8(const at::Tensor& x_any, at::TensorList ws, at::TensorLis
   return y;
 }
 
-// Quantizes x [M, K] to Int8Rows (buffers reused per thread; the kernel reads them from every thread).
-Int8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
-  static thread_local std::vector<int32_t> lo_buffer, hi_buffer;
-  static thread_local std::vector<float> dx_buffer, dxsum_buffer;
-  const int64_t blocks = K / BLOCK;
-  int32_t* lo = aligned(lo_buffer, M * blocks * 4);
-  int32_t* hi = aligned(hi_buffer, M * blocks * 4);
-  float* dx = aligned(dx_buffer, M * blocks);
-  float* dxsum = aligned(dxsum_buffer, M * blocks);
+// The memory of an Int8Rows, reused from call to call (the kernel reads it from every thread)
+struct Int8Buffers {
+  std::vector<int32_t> lo, hi;
+  std::vector<float> dx, dxsum;
+  Int8Rows rows(int64_t M, int64_t K) {
+    const int64_t blocks = K / BLOCK;
+    return Int8Rows{blocks, aligned(lo, M * blocks * 4), aligned(hi, M * blocks * 4), aligned(dx, M * blocks),
+                    aligned(dxsum, M * blocks)};
+  }
+};
+
+// Quantizes the blocks b0 to b1 - 1 of row m of x [M, K] into xr.
+void quantize_blocks(const float* x, int64_t K, int64_t m, int64_t b0, int64_t b1, const Int8Rows& xr) {
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* xb = x + m * K + b * BLOCK;
-      const __m512 first = _mm512_loadu_ps(xb), second = _mm512_loadu_ps(xb + 16);
-      const float d = std::max(_mm512_reduce_max_ps(_mm512_abs_ps(first)),
-                               _mm512_reduce_max_ps(_mm512_abs_ps(second))) / 127.f;
-      // round(x / d) to nearest even, as torch.round (a zero block stays zero)
-      const __m512 dv = _mm512_set1_ps(d > 0.f ? d : 1.f);
-      const __m512i even = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_permutex2var_ps(first, evens, second), dv));
-      const __m512i odd = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_permutex2var_ps(first, odds, second), dv));
-      const int64_t at = m * blocks + b;
-      // the high nibble holds the even column
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at * 4), _mm512_cvtepi32_epi8(even));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at * 4), _mm512_cvtepi32_epi8(odd));
-      dx[at] = d;
-      dxsum[at] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(even, odd)));
-    }
-  return Int8Rows{blocks, lo, hi, dx, dxsum};
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* xb = x + m * K + b * BLOCK;
+    const __m512 first = _mm512_loadu_ps(xb), second = _mm512_loadu_ps(xb + 16);
+    const float d = std::max(_mm512_reduce_max_ps(_mm512_abs_ps(first)),
+                             _mm512_reduce_max_ps(_mm512_abs_ps(second))) / 127.f;
+    // round(x / d) to nearest even, as torch.round (a zero block stays zero)
+    const __m512 dv = _mm512_set1_ps(d > 0.f ? d : 1.f);
+    const __m512i even = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_permutex2var_ps(first, evens, second), dv));
+    const __m512i odd = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_permutex2var_ps(first, odds, second), dv));
+    const int64_t at = m * xr.blocks + b;
+    // the high nibble holds the even column
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xr.hi + at * 4), _mm512_cvtepi32_epi8(even));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xr.lo + at * 4), _mm512_cvtepi32_epi8(odd));
+    xr.dx[at] = d;
+    xr.dxsum[at] = d * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(even, odd)));
+  }
+}
+
+Int8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
+  static thread_local Int8Buffers buffers;
+  const Int8Rows xr = buffers.rows(M, K);
+  for (int64_t m = 0; m < M; ++m) quantize_blocks(x, K, m, 0, xr.blocks, xr);
+  return xr;
+}
+
+// One int4 weight's 16 rows from `local` (w and sz: the whole weight, K columns in `groups` groups) against the
+// activation rows m0 to m0 + mc - 1: out[r * mc + m]
+template <typename S>
+void int4_block(const uint8_t* w, const S* sz, int64_t K, int64_t groups, int64_t local, const Int8Rows& xr,
+                int64_t m0, int mc, float* out) {
+  const uint8_t* wb = w + local * K / 2;
+  const S* szb = sz + local * groups * 2;
+  const int64_t blocks_per_group = K / groups / BLOCK;
+  switch (mc) {
+    case 1: block_int4<S, 1>(wb, blocks_per_group, szb, xr, m0, out); break;
+    case 2: block_int4<S, 2>(wb, blocks_per_group, szb, xr, m0, out); break;
+    case 3: block_int4<S, 3>(wb, blocks_per_group, szb, xr, m0, out); break;
+    default: block_int4<S, 4>(wb, blocks_per_group, szb, xr, m0, out); break;
+  }
 }
 
 template <typename S>
 void run_int4(const at::Tensor& x, at::TensorList ws, at::TensorList scales_zeros, at::Tensor& y) {
-  const int64_t K = ws[0].size(1) * 2, groups = scales_zeros[0].size(1), half = K / 2;
+  const int64_t K = ws[0].size(1) * 2, groups = scales_zeros[0].size(1);
   const int64_t M = x.numel() / K;
   std::vector<int64_t> rows;
   std::vector<const uint8_t*> wps;
@@ -423,39 +453,37 @@ void run_int4(const at::Tensor& x, at::TensorList ws, at::TensorList scales_zero
     szps.push_back(scales_zeros[j].data_ptr<S>());
   }
   const Int8Rows xr = quantize_rows(float_rows(x, M, K), M, K);
-  const int64_t blocks_per_group = K / groups / BLOCK;
   run_parts<INT4_ROWS>(M, rows, y, [&](int j, int64_t local, int64_t m0, int mc, float* out) {
-    const uint8_t* wb = wps[j] + local * half;
-    const S* szb = szps[j] + local * groups * 2;
-    switch (mc) {
-      case 1: block_int4<S, 1>(wb, blocks_per_group, szb, xr, m0, out); break;
-      case 2: block_int4<S, 2>(wb, blocks_per_group, szb, xr, m0, out); break;
-      case 3: block_int4<S, 3>(wb, blocks_per_group, szb, xr, m0, out); break;
-      default: block_int4<S, 4>(wb, blocks_per_group, szb, xr, m0, out); break;
-    }
+    int4_block(wps[j], szps[j], K, groups, local, xr, m0, mc, out);
   });
 }
+
+// One int4 weight and its scales_zeros checked against x: uint8 [N, K/2] and [N, K/groups, 2] of sz_dtype.
+void check_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t K, int64_t groups,
+                at::ScalarType sz_dtype, const char* what) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte && w.size(1) * 2 == K, what,
+              ": weights must be uint8 [N, K/2] of one K");
+  TORCH_CHECK(sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == w.size(0) && sz.size(1) == groups &&
+                  sz.size(2) == 2 && groups > 0 && K % groups == 0 && (K / groups) % 32 == 0 &&
+                  sz.scalar_type() == sz_dtype && (sz_dtype == at::kFloat || sz_dtype == at::kBFloat16),
+              what, ": scales_zeros must be fp32 or bf16 [N, K/groupsize, 2], one groupsize (a multiple of 32) and "
+              "dtype for all");
+  TORCH_CHECK(w.size(0) % INT4_ROWS == 0, what, ": N must be a multiple of ", INT4_ROWS);
+  check_x(x, K, w.size(0));
+}
+
+int64_t groups_of(const at::Tensor& sz) { return sz.dim() == 3 ? sz.size(1) : 0; }
 
 at::Tensor linear_int4(const at::Tensor& x_any, at::TensorList ws, at::TensorList scales_zeros) {
   const at::Tensor x = x_any.contiguous();
   TORCH_CHECK(!ws.empty() && ws.size() == scales_zeros.size(), "flexfast::linear_int4: one scales_zeros per weight");
   TORCH_CHECK(ws[0].dim() == 2, "flexfast::linear_int4: weights must be uint8 [N, K/2]");
-  const int64_t K = ws[0].size(1) * 2, groups = scales_zeros[0].dim() == 3 ? scales_zeros[0].size(1) : 0;
+  const int64_t K = ws[0].size(1) * 2, groups = groups_of(scales_zeros[0]);
   const auto sz_dtype = scales_zeros[0].scalar_type();
   int64_t N = 0;
   for (size_t j = 0; j < ws.size(); ++j) {
-    const at::Tensor& w = ws[j];
-    const at::Tensor& sz = scales_zeros[j];
-    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte && w.size(1) * 2 == K,
-                "flexfast::linear_int4: weights must be uint8 [N, K/2] of one K");
-    TORCH_CHECK(sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == w.size(0) && sz.size(1) == groups &&
-                    sz.size(2) == 2 && groups > 0 && K % groups == 0 && (K / groups) % 32 == 0 &&
-                    sz.scalar_type() == sz_dtype && (sz_dtype == at::kFloat || sz_dtype == at::kBFloat16),
-                "flexfast::linear_int4: scales_zeros must be fp32 or bf16 [N, K/groupsize, 2], one groupsize (a "
-                "multiple of 32) and dtype for all");
-    TORCH_CHECK(w.size(0) % INT4_ROWS == 0, "flexfast::linear_int4: N must be a multiple of ", INT4_ROWS);
-    check_x(x, K, w.size(0));
-    N += w.size(0);
+    check_int4(x, ws[j], scales_zeros[j], K, groups, sz_dtype, "flexfast::linear_int4");
+    N += ws[j].size(0);
   }
   at::Tensor y = output(x, N);
   if (sz_dtype == at::kFloat) run_int4<float>(x, ws, scales_zeros, y);
@@ -463,14 +491,116 @@ at::Tensor linear_int4(const at::Tensor& x_any, at::TensorList ws, at::TensorLis
   return y;
 }
 
+namespace {
+
+// e^x to about one fp32 ulp, for the SwiGLU's sigmoid: 2^n e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, e^r by
+// its Taylor polynomial to r^6 (next term under 1.2e-7 of it); vscalefps applies 2^n, overflowing to inf and
+// underflowing to 0 as exp does.
+inline __m512 exp16(__m512 x) {
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2 in two parts, the first exact in n * it
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// v as Y holds it: rounded to the nearest bf16 (ties to even, as c10::BFloat16) for bf16, unchanged for fp32
+template <typename Y>
+inline __m512 as(__m512 v) {
+  if constexpr (std::is_same_v<Y, float>) return v;
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+  return _mm512_castsi512_ps(_mm512_and_si512(rounded, _mm512_set1_epi32(0xFFFF0000)));
+}
+
+// [begin, end) of thread t's share of n items among T
+inline std::pair<int64_t, int64_t> share(int64_t n, int t, int T) { return {n * t / T, n * (t + 1) / T}; }
+
+// y [M, D] = w2 @ (silu(w1 @ x) * (w3 @ x)) for x [M, D] and int4 w1, w3 [H, D], w2 [D, H], in one parallel region:
+// each thread takes 16 rows of w1 and of w3 at a time and writes their silu(gate) * up to the hidden rows [M, H],
+// then (after a barrier) quantizes its share of them and (after another) multiplies its share of w2's rows. As three
+// calls (linear_int4 of w1 and w3, inductor's silu-and-multiply, linear_int4 of w2), each forked and joined the
+// threads; at a decode step's sizes those forks and joins cost about as much as reading the weights. The gate and up
+// outputs and the hidden rows are rounded to x's dtype as the three calls' outputs were.
+template <typename S, typename Y>
+void run_swiglu_int4(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& sz1, const at::Tensor& w3,
+                     const at::Tensor& sz3, const at::Tensor& w2, const at::Tensor& sz2, at::Tensor& y) {
+  const int64_t D = x.size(-1), H = w1.size(0), M = x.numel() / D;
+  const int64_t groups_in = sz1.size(1), groups_hidden = sz2.size(1);
+  const uint8_t *gate_w = w1.data_ptr<uint8_t>(), *up_w = w3.data_ptr<uint8_t>(), *down_w = w2.data_ptr<uint8_t>();
+  const S *gate_sz = sz1.data_ptr<S>(), *up_sz = sz3.data_ptr<S>(), *down_sz = sz2.data_ptr<S>();
+  const Int8Rows xr = quantize_rows(float_rows(x, M, D), M, D);
+  static thread_local std::vector<float> hidden_buffer;
+  static thread_local Int8Buffers hidden_int8;
+  float* hidden = aligned(hidden_buffer, M * H);
+  const Int8Rows hr = hidden_int8.rows(M, H);
+  Y* out = y.data_ptr<Y>();
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    alignas(64) float gate[INT4_ROWS * 4], up[INT4_ROWS * 4];
+    const auto [first, last] = share(H / INT4_ROWS, t, T);
+    for (int64_t b = first; b < last; ++b)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
+        int4_block(gate_w, gate_sz, D, groups_in, b * INT4_ROWS, xr, m0, mc, gate);
+        int4_block(up_w, up_sz, D, groups_in, b * INT4_ROWS, xr, m0, mc, up);
+        for (int i = 0; i < INT4_ROWS * mc; i += 16) {  // gate and up hold [r * mc + m]
+          const __m512 g = as<Y>(_mm512_load_ps(gate + i)), u = as<Y>(_mm512_load_ps(up + i));
+          const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+          _mm512_store_ps(gate + i, as<Y>(_mm512_mul_ps(silu, u)));
+        }
+        for (int r = 0; r < INT4_ROWS; ++r)
+          for (int m = 0; m < mc; ++m) hidden[(m0 + m) * H + b * INT4_ROWS + r] = gate[r * mc + m];
+      }
+#pragma omp barrier
+    const auto [q_first, q_last] = share(M * hr.blocks, t, T);
+    for (int64_t i = q_first; i < q_last; ++i) quantize_blocks(hidden, H, i / hr.blocks, i % hr.blocks, i % hr.blocks + 1, hr);
+#pragma omp barrier
+    const auto [d_first, d_last] = share(D / INT4_ROWS, t, T);
+    for (int64_t b = d_first; b < d_last; ++b)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
+        int4_block(down_w, down_sz, H, groups_hidden, b * INT4_ROWS, hr, m0, mc, gate);
+        for (int r = 0; r < INT4_ROWS; ++r)
+          for (int m = 0; m < mc; ++m) out[(m0 + m) * D + b * INT4_ROWS + r] = static_cast<Y>(gate[r * mc + m]);
+      }
+  }
+}
+
+}  // namespace
+
+at::Tensor swiglu_int4(const at::Tensor& x_any, const at::Tensor& w1, const at::Tensor& sz1, const at::Tensor& w3,
+                       const at::Tensor& sz3, const at::Tensor& w2, const at::Tensor& sz2) {
+  const at::Tensor x = x_any.contiguous();
+  const char* what = "flexfast::swiglu_int4";
+  const int64_t D = x.size(-1), H = w1.dim() == 2 ? w1.size(0) : 0;
+  const auto sz_dtype = sz1.scalar_type();
+  check_int4(x, w1, sz1, D, groups_of(sz1), sz_dtype, what);
+  check_int4(x, w3, sz3, D, groups_of(sz1), sz_dtype, what);
+  TORCH_CHECK(w3.size(0) == H && w2.dim() == 2 && w2.size(0) == D, what, ": w1, w3 must be [H, D] and w2 [D, H]");
+  const at::Tensor hidden_like = at::empty({H}, x.options());
+  check_int4(hidden_like, w2, sz2, H, groups_of(sz2), sz_dtype, what);
+  at::Tensor y = output(x, D);
+  if (sz_dtype == at::kFloat && x.scalar_type() == at::kFloat) run_swiglu_int4<float, float>(x, w1, sz1, w3, sz3, w2, sz2, y);
+  else if (sz_dtype == at::kFloat) run_swiglu_int4<float, at::BFloat16>(x, w1, sz1, w3, sz3, w2, sz2, y);
+  else if (x.scalar_type() == at::kFloat) run_swiglu_int4<at::BFloat16, float>(x, w1, sz1, w3, sz3, w2, sz2, y);
+  else run_swiglu_int4<at::BFloat16, at::BFloat16>(x, w1, sz1, w3, sz3, w2, sz2, y);
+  return y;
+}
+
 TORCH_LIBRARY(flexfast, m) {
   m.def("linear(Tensor x, Tensor[] ws) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor[] ws, Tensor[] scales) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor[] ws, Tensor[] scales_zeros) -> Tensor");
+  m.def("swiglu_int4(Tensor x, Tensor w1, Tensor sz1, Tensor w3, Tensor sz3, Tensor w2, Tensor sz2) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flexfast, CPU, m) {
   m.impl("linear", &linear);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
+  m.impl("swiglu_int4", &swiglu_int4);
 }

@@ -94,3 +94,4 @@ def register_fakes():
     torch.library.register_fake("flexfast::linear")(lambda x, ws: rows_of(x, ws))
     torch.library.register_fake("flexfast::linear_int8")(lambda x, ws, scales: rows_of(x, ws))
     torch.library.register_fake("flexfast::linear_int4")(lambda x, ws, scales_zeros: rows_of(x, ws))
+    torch.library.register_fake("flexfast::swiglu_int4")(lambda x, w1, sz1, w3, sz3, w2, sz2: torch.empty_like(x))

@@ -386,6 +386,25 @@ class Attention(nn.Module):
         return self.attend_q(q, rope, mask, k, v)
 
 
+# False: swiglu() always runs as its linears and the activation between them (scripts/bench_decode_ab.py -mlp3)
+SWIGLU_IN_ONE_CALL = True
+
+
+def swiglu(x: Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> Tensor:
+    """down(silu(gate(x)) * up(x)): the MLP of a layer and of FlexiDepth's adapter. Where the linears' class has a
+    kernel for all of it (Int4Linear.swiglu; few rows on CPU) it is one call, one parallel region: as three calls,
+    each forking and joining the threads, it cost 1.2x at a decode step's sizes (BENCHMARKS.md). Not where a hook
+    on down must see its output (tp.py's all-reduce)."""
+    whole = getattr(gate, "swiglu", None)
+    if (SWIGLU_IN_ONE_CALL and whole is not None and getattr(up, "swiglu", None) is whole
+            and getattr(down, "swiglu", None) is whole and not down._forward_hooks):
+        y = whole(x, gate, up, down)
+        if y is not None:
+            return y
+    gate_out, up_out = linears(x, (gate, up))
+    return down(F.silu(gate_out) * up_out)
+
+
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -394,8 +413,7 @@ class FeedForward(nn.Module):
         self.w2 = Linear(args.intermediate_size, args.dim)  # down
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = linears(x, (self.w1, self.w3))
-        return self.w2(F.silu(gate) * up)
+        return swiglu(x, self.w1, self.w3, self.w2)
 
 
 class TransformerBlock(nn.Module):
@@ -441,7 +459,7 @@ class Adapter(nn.Module):
         self.up_proj = Linear(args.adapter_dim, args.dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.up_proj(F.silu(self.gate_proj(x)) * self.down_proj(x))
+        return swiglu(x, self.gate_proj, self.down_proj, self.up_proj)
 
 
 class FlexiDepthBlock(TransformerBlock):

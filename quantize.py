@@ -183,6 +183,18 @@ class Int4Linear(nn.Module):
         y = torch.ops.flexfast.linear_int4(x, weights, [m.kernel_scales_zeros for m in modules])
         return y.split([w.shape[0] for w in weights], dim=-1)
 
+    @staticmethod
+    def swiglu(x: Tensor, gate: "Int4Linear", up: "Int4Linear", down: "Int4Linear") -> Optional[Tensor]:
+        """down(silu(gate(x)) * up(x)) from one kernel call (model.swiglu), or None where the kernel does not take
+        it."""
+        if not (hasattr(gate, "nibbles") and hasattr(up, "nibbles") and hasattr(down, "nibbles")):
+            return None
+        if not (cpu_kernels.supports(x, [gate.nibbles, up.nibbles], gate.in_features)
+                and cpu_kernels.supports(x, [down.nibbles], down.in_features)):
+            return None
+        return torch.ops.flexfast.swiglu_int4(x, gate.nibbles, gate.kernel_scales_zeros, up.nibbles,
+                                              up.kernel_scales_zeros, down.nibbles, down.kernel_scales_zeros)
+
 
 def check_quantization(quantization) -> dict:
     mode = quantization.get("mode") if isinstance(quantization, dict) else None

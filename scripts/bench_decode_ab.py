@@ -21,6 +21,8 @@ compared; timed round by round in one process they can. A variant is a one-token
                                recomputes its normed input for every weight row)
     ...-pywrapper              inductor's Python wrapper also for a quantized model (compile_one_token gives their
                                steps the C++ wrapper: steps.CPP_WRAPPER)
+    ...-mlp3                   the MLP as three calls, gate and up, the activation, down (model.SWIGLU_IN_ONE_CALL
+                               off; on, int4 takes one kernel call for it)
 Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
 function would hold one variant at a time). Then every round decodes the same prompt once per variant and reads
 the weights' bytes once with a torch sum (the limit); the best round of each counts.
@@ -53,7 +55,7 @@ from steps import (Steps, compile_one_token, compile_steps, forward_last,  # noq
                    one_token_compile_args, own_code, warm_up)
 
 KINDS = ("gemv", "linear", "kernel")
-OPTIONS = ("separate", "frozen", "regional", "wide", "bounded", "smallpages", "recompute", "pywrapper")
+OPTIONS = ("separate", "frozen", "regional", "wide", "bounded", "smallpages", "recompute", "pywrapper", "mlp3")
 
 
 def parse_variant(text: str) -> tuple:
@@ -76,6 +78,7 @@ def set_variant(text: str, dtype: torch.dtype, grouped):
     for in_branch in (False, True):
         model_code.ONE_TOKEN_LINEAR[(str(dtype), in_branch)] = kind
     model_code.linears = one_call_per_weight if "separate" in options else grouped
+    model_code.SWIGLU_IN_ONE_CALL = "mlp3" not in options
 
 
 def run(args):
@@ -152,6 +155,7 @@ def run(args):
             read_seconds.append(time.perf_counter() - t0)
     finally:
         model_code.linears = grouped
+        model_code.SWIGLU_IN_ONE_CALL = True
     bandwidth = nbytes / min(read_seconds)
     print(f"{cpu_model()}, torch {torch.__version__}, {args.threads} threads, {args.precision}, "
           f"{args.checkpoint_path.name}, {nbytes / 1e6:.0f} MB a token, read bandwidth {bandwidth / 1e9:.1f} GB/s "

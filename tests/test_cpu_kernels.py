@@ -158,6 +158,64 @@ def test_quantized_weights_in_one_call_match_one_call_each(mode):
         torch.testing.assert_close(got, m(x), atol=0, rtol=0)
 
 
+def int4_module(n, k, gen, dtype=torch.bfloat16):
+    """An Int4Linear of a random weight, packed for CPU, and its dequantized weight (fp32)."""
+    from quantize import Int4Linear, dequantize_int4, quantize_int4
+    m = Int4Linear(k, n, 32)
+    m.weight.data, m.scales.data, m.zeros.data = quantize_int4((0.1 * torch.randn(n, k, generator=gen)).to(dtype), 32)
+    dense = dequantize_int4(m.weight, m.scales, m.zeros).float()
+    m.pack()  # on CPU it keeps the nibbles the kernel reads
+    return m, dense
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", ROWS)
+def test_swiglu_int4_in_one_call_matches_three_calls(dtype, rows):
+    """model.swiglu on Int4Linear: one swiglu_int4 call gives what linear_int4 of gate and up, the activation in
+    fp32, and linear_int4 of down give: in bf16 exactly (each output rounded as the three calls round it); in fp32
+    the sigmoid's exp is its own (a few fp32 ulps). And the dequantized MLP within the int4 scheme's error."""
+    from model import swiglu
+    gen = torch.Generator().manual_seed(rows)
+    (gate, gate_w), (up, up_w), (down, down_w) = (int4_module(n, k, gen, dtype) for n, k in ((192, 128), (192, 128),
+                                                                                          (128, 192)))
+    x = torch.randn(1, rows, 128, generator=gen).to(dtype)
+    x[0, 0, :32] = 0  # an all-zero block
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = swiglu(x, gate, up, down)
+    names = [e.name for e in prof.events()]
+    assert names.count("flexfast::swiglu_int4") == 1 and "flexfast::linear_int4" not in names
+    gate_out, up_out = gate(x), up(x)
+    want = down((F.silu(gate_out.float()) * up_out.float()).to(dtype))
+    assert got.shape == want.shape and got.dtype == dtype
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    exact = F.linear(F.silu(F.linear(x.float(), gate_w)) * F.linear(x.float(), up_w), down_w)
+    assert (got.float() - exact).abs().max() < 0.03 * exact.abs().max()
+
+
+def test_swiglu_keeps_three_calls_where_the_kernel_cannot_or_a_hook_must_see_down():
+    from model import swiglu
+    gen = torch.Generator().manual_seed(0)
+    gate, up, down = (int4_module(n, k, gen)[0] for n, k in ((192, 128), (192, 128), (128, 192)))
+    x = torch.randn(1, 1, 128, generator=gen).to(torch.bfloat16)
+    seen = []
+    handle = down.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    try:
+        _, used = ran_kernel(lambda: swiglu(x, gate, up, down), "swiglu_int4")
+    finally:
+        handle.remove()
+    assert not used and len(seen) == 1  # tp.py's all-reduce is such a hook
+    x_many = torch.randn(1, cpu_kernels.MAX_ROWS + 1, 128, generator=gen).to(torch.bfloat16)
+    _, used = ran_kernel(lambda: swiglu(x_many, gate, up, down), "swiglu_int4")
+    assert not used
+    narrow_up = int4_module(96, 128, gen)[0]
+    with pytest.raises(RuntimeError, match="w1, w3 must be"):
+        torch.ops.flexfast.swiglu_int4(x, gate.nibbles, gate.kernel_scales_zeros, narrow_up.nibbles,
+                                       narrow_up.kernel_scales_zeros, down.nibbles, down.kernel_scales_zeros)
+
+
 def test_unsupported_shapes_keep_torch_paths():
     x = torch.randn(1, 48)
     assert not cpu_kernels.supports(x, [torch.randn(8, 48)], 48)  # K not a multiple of 32
