@@ -34,6 +34,7 @@ BUILD_ROOT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / 
 MAX_ROWS = 8
 INT4_ROWS = 16  # the int4 kernel's rows per interleaved block (cpu_kernels.cpp)
 LOADED = False  # set by load(); a plain global, which torch.compile reads as a constant at trace time
+PREFETCH_L2 = False  # where the kernels' software prefetches put the weights (set_prefetch_l2)
 
 
 def supports(x: Tensor, weights: list, in_features: int) -> bool:
@@ -72,7 +73,19 @@ def load() -> bool:
         return False
     register_fakes()
     LOADED = True
+    set_prefetch_l2(PREFETCH_L2)
     return True
+
+
+def set_prefetch_l2(l2: bool):
+    """The kernels' software prefetches into the second-level cache (True) or the first (False): which streams a
+    weight from memory faster depends on the CPU, so cpu_linear's probe measures both and calls this. Process-wide
+    state the kernels read at every call, not at trace time: compiled steps need no recompile. Kept for load() if
+    the kernels are not loaded yet."""
+    global PREFETCH_L2
+    PREFETCH_L2 = l2
+    if LOADED:
+        torch.ops.flexfast.set_prefetch_l2(l2)
 
 
 def interleave_int4(nibbles: Tensor, scales: Tensor, zeros: Tensor) -> tuple:

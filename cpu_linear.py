@@ -8,7 +8,10 @@ Xeon with AMX than on an AMD EPYC with AVX-512):
     "linear": F.linear, which freezing turns into a oneDNN (or MKL) call on a prepacked weight in the main graph,
               but which inside a torch.cond branch (FlexiDepth's run/skip branches) stays an mm on the unpacked
               weight, which oneDNN reorders at every call in bf16;
-    "kernel": cpu_kernels.cpp (where it builds), which also takes the verify's few rows.
+    "kernel": cpu_kernels.cpp (where it builds), which also takes the verify's few rows; timed twice, its software
+              prefetches into the first-level cache and into the second ("kernel-l2"), which decides where they
+              go on this machine for every kernel call (cpu_kernels.set_prefetch_l2: measured on a Xeon with AMX,
+              a bf16 weight from memory streamed at 21 GB/s into L1 and 28 into L2).
 So the choice is made twice per dtype: for the main graph and for the branches; and a third time, between "linear"
 and "kernel", for linears of 2 to cpu_kernels.MAX_ROWS rows (the self-speculative verify, short compiled prefills), but
 only once a step of that many rows is about to compile (choose_rows). The probe compiles a stack of different weights
@@ -47,7 +50,7 @@ PROBE_NORMED = (True, False, True, False)
 PROBE_BYTES = 64 << 20  # twice a 32 MiB L3, so that the weights stream from memory as the model's do
 MARGIN = 0.05  # another kind replaces the GEMV (the path before this probe existed) only if it is this much faster
 KINDS = ("gemv", "linear", "kernel")
-PROBE_VERSION = 6  # 6: weights in huge pages, read from memory, normed inputs; older entries are not used
+PROBE_VERSION = 7  # 7: the kernel's prefetch level; 6: weights in huge pages, read from memory, normed inputs
 FEW_ROWS = 3  # rows of the few-row probe: the verify of k = 2 drafts
 PROBE_ROUNDS = 30
 ISA_CACHE_PATH = CACHE_PATH.with_name("vector_isa.json")
@@ -122,15 +125,33 @@ def time_kinds(kinds: list, dtype: torch.dtype, in_branch: bool, mode=None, rows
             hugepages.move_weights(stack)  # as load_model places the model's
             compiled[kind] = torch.compile(stack, **compile_args)
             compiled[kind](x, run)  # compiles now, so that the kernels' build overlaps the kinds before them
+        if "kernel" in compiled:  # the same code: the prefetch level is the kernels' state at each call
+            compiled["kernel-l2"] = compiled["kernel"]
         best = {kind: float("inf") for kind in compiled}
         evict = torch.ones(evicting_bytes() // 4)
-        for _ in range(PROBE_ROUNDS):
-            for kind, fn in compiled.items():
-                evict.sum()
-                t0 = time.perf_counter()
-                fn(x, run)
-                best[kind] = min(best[kind], time.perf_counter() - t0)
+        prefetch_l2 = cpu_kernels.PREFETCH_L2
+        try:
+            for _ in range(PROBE_ROUNDS):
+                for kind, fn in compiled.items():
+                    if kind.startswith("kernel"):
+                        cpu_kernels.set_prefetch_l2(kind == "kernel-l2")
+                    evict.sum()
+                    t0 = time.perf_counter()
+                    fn(x, run)
+                    best[kind] = min(best[kind], time.perf_counter() - t0)
+        finally:
+            cpu_kernels.set_prefetch_l2(prefetch_l2)
     return {kind: round(t / nbytes * 1e12, 2) for kind, t in best.items()}
+
+
+def kind_of(timed: str) -> str:
+    """The kind a timed name is (time_kinds times the kernel at two prefetch levels)."""
+    return timed.removesuffix("-l2")
+
+
+def prefers_l2(times: dict) -> bool:
+    """Whether the kernel streamed faster with its prefetches into L2 (False where it was not timed)."""
+    return times.get("kernel-l2", float("inf")) < times.get("kernel", float("inf"))
 
 
 def evicting_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
@@ -148,10 +169,11 @@ def evicting_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) ->
 
 
 def probe(dtype: torch.dtype, mode=None) -> dict:
-    """One-row linears: {"graph": kind, "branch": kind, "us_per_mb": {context: {kind: time}}}. Another kind must beat
-    the gemv by MARGIN to replace it. The branches are probed only if the gemv loses the graph (the same kernels run
-    there, but F.linear loses freezing's prepacking). On a machine's first run the kernels build (one C++ compiler
-    process, ~11 s) on one core while the other two kinds compile on the other."""
+    """One-row linears: {"graph": kind, "branch": kind, "prefetch_l2": bool, "us_per_mb": {context: {kind: time}}}.
+    Another kind must beat the gemv by MARGIN to replace it. The branches are probed only if the gemv loses the graph
+    (the same kernels run there, but F.linear loses freezing's prepacking). prefetch_l2: the kernel's faster prefetch
+    level in the graph. On a machine's first run the kernels build (one C++ compiler process, ~11 s) on one core
+    while the other two kinds compile on the other."""
     build = threading.Thread(target=cpu_kernels.load, daemon=True)
     build.start()
 
@@ -162,7 +184,8 @@ def probe(dtype: torch.dtype, mode=None) -> dict:
     us_per_mb = {"graph": time_kinds(list(KINDS), dtype, False, mode, kernels_ready=kernels_ready)}
     if fastest(us_per_mb["graph"]) != "gemv":
         us_per_mb["branch"] = time_kinds(list(KINDS), dtype, True, mode, kernels_ready=kernels_ready)
-    return dict(graph=fastest(us_per_mb["graph"]), branch=fastest(us_per_mb.get("branch")), us_per_mb=us_per_mb)
+    return dict(graph=fastest(us_per_mb["graph"]), branch=fastest(us_per_mb.get("branch")),
+                prefetch_l2=prefers_l2(us_per_mb["graph"]), us_per_mb=us_per_mb)
 
 
 def probe_rows(dtype: torch.dtype, mode=None) -> dict:
@@ -171,14 +194,14 @@ def probe_rows(dtype: torch.dtype, mode=None) -> dict:
     if not cpu_kernels.load():
         return dict(rows="linear", us_per_mb={})
     times = time_kinds(["linear", "kernel"], dtype, False, mode, rows=FEW_ROWS)
-    return dict(rows=min(times, key=times.get), us_per_mb={"rows": times})
+    return dict(rows=kind_of(min(times, key=times.get)), us_per_mb={"rows": times})
 
 
 def fastest(times) -> str:
     if not times:
         return "gemv"
     best = min(times, key=times.get)
-    return best if times[best] * (1 + MARGIN) < times["gemv"] else "gemv"
+    return kind_of(best) if times[best] * (1 + MARGIN) < times["gemv"] else "gemv"
 
 
 def read_cache(path: Path) -> dict:
@@ -281,11 +304,12 @@ def measured(key: str, fields: tuple, what: str, run_probe: Callable[[], dict], 
 
 def choose(dtype: torch.dtype, mode=None, path: Path = CACHE_PATH, run_probe=probe) -> dict:
     """This machine's one-row kinds for `dtype` compiled with `mode` (probed once, then read from `path`), installed
-    for model.Linear."""
+    for model.Linear, and the kernels' prefetch level (which quantized linears take too)."""
     entry = measured(probe_key(dtype, mode), ("graph", "branch"), f"one-token {dtype}",
                      lambda: run_probe(dtype, mode), path)
     if "kernel" in (entry["graph"], entry["branch"]):
         cpu_kernels.load()  # built when probed; model.linear falls back to the gemv if it cannot load now
+    cpu_kernels.set_prefetch_l2(bool(entry.get("prefetch_l2", False)))
     model.ONE_TOKEN_LINEAR[(str(dtype), False)] = entry["graph"]
     model.ONE_TOKEN_LINEAR[(str(dtype), True)] = entry["branch"]
     return entry

@@ -21,6 +21,8 @@ compared; timed round by round in one process they can. A variant is a one-token
                                recomputes its normed input for every weight row)
     ...-pywrapper              inductor's Python wrapper also for a quantized model (compile_one_token gives their
                                steps the C++ wrapper: steps.CPP_WRAPPER)
+    ...-l1, ...-l2             the CPU kernels' software prefetches into the first- or second-level cache (neither:
+                               this machine's choice, cpu_linear's probe)
     ...-mlp3                   the MLP as three calls, gate and up, the activation, down (model.SWIGLU_IN_ONE_CALL
                                off; on, int4 takes one kernel call for it)
 Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
@@ -55,7 +57,8 @@ from steps import (Steps, compile_one_token, compile_steps, forward_last,  # noq
                    one_token_compile_args, own_code, warm_up)
 
 KINDS = ("gemv", "linear", "kernel")
-OPTIONS = ("separate", "frozen", "regional", "wide", "bounded", "smallpages", "recompute", "pywrapper", "mlp3")
+OPTIONS = ("separate", "frozen", "regional", "wide", "bounded", "smallpages", "recompute", "pywrapper", "mlp3", "l1",
+           "l2")
 
 
 def parse_variant(text: str) -> tuple:
@@ -72,13 +75,15 @@ def one_call_per_weight(x, modules):
     return tuple(m(x) for m in modules)
 
 
-def set_variant(text: str, dtype: torch.dtype, grouped):
+def set_variant(text: str, dtype: torch.dtype, grouped, machine_prefetch_l2: bool):
     """Installs what the variant's decode graph reads at trace time (and is guarded on at every call)."""
     kind, options = parse_variant(text)
     for in_branch in (False, True):
         model_code.ONE_TOKEN_LINEAR[(str(dtype), in_branch)] = kind
     model_code.linears = one_call_per_weight if "separate" in options else grouped
     model_code.SWIGLU_IN_ONE_CALL = "mlp3" not in options
+    if cpu_kernels.LOADED:
+        cpu_kernels.set_prefetch_l2("l2" in options if {"l1", "l2"} & options else machine_prefetch_l2)
 
 
 def run(args):
@@ -111,6 +116,7 @@ def run(args):
     if any(parse_variant(v)[0] == "kernel" for v in args.variants) and not cpu_kernels.load():
         raise ValueError("a kernel variant was asked for, but the CPU kernels do not build here")
     grouped = model_code.linears
+    machine_prefetch_l2 = cpu_kernels.PREFETCH_L2
     capped = CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM
     any_wide = any("wide" in parse_variant(v)[1] for v in args.variants)
     steps = {}
@@ -125,7 +131,7 @@ def run(args):
         else:
             decode = compile_one_token(decode, kind, frozen_args, regional="regional" in options)
         steps[v] = Steps(decode=decode, compiled=True, bounded="bounded" in options)
-        set_variant(v, dtype, grouped)
+        set_variant(v, dtype, grouped, machine_prefetch_l2)
         CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM = 500 if "wide" in options else capped
         steps_code.END_GROUPS_AT_LAYERS = "wide" not in options
         threshold = default_threshold if "recompute" in options else realize_threshold
@@ -146,7 +152,7 @@ def run(args):
     try:
         for _ in range(args.rounds):
             for v in args.variants:
-                set_variant(v, dtype, grouped)
+                set_variant(v, dtype, grouped, machine_prefetch_l2)
                 _, stats = generate(models[v], prompt, args.max_new_tokens, steps=steps[v], ignore_eos=True,
                                     start_pos=args.start_pos)
                 per_round[v].append(stats.decode_seconds / (stats.new_tokens - 1))
@@ -156,6 +162,8 @@ def run(args):
     finally:
         model_code.linears = grouped
         model_code.SWIGLU_IN_ONE_CALL = True
+        if cpu_kernels.LOADED:
+            cpu_kernels.set_prefetch_l2(machine_prefetch_l2)
     bandwidth = nbytes / min(read_seconds)
     print(f"{cpu_model()}, torch {torch.__version__}, {args.threads} threads, {args.precision}, "
           f"{args.checkpoint_path.name}, {nbytes / 1e6:.0f} MB a token, read bandwidth {bandwidth / 1e9:.1f} GB/s "

@@ -242,15 +242,19 @@ def test_linear_choice_probe_is_cached_atomically(tmp_path, monkeypatch):
 
     def fake_probe(dtype, mode):
         probes.append((dtype, mode))
-        return {"graph": "linear", "branch": "gemv", "us_per_mb": {}}
+        return {"graph": "linear", "branch": "gemv", "prefetch_l2": dtype == torch.bfloat16, "us_per_mb": {}}
 
     def fake_rows_probe(dtype, mode):
         probes.append((dtype, mode, "rows"))
         return {"rows": "kernel", "us_per_mb": {}}
 
+    import cpu_kernels
+    monkeypatch.setattr(cpu_kernels, "set_prefetch_l2", lambda l2: setattr(cpu_kernels, "PREFETCH_L2", l2))
+    monkeypatch.setattr(cpu_kernels, "PREFETCH_L2", None)
     path = tmp_path / "cache/one_token_linear.json"
     assert cpu_linear.choose(torch.bfloat16, None, path, fake_probe)["graph"] == "linear"
     assert model.ONE_TOKEN_LINEAR == {("torch.bfloat16", False): "linear", ("torch.bfloat16", True): "gemv"}
+    assert cpu_kernels.PREFETCH_L2 is True  # the probe's prefetch level, for every kernel call
     assert model.FEW_ROW_LINEAR == {} and len(probes) == 1  # few rows wait for a step that has them
     assert cpu_linear.choose(torch.bfloat16, None, path, fake_probe)["branch"] == "gemv"  # read back, no probe
     assert len(probes) == 1 and cpu_linear.probe_key(torch.bfloat16) in json.loads(path.read_text())
@@ -258,7 +262,7 @@ def test_linear_choice_probe_is_cached_atomically(tmp_path, monkeypatch):
     cpu_linear.choose_rows(torch.bfloat16, None, path, fake_rows_probe)
     assert model.FEW_ROW_LINEAR == {"torch.bfloat16": "kernel"} and probes[1:] == [(torch.bfloat16, None, "rows")]
     cpu_linear.choose(torch.float32, "max-autotune-no-cudagraphs", path, fake_probe)  # a third entry beside them
-    assert len(probes) == 3 and len(json.loads(path.read_text())) == 3
+    assert len(probes) == 3 and len(json.loads(path.read_text())) == 3 and cpu_kernels.PREFETCH_L2 is False
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
     before = path.read_text()
 
@@ -351,15 +355,19 @@ def test_linear_probe_times_every_kind_while_the_kernels_build(monkeypatch):
     monkeypatch.setattr(cpu_linear, "PROBE_BYTES", 1)  # two layers
     monkeypatch.setattr(cpu_linear, "PROBE_ROUNDS", 2)
     monkeypatch.setattr(cpu_linear, "MARGIN", math.inf)  # the gemv keeps the graph: no torch.cond branch probe
+    prefetch_l2 = cpu_kernels.PREFETCH_L2
     try:
         entry, rows = cpu_linear.probe(torch.float32), cpu_linear.probe_rows(torch.float32)
     finally:
         torch._dynamo.reset()
     built = cpu_kernels.load()
     assert entry["graph"] == entry["branch"] == "gemv" and "branch" not in entry["us_per_mb"]
-    assert sorted(entry["us_per_mb"]["graph"]) == sorted(["gemv", "linear"] + ["kernel"] * built)
+    # the kernel timed at both prefetch levels, and the state it found left as it was
+    assert sorted(entry["us_per_mb"]["graph"]) == sorted(["gemv", "linear"] + ["kernel", "kernel-l2"] * built)
+    assert entry["prefetch_l2"] in ((True, False) if built else (False,)) and cpu_kernels.PREFETCH_L2 == prefetch_l2
     assert rows["rows"] in (("linear", "kernel") if built else ("linear",))
-    assert (sorted(rows["us_per_mb"]["rows"]) == ["kernel", "linear"]) if built else rows["us_per_mb"] == {}
+    assert (sorted(rows["us_per_mb"]["rows"]) == ["kernel", "kernel-l2", "linear"]) if built \
+        else rows["us_per_mb"] == {}
     times = [t for probed in (entry, rows) for context in probed["us_per_mb"].values() for t in context.values()]
     assert all(0 < t < math.inf for t in times), entry
 
