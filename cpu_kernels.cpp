@@ -337,11 +337,16 @@ at::Tensor linear(const at::Tensor& x_any, at::TensorList ws) {
   return y;
 }
 
-// x [M, K] rounded to int16 rows (buffers reused per thread; the kernel reads them from every thread)
-Int16Rows int16_rows(const float* x, int64_t M, int64_t K) {
-  static thread_local std::vector<int16_t> xq_buffer;
-  static thread_local std::vector<float> dx;
-  int16_t* xq = aligned(xq_buffer, M * K);
+// The memory of an Int16Rows, reused from call to call (the kernel reads it from every thread)
+struct Int16Buffers {
+  std::vector<int16_t> xq;
+  std::vector<float> dx;
+};
+
+// x [M, K] rounded to int16 rows in buffers
+Int16Rows int16_rows(const float* x, int64_t M, int64_t K, Int16Buffers& buffers) {
+  int16_t* xq = aligned(buffers.xq, M * K);
+  std::vector<float>& dx = buffers.dx;
   dx.resize(M);
   for (int64_t m = 0; m < M; ++m) {
     __m512 top = _mm512_setzero_ps();
@@ -355,22 +360,31 @@ Int16Rows int16_rows(const float* x, int64_t M, int64_t K) {
   return Int16Rows{xq, dx.data()};
 }
 
+// One int8 weight's 4 rows from `local` (w: the whole weight, K columns; its row scales) against the activation rows
+// m0 to m0 + mc - 1: out[r * mc + m]
+template <typename S>
+void int8_block(const int8_t* w, const S* row_scales, int64_t K, int64_t local, const Int16Rows& xr, int64_t m0,
+                int mc, float* out) {
+  const int8_t* wb = w + local * K;
+  switch (mc) {
+    case 1: block_int8<1>(wb, K, xr, m0, out); break;
+    case 2: block_int8<2>(wb, K, xr, m0, out); break;
+    case 3: block_int8<3>(wb, K, xr, m0, out); break;
+    default: block_int8<4>(wb, K, xr, m0, out); break;
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < mc; ++m) out[r * mc + m] *= static_cast<float>(row_scales[local + r]);
+}
+
 // y [M, sum N_j] = x @ [W_0; W_1; ...]^T * row_scales, each W_j [N_j, K] int8 with row_scales[j] [N_j].
 template <typename S>
 void run_int8(const at::Tensor& x, const std::vector<const int8_t*>& ws, const std::vector<int64_t>& rows, int64_t K,
               const std::vector<const S*>& row_scales, at::Tensor& y) {
   const int64_t M = x.numel() / K;
-  const Int16Rows xr = int16_rows(float_rows(x, M, K), M, K);
+  static thread_local Int16Buffers buffers;
+  const Int16Rows xr = int16_rows(float_rows(x, M, K), M, K, buffers);
   run_parts(M, rows, y, [&](int j, int64_t local, int64_t m0, int mc, float* out) {
-    const int8_t* wb = ws[j] + local * K;
-    switch (mc) {
-      case 1: block_int8<1>(wb, K, xr, m0, out); break;
-      case 2: block_int8<2>(wb, K, xr, m0, out); break;
-      case 3: block_int8<3>(wb, K, xr, m0, out); break;
-      default: block_int8<4>(wb, K, xr, m0, out); break;
-    }
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < mc; ++m) out[r * mc + m] *= static_cast<float>(row_scales[j][local + r]);
+    int8_block(ws[j], row_scales[j], K, local, xr, m0, mc, out);
   });
 }
 
@@ -525,12 +539,98 @@ inline __m512 as(__m512 v) {
 // [begin, end) of thread t's share of n items among T
 inline std::pair<int64_t, int64_t> share(int64_t n, int t, int T) { return {n * t / T, n * (t + 1) / T}; }
 
-// y [M, D] = w2 @ (silu(w1 @ x) * (w3 @ x)) for x [M, D] and int4 w1, w3 [H, D], w2 [D, H], in one parallel region:
-// each thread takes 16 rows of w1 and of w3 at a time and writes their silu(gate) * up to the hidden rows [M, H],
-// then (after a barrier) quantizes its share of them and (after another) multiplies its share of w2's rows. As three
-// calls (linear_int4 of w1 and w3, inductor's silu-and-multiply, linear_int4 of w2), each forked and joined the
-// threads; at a decode step's sizes those forks and joins cost about as much as reading the weights. The gate and up
-// outputs and the hidden rows are rounded to x's dtype as the three calls' outputs were.
+// silu(gate) * up for n values, each input and the result rounded as Y holds it (as the three calls' outputs were)
+template <typename Y>
+inline void silu_times(float* gate, const float* up, int n) {
+  for (int i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 g = as<Y>(_mm512_maskz_loadu_ps(k, gate + i)), u = as<Y>(_mm512_maskz_loadu_ps(k, up + i));
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
+    _mm512_mask_storeu_ps(gate + i, k, as<Y>(_mm512_mul_ps(silu, u)));
+  }
+}
+
+// y [M, D] = w2 @ (silu(w1 @ x) * (w3 @ x)) for x [M, D], w1 and w3 [H, D], w2 [D, H], in one parallel region:
+// each thread takes RB rows of w1 and of w3 at a time and writes their silu(gate) * up to the hidden rows [M, H],
+// then (after a barrier) prepares its share of them as w2's kernel reads them and (after another) multiplies its share
+// of w2's rows. As three calls (w1 and w3 in one, inductor's silu-and-multiply, w2), each forked and joined the
+// threads; at a decode step's sizes those forks and joins cost about as much as reading a small weight. The format:
+//   gate_up(local, m0, mc, gate, up)   RB rows of w1 and of w3 from row local, for x's rows m0 to m0 + mc - 1
+//   prepare(hidden, t, T)              thread t of T's share of preparing the hidden rows
+//   down(hidden, local, m0, mc, out)   RB rows of w2 from row local, for the hidden rows m0 to m0 + mc - 1
+// each leaving out[r * mc + m].
+template <int RB, typename Y, typename GateUp, typename Prepare, typename Down>
+void run_swiglu(int64_t M, int64_t D, int64_t H, Y* y, const GateUp& gate_up, const Prepare& prepare,
+                const Down& down) {
+  static thread_local std::vector<float> hidden_buffer;
+  float* hidden = aligned(hidden_buffer, M * H);
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    alignas(64) float gate[RB * 4], up[RB * 4];
+    const auto [first, last] = share(H / RB, t, T);
+    for (int64_t b = first; b < last; ++b)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
+        gate_up(b * RB, m0, mc, gate, up);
+        silu_times<Y>(gate, up, RB * mc);
+        for (int r = 0; r < RB; ++r)
+          for (int m = 0; m < mc; ++m) hidden[(m0 + m) * H + b * RB + r] = gate[r * mc + m];
+      }
+#pragma omp barrier
+    prepare(hidden, t, T);
+#pragma omp barrier
+    const auto [d_first, d_last] = share(D / RB, t, T);
+    for (int64_t b = d_first; b < d_last; ++b)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
+        down(hidden, b * RB, m0, mc, gate);
+        for (int r = 0; r < RB; ++r)
+          for (int m = 0; m < mc; ++m) y[(m0 + m) * D + b * RB + r] = static_cast<Y>(gate[r * mc + m]);
+      }
+  }
+}
+
+template <typename W, typename Y>
+void run_swiglu_dense(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
+                      at::Tensor& y) {
+  const int64_t D = x.size(-1), H = w1.size(0), M = x.numel() / D;
+  const W *gate_w = w1.data_ptr<W>(), *up_w = w3.data_ptr<W>(), *down_w = w2.data_ptr<W>();
+  const float* xf = float_rows(x, M, D);
+  run_swiglu<R>(M, D, H, y.data_ptr<Y>(),
+      [&](int64_t local, int64_t m0, int mc, float* gate, float* up) {
+        dispatch_dot(mc, gate_w + local * D, D, xf + m0 * D, gate);
+        dispatch_dot(mc, up_w + local * D, D, xf + m0 * D, up);
+      },
+      [](const float*, int, int) {},  // the kernel reads the hidden rows as they are
+      [&](const float* hidden, int64_t local, int64_t m0, int mc, float* out) {
+        dispatch_dot(mc, down_w + local * H, H, hidden + m0 * H, out);
+      });
+}
+
+template <typename S, typename Y>
+void run_swiglu_int8(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& w3,
+                     const at::Tensor& s3, const at::Tensor& w2, const at::Tensor& s2, at::Tensor& y) {
+  const int64_t D = x.size(-1), H = w1.size(0), M = x.numel() / D;
+  const int8_t *gate_w = w1.data_ptr<int8_t>(), *up_w = w3.data_ptr<int8_t>(), *down_w = w2.data_ptr<int8_t>();
+  const S *gate_s = s1.data_ptr<S>(), *up_s = s3.data_ptr<S>(), *down_s = s2.data_ptr<S>();
+  static thread_local Int16Buffers x_buffers, hidden_buffers;
+  const Int16Rows xr = int16_rows(float_rows(x, M, D), M, D, x_buffers);
+  Int16Rows hr{};
+  run_swiglu<R>(M, D, H, y.data_ptr<Y>(),
+      [&](int64_t local, int64_t m0, int mc, float* gate, float* up) {
+        int8_block(gate_w, gate_s, D, local, xr, m0, mc, gate);
+        int8_block(up_w, up_s, D, local, xr, m0, mc, up);
+      },
+      [&](const float* hidden, int t, int) {  // one scale per row: one thread (the first, whose buffers they are)
+        if (t == 0) hr = int16_rows(hidden, M, H, hidden_buffers);
+      },
+      [&](const float*, int64_t local, int64_t m0, int mc, float* out) {
+        int8_block(down_w, down_s, H, local, hr, m0, mc, out);
+      });
+}
+
 template <typename S, typename Y>
 void run_swiglu_int4(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& sz1, const at::Tensor& w3,
                      const at::Tensor& sz3, const at::Tensor& w2, const at::Tensor& sz2, at::Tensor& y) {
@@ -539,49 +639,74 @@ void run_swiglu_int4(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
   const uint8_t *gate_w = w1.data_ptr<uint8_t>(), *up_w = w3.data_ptr<uint8_t>(), *down_w = w2.data_ptr<uint8_t>();
   const S *gate_sz = sz1.data_ptr<S>(), *up_sz = sz3.data_ptr<S>(), *down_sz = sz2.data_ptr<S>();
   const Int8Rows xr = quantize_rows(float_rows(x, M, D), M, D);
-  static thread_local std::vector<float> hidden_buffer;
   static thread_local Int8Buffers hidden_int8;
-  float* hidden = aligned(hidden_buffer, M * H);
   const Int8Rows hr = hidden_int8.rows(M, H);
-  Y* out = y.data_ptr<Y>();
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    alignas(64) float gate[INT4_ROWS * 4], up[INT4_ROWS * 4];
-    const auto [first, last] = share(H / INT4_ROWS, t, T);
-    for (int64_t b = first; b < last; ++b)
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
-        int4_block(gate_w, gate_sz, D, groups_in, b * INT4_ROWS, xr, m0, mc, gate);
-        int4_block(up_w, up_sz, D, groups_in, b * INT4_ROWS, xr, m0, mc, up);
-        for (int i = 0; i < INT4_ROWS * mc; i += 16) {  // gate and up hold [r * mc + m]
-          const __m512 g = as<Y>(_mm512_load_ps(gate + i)), u = as<Y>(_mm512_load_ps(up + i));
-          const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-          const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
-          _mm512_store_ps(gate + i, as<Y>(_mm512_mul_ps(silu, u)));
+  run_swiglu<INT4_ROWS>(M, D, H, y.data_ptr<Y>(),
+      [&](int64_t local, int64_t m0, int mc, float* gate, float* up) {
+        int4_block(gate_w, gate_sz, D, groups_in, local, xr, m0, mc, gate);
+        int4_block(up_w, up_sz, D, groups_in, local, xr, m0, mc, up);
+      },
+      [&](const float* hidden, int t, int T) {  // a scale per 32 columns: blocks shared among the threads
+        const auto [first, last] = share(M * hr.blocks, t, T);
+        for (int64_t i = first; i < last; ++i) {
+          const int64_t m = i / hr.blocks, b = i % hr.blocks;
+          quantize_blocks(hidden, H, m, b, b + 1, hr);
         }
-        for (int r = 0; r < INT4_ROWS; ++r)
-          for (int m = 0; m < mc; ++m) hidden[(m0 + m) * H + b * INT4_ROWS + r] = gate[r * mc + m];
-      }
-#pragma omp barrier
-    const auto [q_first, q_last] = share(M * hr.blocks, t, T);
-    for (int64_t i = q_first; i < q_last; ++i) {
-      const int64_t m = i / hr.blocks, b = i % hr.blocks;
-      quantize_blocks(hidden, H, m, b, b + 1, hr);
-    }
-#pragma omp barrier
-    const auto [d_first, d_last] = share(D / INT4_ROWS, t, T);
-    for (int64_t b = d_first; b < d_last; ++b)
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
-        int4_block(down_w, down_sz, H, groups_hidden, b * INT4_ROWS, hr, m0, mc, gate);
-        for (int r = 0; r < INT4_ROWS; ++r)
-          for (int m = 0; m < mc; ++m) out[(m0 + m) * D + b * INT4_ROWS + r] = static_cast<Y>(gate[r * mc + m]);
-      }
-  }
+      },
+      [&](const float*, int64_t local, int64_t m0, int mc, float* out) {
+        int4_block(down_w, down_sz, H, groups_hidden, local, hr, m0, mc, out);
+      });
 }
 
 }  // namespace
+
+// w2 [D, H] against w1 [H, ...]: the shapes of a SwiGLU, checked for x [..., D] (columns: w2's as stored)
+void check_swiglu_shapes(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
+                         int64_t w2_columns, const char* what) {
+  TORCH_CHECK(w1.dim() == 2 && w3.dim() == 2 && w2.dim() == 2 && w3.size(0) == w1.size(0) &&
+                  w2.size(0) == x.size(-1) && w2.size(1) == w2_columns,
+              what, ": w1, w3 must be [H, D] and w2 [D, H]");
+}
+
+at::Tensor swiglu(const at::Tensor& x_any, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2) {
+  const at::Tensor x = x_any.contiguous();
+  const char* what = "flexfast::swiglu";
+  checked_rows(x, {w1, w3}, what);
+  check_swiglu_shapes(x, w1, w3, w2, w1.size(0), what);
+  checked_rows(at::empty({w1.size(0)}, x.options()), {w2}, what);
+  const auto dtype = w1.scalar_type();
+  TORCH_CHECK(w2.scalar_type() == dtype && (dtype == at::kFloat || dtype == at::kBFloat16), what,
+              ": weights must be fp32 or bf16, one dtype for all");
+  at::Tensor y = output(x, x.size(-1));
+  const bool float_w = w1.scalar_type() == at::kFloat, float_x = x.scalar_type() == at::kFloat;
+  if (float_w && float_x) run_swiglu_dense<float, float>(x, w1, w3, w2, y);
+  else if (float_w) run_swiglu_dense<float, at::BFloat16>(x, w1, w3, w2, y);
+  else if (float_x) run_swiglu_dense<at::BFloat16, float>(x, w1, w3, w2, y);
+  else run_swiglu_dense<at::BFloat16, at::BFloat16>(x, w1, w3, w2, y);
+  return y;
+}
+
+at::Tensor swiglu_int8(const at::Tensor& x_any, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& w3,
+                       const at::Tensor& s3, const at::Tensor& w2, const at::Tensor& s2) {
+  const at::Tensor x = x_any.contiguous();
+  const char* what = "flexfast::swiglu_int8";
+  checked_rows(x, {w1, w3}, what);
+  check_swiglu_shapes(x, w1, w3, w2, w1.size(0), what);
+  checked_rows(at::empty({w1.size(0)}, x.options()), {w2}, what);
+  const auto s_dtype = s1.scalar_type();
+  TORCH_CHECK(w1.scalar_type() == at::kChar && w2.scalar_type() == at::kChar, what, ": weights must be int8");
+  for (const auto& [w, s] : {std::pair{w1, s1}, std::pair{w3, s3}, std::pair{w2, s2}})
+    TORCH_CHECK(s.is_contiguous() && s.numel() == w.size(0) && s.scalar_type() == s_dtype &&
+                    (s_dtype == at::kFloat || s_dtype == at::kBFloat16),
+                what, ": scales must be N contiguous fp32 or bf16 values, one dtype for all");
+  at::Tensor y = output(x, x.size(-1));
+  const bool float_s = s_dtype == at::kFloat, float_x = x.scalar_type() == at::kFloat;
+  if (float_s && float_x) run_swiglu_int8<float, float>(x, w1, s1, w3, s3, w2, s2, y);
+  else if (float_s) run_swiglu_int8<float, at::BFloat16>(x, w1, s1, w3, s3, w2, s2, y);
+  else if (float_x) run_swiglu_int8<at::BFloat16, float>(x, w1, s1, w3, s3, w2, s2, y);
+  else run_swiglu_int8<at::BFloat16, at::BFloat16>(x, w1, s1, w3, s3, w2, s2, y);
+  return y;
+}
 
 at::Tensor swiglu_int4(const at::Tensor& x_any, const at::Tensor& w1, const at::Tensor& sz1, const at::Tensor& w3,
                        const at::Tensor& sz3, const at::Tensor& w2, const at::Tensor& sz2) {
@@ -591,13 +716,12 @@ at::Tensor swiglu_int4(const at::Tensor& x_any, const at::Tensor& w1, const at::
   const auto sz_dtype = sz1.scalar_type();
   check_int4(x, w1, sz1, D, groups_of(sz1), sz_dtype, what);
   check_int4(x, w3, sz3, D, groups_of(sz1), sz_dtype, what);
-  TORCH_CHECK(w3.size(0) == H && w2.dim() == 2 && w2.size(0) == D, what, ": w1, w3 must be [H, D] and w2 [D, H]");
-  const at::Tensor hidden_like = at::empty({H}, x.options());
-  check_int4(hidden_like, w2, sz2, H, groups_of(sz2), sz_dtype, what);
+  check_swiglu_shapes(x, w1, w3, w2, H / 2, what);
+  check_int4(at::empty({H}, x.options()), w2, sz2, H, groups_of(sz2), sz_dtype, what);
   at::Tensor y = output(x, D);
-  const bool float_x = x.scalar_type() == at::kFloat;
-  if (sz_dtype == at::kFloat && float_x) run_swiglu_int4<float, float>(x, w1, sz1, w3, sz3, w2, sz2, y);
-  else if (sz_dtype == at::kFloat) run_swiglu_int4<float, at::BFloat16>(x, w1, sz1, w3, sz3, w2, sz2, y);
+  const bool float_sz = sz_dtype == at::kFloat, float_x = x.scalar_type() == at::kFloat;
+  if (float_sz && float_x) run_swiglu_int4<float, float>(x, w1, sz1, w3, sz3, w2, sz2, y);
+  else if (float_sz) run_swiglu_int4<float, at::BFloat16>(x, w1, sz1, w3, sz3, w2, sz2, y);
   else if (float_x) run_swiglu_int4<at::BFloat16, float>(x, w1, sz1, w3, sz3, w2, sz2, y);
   else run_swiglu_int4<at::BFloat16, at::BFloat16>(x, w1, sz1, w3, sz3, w2, sz2, y);
   return y;
@@ -610,6 +734,8 @@ TORCH_LIBRARY(flexfast, m) {
   m.def("linear(Tensor x, Tensor[] ws) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor[] ws, Tensor[] scales) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor[] ws, Tensor[] scales_zeros) -> Tensor");
+  m.def("swiglu(Tensor x, Tensor w1, Tensor w3, Tensor w2) -> Tensor");
+  m.def("swiglu_int8(Tensor x, Tensor w1, Tensor s1, Tensor w3, Tensor s3, Tensor w2, Tensor s2) -> Tensor");
   m.def("swiglu_int4(Tensor x, Tensor w1, Tensor sz1, Tensor w3, Tensor sz3, Tensor w2, Tensor sz2) -> Tensor");
 }
 
@@ -617,5 +743,7 @@ TORCH_LIBRARY_IMPL(flexfast, CPU, m) {
   m.impl("linear", &linear);
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
+  m.impl("swiglu", &swiglu);
+  m.impl("swiglu_int8", &swiglu_int8);
   m.impl("swiglu_int4", &swiglu_int4);
 }

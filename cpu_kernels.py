@@ -9,12 +9,13 @@ compiler) or FLEXFAST_KERNELS=0, load() says so once and the callers keep torch'
 
 The ops, each checked in tests/test_cpu_kernels.py against the torch path it replaces and a dequantized reference,
 take a list of weights of one K and one format, and return x @ cat(weights).T without the cat (wq/wk/wv and w1/w3
-in one call; model.linears):
+in one call; model.linears); and per format the MLP, w2 @ (silu(w1 @ x) * (w3 @ x)), in one call (model.swiglu):
     torch.ops.flexfast.linear(x, [w, ...])                        w [N, K] bf16 or fp32
     torch.ops.flexfast.linear_int8(x, [w, ...], [scales, ...])    w [N, K] int8, scales [N]; x rounded to int16
                                                                   per row (integer products)
     torch.ops.flexfast.linear_int4(x, [w, ...], [sz, ...])        w, sz from interleave_int4 (16 rows at a time);
                                                                   x rounded to int8 per 32 columns
+    torch.ops.flexfast.swiglu(x, w1, w3, w2), swiglu_int8(x, w1, s1, w3, s3, w2, s2), swiglu_int4(x, w1, sz1, ...)
 x is [..., K], fp32 or bf16, at most MAX_ROWS rows; the result has x's dtype. K must be a multiple of 32 and N of 4
 (supports()); for int4 N must be a multiple of INT4_ROWS, as quantize.py's int4 rule (model.INT4_ROW_MULTIPLE) makes it.
 """
@@ -107,4 +108,6 @@ def register_fakes():
     torch.library.register_fake("flexfast::linear")(lambda x, ws: rows_of(x, ws))
     torch.library.register_fake("flexfast::linear_int8")(lambda x, ws, scales: rows_of(x, ws))
     torch.library.register_fake("flexfast::linear_int4")(lambda x, ws, scales_zeros: rows_of(x, ws))
+    torch.library.register_fake("flexfast::swiglu")(lambda x, w1, w3, w2: torch.empty_like(x))
+    torch.library.register_fake("flexfast::swiglu_int8")(lambda x, w1, s1, w3, s3, w2, s2: torch.empty_like(x))
     torch.library.register_fake("flexfast::swiglu_int4")(lambda x, w1, sz1, w3, sz3, w2, sz2: torch.empty_like(x))

@@ -229,6 +229,16 @@ class Linear(nn.Linear):
         kind = few_row_kind(x, modules[0].in_branch)
         return None if kind is None else plain_linears(x, [m.weight for m in modules], kind)
 
+    @staticmethod
+    def swiglu(x: Tensor, gate: "Linear", up: "Linear", down: "Linear") -> Optional[Tensor]:
+        """down(silu(gate(x)) * up(x)) from one kernel call (see swiglu), or None where the linears are not the
+        kernel or it does not take them."""
+        if few_row_kind(x, gate.in_branch) != "kernel" or not (
+                cpu_kernels.supports(x, [gate.weight, up.weight], gate.in_features)
+                and cpu_kernels.supports(x, [down.weight], down.in_features)):
+            return None
+        return torch.ops.flexfast.swiglu(x, gate.weight, up.weight, down.weight)
+
 
 def few_row_kind(x: Tensor, in_branch: bool) -> Optional[str]:
     """The kind (see ONE_TOKEN_LINEAR) this machine uses for a linear of x, or None: eager, CUDA or many rows."""
@@ -392,9 +402,9 @@ SWIGLU_IN_ONE_CALL = True
 
 def swiglu(x: Tensor, gate: nn.Module, up: nn.Module, down: nn.Module) -> Tensor:
     """down(silu(gate(x)) * up(x)): the MLP of a layer and of FlexiDepth's adapter. Where the linears' class has a
-    kernel for all of it (Int4Linear.swiglu; few rows on CPU) it is one call, one parallel region: as three calls,
-    each forking and joining the threads, it cost 1.2x at a decode step's sizes (BENCHMARKS.md). Not where a hook
-    on down must see its output (tp.py's all-reduce)."""
+    kernel for all of it (its swiglu(); few rows on CPU, cpu_kernels) it is one call, one parallel region: as three
+    calls, each forking and joining the threads, it cost int4 decode 5% (BENCHMARKS.md). Not where a hook on down
+    must see its output (tp.py's all-reduce)."""
     whole = getattr(gate, "swiglu", None)
     if (SWIGLU_IN_ONE_CALL and whole is not None and getattr(up, "swiglu", None) is whole
             and getattr(down, "swiglu", None) is whole and not down._forward_hooks):

@@ -116,6 +116,16 @@ class Int8Linear(nn.Module):
         y = torch.ops.flexfast.linear_int8(x, weights, [m.scales for m in modules])
         return y.split([w.shape[0] for w in weights], dim=-1)
 
+    @staticmethod
+    def swiglu(x: Tensor, gate: "Int8Linear", up: "Int8Linear", down: "Int8Linear") -> Optional[Tensor]:
+        """down(silu(gate(x)) * up(x)) from one kernel call (model.swiglu), or None where the kernel does not take
+        it."""
+        if not (cpu_kernels.supports(x, [gate.weight, up.weight], gate.in_features)
+                and cpu_kernels.supports(x, [down.weight], down.in_features)):
+            return None
+        return torch.ops.flexfast.swiglu_int8(x, gate.weight, gate.scales, up.weight, up.scales, down.weight,
+                                              down.scales)
+
 
 class Int4Linear(nn.Module):
     """Holds the file's device-neutral form (weight uint8 [N, K/2], scales, zeros [N, K/g]) until pack() turns it

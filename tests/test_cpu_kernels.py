@@ -168,30 +168,50 @@ def int4_module(n, k, gen, dtype=torch.bfloat16):
     return m, dense
 
 
+def int8_module(n, k, gen, dtype=torch.bfloat16):
+    """An Int8Linear of a random weight, and its dequantized weight (fp32)."""
+    from quantize import Int8Linear, dequantize_int8, quantize_int8
+    m = Int8Linear(k, n)
+    m.weight.data, m.scales.data = quantize_int8((0.1 * torch.randn(n, k, generator=gen)).to(dtype))
+    return m, dequantize_int8(m.weight, m.scales).float()
+
+
+MLP_SHAPES = ((192, 128), (192, 128), (128, 192))  # gate, up, down: (out, in)
+
+
+@pytest.mark.parametrize("mode", ["dense", "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", ROWS)
-def test_swiglu_int4_in_one_call_matches_three_calls(dtype, rows):
-    """model.swiglu on Int4Linear: one swiglu_int4 call gives what linear_int4 of gate and up, the activation in
-    fp32, and linear_int4 of down give: in bf16 exactly (each output rounded as the three calls round it); in fp32
-    the sigmoid's exp is its own (a few fp32 ulps). And the dequantized MLP within the int4 scheme's error."""
+def test_swiglu_in_one_call_matches_three_calls(mode, dtype, rows):
+    """The MLP in one kernel call gives what the format's linear kernel of gate and up, the activation in fp32, and
+    its kernel of down give: in bf16 exactly (each output rounded as the three calls round it); in fp32 the
+    sigmoid's exp is its own (a few fp32 ulps). And the dense MLP within the format's own error. Quantized, through
+    model.swiglu on the modules, as the model calls it (one call, not the linear kernels)."""
     from model import swiglu
     gen = torch.Generator().manual_seed(rows)
-    (gate, gate_w), (up, up_w), (down, down_w) = (int4_module(n, k, gen, dtype) for n, k in ((192, 128), (192, 128),
-                                                                                          (128, 192)))
     x = torch.randn(1, rows, 128, generator=gen).to(dtype)
     x[0, 0, :32] = 0  # an all-zero block
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        got = swiglu(x, gate, up, down)
-    names = [e.name for e in prof.events()]
-    assert names.count("flexfast::swiglu_int4") == 1 and "flexfast::linear_int4" not in names
-    gate_out, up_out = gate(x), up(x)
-    want = down((F.silu(gate_out.float()) * up_out.float()).to(dtype))
+    if mode == "dense":
+        (w1, w3, w2) = (torch.randn(n, k, generator=gen).mul(0.1).to(dtype) for n, k in MLP_SHAPES)
+        dense = [w.float() for w in (w1, w3, w2)]
+        got = torch.ops.flexfast.swiglu(x, w1, w3, w2)
+        gate_out, up_out = torch.ops.flexfast.linear(x, [w1, w3]).split(192, dim=-1)
+        want = torch.ops.flexfast.linear((F.silu(gate_out.float()) * up_out.float()).to(dtype), [w2])
+    else:
+        make = int8_module if mode == "int8" else int4_module
+        (gate, dense_gate), (up, dense_up), (down, dense_down) = (make(n, k, gen, dtype) for n, k in MLP_SHAPES)
+        dense = [dense_gate, dense_up, dense_down]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = swiglu(x, gate, up, down)
+        names = [e.name for e in prof.events()]
+        assert names.count(f"flexfast::swiglu_{mode}") == 1 and f"flexfast::linear_{mode}" not in names
+        want = down((F.silu(gate(x).float()) * up(x).float()).to(dtype))
     assert got.shape == want.shape and got.dtype == dtype
     if dtype == torch.bfloat16:
         assert torch.equal(got, want)
     else:
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    exact = F.linear(F.silu(F.linear(x.float(), gate_w)) * F.linear(x.float(), up_w), down_w)
+    exact = F.linear(F.silu(F.linear(x.float(), dense[0])) * F.linear(x.float(), dense[1]), dense[2])
     assert (got.float() - exact).abs().max() < 0.03 * exact.abs().max()
 
 
@@ -254,8 +274,10 @@ def test_compiled_flexidepth_with_kernel_matches_eager(monkeypatch):
             x, input_pos = torch.tensor([[token]]), torch.tensor([pos])
             want = forward_last(tiny, x, input_pos)  # eager: writes this position's K/V and routing record
             ran += [bool(layer.ran[0, pos]) for layer in tiny.layers[1:]]
-            got, used = ran_kernel(lambda: steps.decode(tiny, x, input_pos), "linear")
-            called.append(used)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                got = steps.decode(tiny, x, input_pos)
+            names = [e.name for e in prof.events()]
+            called.append("flexfast::linear" in names and "flexfast::swiglu" in names)  # the MLP in one call
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
         assert any(ran) and not all(ran), ran  # both branches were exercised
         assert all(called)
