@@ -551,23 +551,89 @@ inline void silu_times(float* gate, const float* up, int n) {
   }
 }
 
-// y [M, D] = w2 @ (silu(w1 @ x) * (w3 @ x)) for x [M, D], w1 and w3 [H, D], w2 [D, H], in one parallel region:
-// each thread takes RB rows of w1 and of w3 at a time and writes their silu(gate) * up to the hidden rows [M, H],
-// then (after a barrier) prepares its share of them as w2's kernel reads them and (after another) multiplies its share
-// of w2's rows. As three calls (w1 and w3 in one, inductor's silu-and-multiply, w2), each forked and joined the
-// threads; at a decode step's sizes those forks and joins cost about as much as reading a small weight. The format:
-//   gate_up(local, m0, mc, gate, up)   RB rows of w1 and of w3 from row local, for x's rows m0 to m0 + mc - 1
-//   prepare(hidden, t, T)              thread t of T's share of preparing the hidden rows
-//   down(hidden, local, m0, mc, out)   RB rows of w2 from row local, for the hidden rows m0 to m0 + mc - 1
-// each leaving out[r * mc + m].
-template <int RB, typename Y, typename GateUp, typename Prepare, typename Down>
-void run_swiglu(int64_t M, int64_t D, int64_t H, Y* y, const GateUp& gate_up, const Prepare& prepare,
-                const Down& down) {
+// The second linear of a fused op, w [N, H] of one format, reading the hidden rows [M, H] the first part wrote:
+// prepare(hidden, M, t, T) is thread t of T's share of making them what the format's kernel reads (every thread calls
+// it, between two barriers); block(hidden, local, m0, mc, out) leaves RB rows of w from row local against the hidden
+// rows m0 to m0 + mc - 1 in out[r * mc + m].
+template <typename W>
+struct DenseDown {
+  static constexpr int RB = R;
+  const W* w;
+  int64_t H;
+  void prepare(const float*, int64_t, int, int) {}  // the kernel reads the hidden rows as they are
+  void block(const float* hidden, int64_t local, int64_t m0, int mc, float* out) const {
+    dispatch_dot(mc, w + local * H, H, hidden + m0 * H, out);
+  }
+};
+
+template <typename S>
+struct Int8Down {
+  static constexpr int RB = R;
+  const int8_t* w;
+  const S* scales;
+  int64_t H;
+  Int16Buffers& buffers;  // the first thread's, which it fills
+  Int16Rows rows{};
+  void prepare(const float* hidden, int64_t M, int t, int) {  // one scale per row: one thread
+    if (t == 0) rows = int16_rows(hidden, M, H, buffers);
+  }
+  void block(const float*, int64_t local, int64_t m0, int mc, float* out) const {
+    int8_block(w, scales, H, local, rows, m0, mc, out);
+  }
+};
+
+template <typename S>
+struct Int4Down {
+  static constexpr int RB = INT4_ROWS;
+  const uint8_t* w;
+  const S* scales_zeros;
+  int64_t H, groups;
+  Int8Rows rows;
+  void prepare(const float* hidden, int64_t M, int t, int T) {  // a scale per 32 columns: blocks shared out
+    const auto [first, last] = share(M * rows.blocks, t, T);
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t m = i / rows.blocks, b = i % rows.blocks;
+      quantize_blocks(hidden, H, m, b, b + 1, rows);
+    }
+  }
+  void block(const float*, int64_t local, int64_t m0, int mc, float* out) const {
+    int4_block(w, scales_zeros, H, groups, local, rows, m0, mc, out);
+  }
+};
+
+// y [M, N] = down(hidden [M, H]) where produce(hidden, t, T) writes thread t of T's share of the hidden rows, in one
+// parallel region: produce, a barrier, down's prepare, a barrier, each thread's share of down's rows. As separate
+// calls, each forked and joined the threads, and at a decode step's sizes a fork and join costs about as much as
+// reading a small weight.
+template <typename Y, typename Produce, typename Down>
+void run_then_down(int64_t M, int64_t H, int64_t N, Y* y, const Produce& produce, Down& down) {
   static thread_local std::vector<float> hidden_buffer;
   float* hidden = aligned(hidden_buffer, M * H);
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    produce(hidden, t, T);
+#pragma omp barrier
+    down.prepare(hidden, M, t, T);
+#pragma omp barrier
+    alignas(64) float out[Down::RB * 4];
+    const auto [first, last] = share(N / Down::RB, t, T);
+    for (int64_t b = first; b < last; ++b)
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
+        down.block(hidden, b * Down::RB, m0, mc, out);
+        for (int r = 0; r < Down::RB; ++r)
+          for (int m = 0; m < mc; ++m) y[(m0 + m) * N + b * Down::RB + r] = static_cast<Y>(out[r * mc + m]);
+      }
+  }
+}
+
+// y [M, D] = w2 @ (silu(w1 @ x) * (w3 @ x)) for x [M, D], w1 and w3 [H, D], w2 [D, H] (down), in one parallel region
+// (run_then_down): each thread takes RB rows of w1 and of w3 at a time, gate_up(local, m0, mc, gate, up) leaving
+// their outputs for x's rows m0 to m0 + mc - 1 in [r * mc + m], and writes silu(gate) * up to the hidden rows.
+template <int RB, typename Y, typename GateUp, typename Down>
+void run_swiglu(int64_t M, int64_t D, int64_t H, Y* y, const GateUp& gate_up, Down& down) {
+  run_then_down(M, H, D, y, [&](float* hidden, int t, int T) {
     alignas(64) float gate[RB * 4], up[RB * 4];
     const auto [first, last] = share(H / RB, t, T);
     for (int64_t b = first; b < last; ++b)
@@ -578,87 +644,181 @@ void run_swiglu(int64_t M, int64_t D, int64_t H, Y* y, const GateUp& gate_up, co
         for (int r = 0; r < RB; ++r)
           for (int m = 0; m < mc; ++m) hidden[(m0 + m) * H + b * RB + r] = gate[r * mc + m];
       }
-#pragma omp barrier
-    prepare(hidden, t, T);
-#pragma omp barrier
-    const auto [d_first, d_last] = share(D / RB, t, T);
-    for (int64_t b = d_first; b < d_last; ++b)
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
-        down(hidden, b * RB, m0, mc, gate);
-        for (int r = 0; r < RB; ++r)
-          for (int m = 0; m < mc; ++m) y[(m0 + m) * D + b * RB + r] = static_cast<Y>(gate[r * mc + m]);
-      }
-  }
+  }, down);
 }
 
 template <typename W, typename Y>
 void run_swiglu_dense(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
                       at::Tensor& y) {
   const int64_t D = x.size(-1), H = w1.size(0), M = x.numel() / D;
-  const W *gate_w = w1.data_ptr<W>(), *up_w = w3.data_ptr<W>(), *down_w = w2.data_ptr<W>();
+  const W *gate_w = w1.data_ptr<W>(), *up_w = w3.data_ptr<W>();
   const float* xf = float_rows(x, M, D);
-  run_swiglu<R>(M, D, H, y.data_ptr<Y>(),
-      [&](int64_t local, int64_t m0, int mc, float* gate, float* up) {
-        dispatch_dot(mc, gate_w + local * D, D, xf + m0 * D, gate);
-        dispatch_dot(mc, up_w + local * D, D, xf + m0 * D, up);
-      },
-      [](const float*, int, int) {},  // the kernel reads the hidden rows as they are
-      [&](const float* hidden, int64_t local, int64_t m0, int mc, float* out) {
-        dispatch_dot(mc, down_w + local * H, H, hidden + m0 * H, out);
-      });
+  DenseDown<W> down{w2.data_ptr<W>(), H};
+  run_swiglu<R>(M, D, H, y.data_ptr<Y>(), [&](int64_t local, int64_t m0, int mc, float* gate, float* up) {
+    dispatch_dot(mc, gate_w + local * D, D, xf + m0 * D, gate);
+    dispatch_dot(mc, up_w + local * D, D, xf + m0 * D, up);
+  }, down);
 }
 
 template <typename S, typename Y>
 void run_swiglu_int8(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& w3,
                      const at::Tensor& s3, const at::Tensor& w2, const at::Tensor& s2, at::Tensor& y) {
   const int64_t D = x.size(-1), H = w1.size(0), M = x.numel() / D;
-  const int8_t *gate_w = w1.data_ptr<int8_t>(), *up_w = w3.data_ptr<int8_t>(), *down_w = w2.data_ptr<int8_t>();
-  const S *gate_s = s1.data_ptr<S>(), *up_s = s3.data_ptr<S>(), *down_s = s2.data_ptr<S>();
+  const int8_t *gate_w = w1.data_ptr<int8_t>(), *up_w = w3.data_ptr<int8_t>();
+  const S *gate_s = s1.data_ptr<S>(), *up_s = s3.data_ptr<S>();
   static thread_local Int16Buffers x_buffers, hidden_buffers;
   const Int16Rows xr = int16_rows(float_rows(x, M, D), M, D, x_buffers);
-  Int16Rows hr{};
-  run_swiglu<R>(M, D, H, y.data_ptr<Y>(),
-      [&](int64_t local, int64_t m0, int mc, float* gate, float* up) {
-        int8_block(gate_w, gate_s, D, local, xr, m0, mc, gate);
-        int8_block(up_w, up_s, D, local, xr, m0, mc, up);
-      },
-      [&](const float* hidden, int t, int) {  // one scale per row: one thread (the first, whose buffers they are)
-        if (t == 0) hr = int16_rows(hidden, M, H, hidden_buffers);
-      },
-      [&](const float*, int64_t local, int64_t m0, int mc, float* out) {
-        int8_block(down_w, down_s, H, local, hr, m0, mc, out);
-      });
+  Int8Down<S> down{w2.data_ptr<int8_t>(), s2.data_ptr<S>(), H, hidden_buffers};
+  run_swiglu<R>(M, D, H, y.data_ptr<Y>(), [&](int64_t local, int64_t m0, int mc, float* gate, float* up) {
+    int8_block(gate_w, gate_s, D, local, xr, m0, mc, gate);
+    int8_block(up_w, up_s, D, local, xr, m0, mc, up);
+  }, down);
+}
+
+// An int4 weight w [N, H/2] as the second linear of M hidden rows (its int8 rows in the calling thread's buffers)
+template <typename S>
+Int4Down<S> int4_down(const at::Tensor& w, const at::Tensor& sz, int64_t M) {
+  static thread_local Int8Buffers buffers;
+  const int64_t H = w.size(1) * 2;
+  return Int4Down<S>{w.data_ptr<uint8_t>(), sz.data_ptr<S>(), H, sz.size(1), buffers.rows(M, H)};
 }
 
 template <typename S, typename Y>
 void run_swiglu_int4(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& sz1, const at::Tensor& w3,
                      const at::Tensor& sz3, const at::Tensor& w2, const at::Tensor& sz2, at::Tensor& y) {
-  const int64_t D = x.size(-1), H = w1.size(0), M = x.numel() / D;
-  const int64_t groups_in = sz1.size(1), groups_hidden = sz2.size(1);
-  const uint8_t *gate_w = w1.data_ptr<uint8_t>(), *up_w = w3.data_ptr<uint8_t>(), *down_w = w2.data_ptr<uint8_t>();
-  const S *gate_sz = sz1.data_ptr<S>(), *up_sz = sz3.data_ptr<S>(), *down_sz = sz2.data_ptr<S>();
+  const int64_t D = x.size(-1), H = w1.size(0), M = x.numel() / D, groups = sz1.size(1);
+  const uint8_t *gate_w = w1.data_ptr<uint8_t>(), *up_w = w3.data_ptr<uint8_t>();
+  const S *gate_sz = sz1.data_ptr<S>(), *up_sz = sz3.data_ptr<S>();
   const Int8Rows xr = quantize_rows(float_rows(x, M, D), M, D);
-  static thread_local Int8Buffers hidden_int8;
-  const Int8Rows hr = hidden_int8.rows(M, H);
-  run_swiglu<INT4_ROWS>(M, D, H, y.data_ptr<Y>(),
-      [&](int64_t local, int64_t m0, int mc, float* gate, float* up) {
-        int4_block(gate_w, gate_sz, D, groups_in, local, xr, m0, mc, gate);
-        int4_block(up_w, up_sz, D, groups_in, local, xr, m0, mc, up);
-      },
-      [&](const float* hidden, int t, int T) {  // a scale per 32 columns: blocks shared among the threads
-        const auto [first, last] = share(M * hr.blocks, t, T);
-        for (int64_t i = first; i < last; ++i) {
-          const int64_t m = i / hr.blocks, b = i % hr.blocks;
-          quantize_blocks(hidden, H, m, b, b + 1, hr);
-        }
-      },
-      [&](const float*, int64_t local, int64_t m0, int mc, float* out) {
-        int4_block(down_w, down_sz, H, groups_hidden, local, hr, m0, mc, out);
-      });
+  Int4Down<S> down = int4_down<S>(w2, sz2, M);
+  run_swiglu<INT4_ROWS>(M, D, H, y.data_ptr<Y>(), [&](int64_t local, int64_t m0, int mc, float* gate, float* up) {
+    int4_block(gate_w, gate_sz, D, groups, local, xr, m0, mc, gate);
+    int4_block(up_w, up_sz, D, groups, local, xr, m0, mc, up);
+  }, down);
+}
+
+// Attention of T query rows q [H, T, D] (roped) against a cache k, v [KV, S, D] (each head's slots contiguous,
+// kv_stride apart), the slots the mask [T, S] allows: hidden[row, h * D + d] = sum_s p_s v[h / G, s, d], p the
+// softmax of q[h, row] . k[h / G, s] / sqrt(D) (G query heads share a KV head), in fp32 and rounded to Q as
+// few_token_attention's output. Each thread takes whole (head, row) units; the scores of 4 slots are summed
+// together (one horizontal sum per 4), and the cache, which a token's weights have pushed out of the near caches,
+// is prefetched 16 slots ahead. D = 16 C.
+// Which of the (up to) 16 slots from `allowed` the mask allows
+inline __mmask16 slots_allowed(const bool* allowed, __mmask16 tail) {
+  return _mm_mask_cmpneq_epi8_mask(tail, _mm_maskz_loadu_epi8(tail, allowed), _mm_setzero_si128());
+}
+
+template <int C, typename Q>
+void attend_units(const Q* q, const Q* k, const Q* v, int64_t kv_stride, const bool* mask, int64_t H, int64_t KV,
+                  int64_t T, int64_t S, int t, int threads, float* hidden) {
+  constexpr int64_t D = 16 * C;
+  const int64_t G = H / KV;
+  const __m512 scale = _mm512_set1_ps(1.f / std::sqrt(static_cast<float>(D)));
+  static thread_local std::vector<float> score_buffer;
+  float* scores = aligned(score_buffer, S + 16);
+  const auto [first, last] = share(H * T, t, threads);
+  for (int64_t unit = first; unit < last; ++unit) {
+    const int64_t h = unit / T, row = unit % T, kv = h / G;
+    const Q* kh = k + kv * kv_stride;
+    const Q* vh = v + kv * kv_stride;
+    const bool* allowed = mask + row * S;
+    __m512 qv[C];
+    for (int c = 0; c < C; ++c) qv[c] = load16(q + (h * T + row) * D + 16 * c);
+    int64_t s = 0;
+    for (; s + 4 <= S; s += 4) {
+      __m512 acc[4];
+      prefetch_lines(reinterpret_cast<const char*>(kh + (s + 16) * D), 4 * D * sizeof(Q) / 64);
+      for (int j = 0; j < 4; ++j) {
+        acc[j] = _mm512_mul_ps(qv[0], load16(kh + (s + j) * D));
+        for (int c = 1; c < C; ++c) acc[j] = _mm512_fmadd_ps(qv[c], load16(kh + (s + j) * D + 16 * c), acc[j]);
+      }
+      _mm_storeu_ps(scores + s, sum4(acc[0], acc[1], acc[2], acc[3]));
+    }
+    for (; s < S; ++s) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], load16(kh + s * D + 16 * c), acc);
+      scores[s] = _mm512_reduce_add_ps(acc);
+    }
+    // the slots the mask allows, scaled; the others -inf, then 0 after the exp
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (s = 0; s < S; s += 16) {
+      const __mmask16 tail = S - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (S - s)) - 1);
+      const __mmask16 ok = slots_allowed(allowed + s, tail);
+      const __m512 sc = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), ok, _mm512_maskz_loadu_ps(tail, scores + s),
+                                           scale);
+      _mm512_mask_storeu_ps(scores + s, tail, sc);
+      top = _mm512_mask_max_ps(top, tail, top, sc);
+    }
+    const __m512 top_all = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 total = _mm512_setzero_ps();
+    for (s = 0; s < S; s += 16) {
+      const __mmask16 tail = S - s >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (S - s)) - 1);
+      const __mmask16 ok = slots_allowed(allowed + s, tail);
+      const __m512 e = _mm512_maskz_mov_ps(ok, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, scores + s), top_all)));
+      _mm512_mask_storeu_ps(scores + s, tail, e);
+      total = _mm512_add_ps(total, e);
+    }
+    const float inv = 1.f / _mm512_reduce_add_ps(total);
+    __m512 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    prefetch_lines(reinterpret_cast<const char*>(vh), std::min<int64_t>(16, S) * D * sizeof(Q) / 64);
+    for (s = 0; s < S; ++s) {
+      prefetch_lines(reinterpret_cast<const char*>(vh + (s + 16) * D), D * sizeof(Q) / 64);
+      const __m512 p = _mm512_set1_ps(scores[s]);
+      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vh + s * D + 16 * c), acc[c]);
+    }
+    float* out = hidden + row * H * D + h * D;
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, as<Q>(_mm512_mul_ps(acc[c], _mm512_set1_ps(inv))));
+  }
+}
+
+template <typename Q, typename Down>
+void run_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, Down& down,
+                   at::Tensor& y) {
+  const int64_t H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1), S = k.size(2);
+  const Q *qp = q.data_ptr<Q>(), *kp = k.data_ptr<Q>(), *vp = v.data_ptr<Q>();
+  const bool* mp = mask.data_ptr<bool>();
+  run_then_down(T, H * D, y.size(-1), y.data_ptr<Q>(), [&](float* hidden, int t, int threads) {
+    if (D == 64) attend_units<4>(qp, kp, vp, k.stride(1), mp, H, KV, T, S, t, threads, hidden);
+    else attend_units<8>(qp, kp, vp, k.stride(1), mp, H, KV, T, S, t, threads, hidden);
+  }, down);
 }
 
 }  // namespace
+
+// y [1, T, dim] = wo(attention of q [1, H, T, D] against the cache slots k, v [1, KV, S, D] the mask [.., T, S]
+// allows) for an int4 wo [dim, H * D]: few_token_attention and the wo linear in one parallel region (run_attention).
+at::Tensor attention_int4(const at::Tensor& q_any, const at::Tensor& k_any, const at::Tensor& v_any,
+                          const at::Tensor& mask_any, const at::Tensor& wo, const at::Tensor& sz) {
+  const char* what = "flexfast::attention_int4";
+  const at::Tensor q = q_any.contiguous();
+  // the cache's slots, as a narrowed view of it: each head's slots contiguous, the heads apart
+  auto slots = [](const at::Tensor& c) { return c.stride(3) == 1 && c.stride(2) == c.size(3) ? c : c.contiguous(); };
+  const at::Tensor k = slots(k_any), v = slots(v_any);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == 1 && k.size(0) == 1 && k.sizes() == v.sizes() &&
+                  k.strides() == v.strides() && k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0 &&
+                  (q.size(3) == 64 || q.size(3) == 128) && q.size(2) <= MAX_M,
+              what, ": q [1, H, T <= ", MAX_M, ", D of 64 or 128] against k, v [1, KV, S, D], H a multiple of KV");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              what, ": q, k, v fp32 or bf16, of one dtype");
+  TORCH_CHECK(mask_any.scalar_type() == at::kBool && mask_any.numel() == q.size(2) * k.size(2) &&
+                  mask_any.size(-1) == k.size(2),
+              what, ": mask must be bool [..., T, S]");
+  const at::Tensor mask = mask_any.reshape({q.size(2), k.size(2)}).contiguous();
+  const int64_t HD = q.size(1) * q.size(3);
+  check_int4(at::empty({q.size(2), HD}, q.options()), wo, sz, HD, groups_of(sz), sz.scalar_type(), what);
+  at::Tensor y = at::empty({1, q.size(2), wo.size(0)}, q.options());
+  auto run = [&](auto scales_type) {
+    using S = decltype(scales_type);
+    Int4Down<S> down = int4_down<S>(wo, sz, q.size(2));
+    if (q.scalar_type() == at::kFloat) run_attention<float>(q, k, v, mask, down, y);
+    else run_attention<at::BFloat16>(q, k, v, mask, down, y);
+  };
+  if (sz.scalar_type() == at::kFloat) run(float{});
+  else run(at::BFloat16{});
+  return y;
+}
 
 // w2 [D, H] against w1 [H, ...]: the shapes of a SwiGLU, checked for x [..., D] (columns: w2's as stored)
 void check_swiglu_shapes(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
@@ -735,6 +895,7 @@ TORCH_LIBRARY(flexfast, m) {
   m.def("linear_int8(Tensor x, Tensor[] ws, Tensor[] scales) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor[] ws, Tensor[] scales_zeros) -> Tensor");
   m.def("swiglu(Tensor x, Tensor w1, Tensor w3, Tensor w2) -> Tensor");
+  m.def("attention_int4(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor wo, Tensor sz) -> Tensor");
   m.def("swiglu_int8(Tensor x, Tensor w1, Tensor s1, Tensor w3, Tensor s3, Tensor w2, Tensor s2) -> Tensor");
   m.def("swiglu_int4(Tensor x, Tensor w1, Tensor sz1, Tensor w3, Tensor sz3, Tensor w2, Tensor sz2) -> Tensor");
 }
@@ -744,6 +905,7 @@ TORCH_LIBRARY_IMPL(flexfast, CPU, m) {
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
   m.impl("swiglu", &swiglu);
+  m.impl("attention_int4", &attention_int4);
   m.impl("swiglu_int8", &swiglu_int8);
   m.impl("swiglu_int4", &swiglu_int4);
 }

@@ -109,5 +109,7 @@ def register_fakes():
     torch.library.register_fake("flexfast::linear_int8")(lambda x, ws, scales: rows_of(x, ws))
     torch.library.register_fake("flexfast::linear_int4")(lambda x, ws, scales_zeros: rows_of(x, ws))
     torch.library.register_fake("flexfast::swiglu")(lambda x, w1, w3, w2: torch.empty_like(x))
+    torch.library.register_fake("flexfast::attention_int4")(
+        lambda q, k, v, mask, wo, sz: q.new_empty(1, q.shape[2], wo.shape[0]))
     torch.library.register_fake("flexfast::swiglu_int8")(lambda x, w1, s1, w3, s3, w2, s2: torch.empty_like(x))
     torch.library.register_fake("flexfast::swiglu_int4")(lambda x, w1, sz1, w3, sz3, w2, sz2: torch.empty_like(x))

@@ -339,6 +339,8 @@ def apply_rope(x: Tensor, rope: tuple) -> Tensor:
 
 # False: every step uses F.scaled_dot_product_attention (scripts/benchmark.py times both in one run)
 FEW_TOKEN_ATTENTION = True
+# False: attention and wo always run as their own calls (scripts/bench_decode_ab.py -attn2)
+ATTENTION_WITH_WO = True
 FEW_TOKENS = 8  # the most query rows few_token_attention takes: decode, draft and the self-speculative verify
 
 
@@ -384,6 +386,11 @@ class Attention(nn.Module):
         B, T, _ = q.shape
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
         k, v = k.narrow(2, 0, mask.shape[-1]), v.narrow(2, 0, mask.shape[-1])  # only the slots the mask covers
+        with_wo = getattr(self.wo, "attention", None)  # the class's kernel for attention and wo in one call
+        if ATTENTION_WITH_WO and with_wo is not None and not self.wo._forward_hooks:  # tp.py's all-reduce is a hook
+            y = with_wo(q, k, v, mask, self.wo)
+            if y is not None:
+                return y
         if FEW_TOKEN_ATTENTION and T <= FEW_TOKENS and torch.compiler.is_compiling() and q.device.type == "cpu":
             y = few_token_attention(q, k, v, mask)
         else:

@@ -23,6 +23,8 @@ compared; timed round by round in one process they can. A variant is a one-token
                                steps the C++ wrapper: steps.CPP_WRAPPER)
     ...-l1, ...-l2             the CPU kernels' software prefetches into the first- or second-level cache (neither:
                                this machine's choice, cpu_linear's probe)
+    ...-attn2                  attention and wo as two calls (model.ATTENTION_WITH_WO off; on, int4 takes one kernel
+                               call for both)
     ...-mlp3                   the MLP as three calls, gate and up, the activation, down (model.SWIGLU_IN_ONE_CALL
                                off; on, int4 takes one kernel call for it)
 Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
@@ -58,7 +60,7 @@ from steps import (Steps, compile_one_token, compile_steps, forward_last,  # noq
 
 KINDS = ("gemv", "linear", "kernel")
 OPTIONS = ("separate", "frozen", "regional", "wide", "bounded", "smallpages", "recompute", "pywrapper", "mlp3", "l1",
-           "l2")
+           "l2", "attn2")
 
 
 def parse_variant(text: str) -> tuple:
@@ -82,6 +84,7 @@ def set_variant(text: str, dtype: torch.dtype, grouped, machine_prefetch_l2: boo
         model_code.ONE_TOKEN_LINEAR[(str(dtype), in_branch)] = kind
     model_code.linears = one_call_per_weight if "separate" in options else grouped
     model_code.SWIGLU_IN_ONE_CALL = "mlp3" not in options
+    model_code.ATTENTION_WITH_WO = "attn2" not in options
     if cpu_kernels.LOADED:
         cpu_kernels.set_prefetch_l2("l2" in options if {"l1", "l2"} & options else machine_prefetch_l2)
 
@@ -162,6 +165,7 @@ def run(args):
     finally:
         model_code.linears = grouped
         model_code.SWIGLU_IN_ONE_CALL = True
+        model_code.ATTENTION_WITH_WO = True
         if cpu_kernels.LOADED:
             cpu_kernels.set_prefetch_l2(machine_prefetch_l2)
     bandwidth = nbytes / min(read_seconds)

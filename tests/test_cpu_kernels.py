@@ -215,6 +215,61 @@ def test_swiglu_in_one_call_matches_three_calls(mode, dtype, rows):
     assert (got.float() - exact).abs().max() < 0.03 * exact.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", ROWS)
+def test_attention_with_wo_in_one_call_matches_two_calls(dtype, rows):
+    """model.Attention.attend_q with an int4 wo: one attention_int4 call against few_token_attention and wo's own
+    call, on a cache view narrowed to the slots the mask covers (37: not a multiple of 4 or 16), GQA, the later slots
+    masked for the earlier rows; within bf16's rounding of the attention output, which the two round apart."""
+    import model
+    gen = torch.Generator().manual_seed(rows)
+    H, KV, D, S = 6, 2, 64, 37
+    wo, dense_wo = int4_module(128, H * D, gen, dtype)
+    q = torch.randn(1, H, rows, D, generator=gen).to(dtype)
+    cache = torch.randn(2, 1, KV, 50, D, generator=gen).to(dtype)
+    k, v = cache[0].narrow(2, 0, S), cache[1].narrow(2, 0, S)
+    mask = model.causal_mask(torch.arange(S - rows - 3, S - 3), torch.arange(S))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = type(wo).attention(q, k, v, mask, wo)
+    names = [e.name for e in prof.events()]
+    assert names.count("flexfast::attention_int4") == 1 and "flexfast::linear_int4" not in names
+    want = wo(model.few_token_attention(q, k, v, mask).transpose(1, 2).reshape(1, rows, H * D))
+    assert got.shape == want.shape == (1, rows, 128) and got.dtype == dtype
+    torch.testing.assert_close(got, want, **tolerance(dtype))
+    exact = F.linear(F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+                     .transpose(1, 2).reshape(1, rows, H * D), dense_wo)
+    assert (got.float() - exact).abs().max() < 0.03 * exact.abs().max()
+
+
+def test_attention_keeps_two_calls_where_the_kernel_cannot_or_a_hook_must_see_wo():
+    import model
+    gen = torch.Generator().manual_seed(0)
+    args = model.ModelArgs(vocab_size=64, dim=128, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=64,
+                           intermediate_size=256)
+    attention = model.Attention(args)
+    attention.wo, _ = int4_module(128, 256, gen)
+    q = torch.randn(1, 4, 1, 64, generator=gen).to(torch.bfloat16)
+    k, v = (torch.randn(1, 2, 9, 64, generator=gen).to(torch.bfloat16) for _ in range(2))
+    mask = model.causal_mask(torch.tensor([8]), torch.arange(9))
+    rope = model.rope_rows(model.rope_cache(args, 16), torch.tensor([8]))
+    x = q.transpose(1, 2).reshape(1, 1, 256)
+    _, used = ran_kernel(lambda: attention.attend_q(x, rope, mask, k, v), "attention_int4")
+    assert used
+    seen = []
+    handle = attention.wo.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    try:
+        _, used = ran_kernel(lambda: attention.attend_q(x, rope, mask, k, v), "attention_int4")
+    finally:
+        handle.remove()
+    assert not used and len(seen) == 1  # tp.py's all-reduce is such a hook
+    q32 = torch.randn(1, 8, 1, 32, generator=gen).to(torch.bfloat16)  # head_dim 32: the kernel's not
+    k32 = torch.randn(1, 2, 9, 32, generator=gen).to(torch.bfloat16)
+    assert type(attention.wo).attention(q32, k32, k32, mask, attention.wo) is None
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        torch.ops.flexfast.attention_int4(q, k, v, mask.float(), attention.wo.nibbles,
+                                          attention.wo.kernel_scales_zeros)
+
+
 def test_swiglu_keeps_three_calls_where_the_kernel_cannot_or_a_hook_must_see_down():
     from model import swiglu
     gen = torch.Generator().manual_seed(0)
