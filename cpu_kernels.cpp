@@ -786,13 +786,16 @@ void run_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 
 }  // namespace
 
-// y [1, T, dim] = wo(attention of q [1, H, T, D] against the cache slots k, v [1, KV, S, D] the mask [.., T, S]
-// allows) for an int4 wo [dim, H * D]: few_token_attention and the wo linear in one parallel region (run_attention).
-at::Tensor attention_int4(const at::Tensor& q_any, const at::Tensor& k_any, const at::Tensor& v_any,
-                          const at::Tensor& mask_any, const at::Tensor& wo, const at::Tensor& sz) {
-  const char* what = "flexfast::attention_int4";
+// q, k, v and the mask of an attention_* call, checked: q [1, H, T <= MAX_M, D of 64 or 128] and the cache slots k,
+// v [1, KV, S, D] (a narrowed view of the cache taken as it is), the mask bool [..., T, S] as [T, S]
+struct AttentionInputs {
+  at::Tensor q, k, v, mask;
+};
+
+AttentionInputs attention_inputs(const at::Tensor& q_any, const at::Tensor& k_any, const at::Tensor& v_any,
+                                 const at::Tensor& mask_any, const char* what) {
   const at::Tensor q = q_any.contiguous();
-  // the cache's slots, as a narrowed view of it: each head's slots contiguous, the heads apart
+  // each head's slots contiguous, the heads apart
   auto slots = [](const at::Tensor& c) { return c.stride(3) == 1 && c.stride(2) == c.size(3) ? c : c.contiguous(); };
   const at::Tensor k = slots(k_any), v = slots(v_any);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == 1 && k.size(0) == 1 && k.sizes() == v.sizes() &&
@@ -805,19 +808,66 @@ at::Tensor attention_int4(const at::Tensor& q_any, const at::Tensor& k_any, cons
   TORCH_CHECK(mask_any.scalar_type() == at::kBool && mask_any.numel() == q.size(2) * k.size(2) &&
                   mask_any.size(-1) == k.size(2),
               what, ": mask must be bool [..., T, S]");
-  const at::Tensor mask = mask_any.reshape({q.size(2), k.size(2)}).contiguous();
-  const int64_t HD = q.size(1) * q.size(3);
-  check_int4(at::empty({q.size(2), HD}, q.options()), wo, sz, HD, groups_of(sz), sz.scalar_type(), what);
-  at::Tensor y = at::empty({1, q.size(2), wo.size(0)}, q.options());
-  auto run = [&](auto scales_type) {
-    using S = decltype(scales_type);
-    Int4Down<S> down = int4_down<S>(wo, sz, q.size(2));
-    if (q.scalar_type() == at::kFloat) run_attention<float>(q, k, v, mask, down, y);
-    else run_attention<at::BFloat16>(q, k, v, mask, down, y);
-  };
-  if (sz.scalar_type() == at::kFloat) run(float{});
-  else run(at::BFloat16{});
+  return {q, k, v, mask_any.reshape({q.size(2), k.size(2)}).contiguous()};
+}
+
+// y [1, T, dim] for wo [dim, H * D] of any format (its Down)
+template <typename Down>
+at::Tensor attend_then(const AttentionInputs& a, int64_t dim, Down& down) {
+  at::Tensor y = at::empty({1, a.q.size(2), dim}, a.q.options());
+  if (a.q.scalar_type() == at::kFloat) run_attention<float>(a.q, a.k, a.v, a.mask, down, y);
+  else run_attention<at::BFloat16>(a.q, a.k, a.v, a.mask, down, y);
   return y;
+}
+
+// y [1, T, dim] = wo(attention of q [1, H, T, D] against the cache slots k, v [1, KV, S, D] the mask [..., T, S]
+// allows), few_token_attention and the wo linear in one parallel region (run_attention): wo [dim, H * D] bf16 or fp32,
+// int8 with its row scales, or int4 with its scales_zeros (as the linear ops take them).
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                     const at::Tensor& wo) {
+  const char* what = "flexfast::attention";
+  const AttentionInputs a = attention_inputs(q, k, v, mask, what);
+  const int64_t HD = a.q.size(1) * a.q.size(3);
+  checked_rows(at::empty({a.q.size(2), HD}, a.q.options()), {wo}, what);
+  if (wo.scalar_type() == at::kFloat) {
+    DenseDown<float> down{wo.data_ptr<float>(), HD};
+    return attend_then(a, wo.size(0), down);
+  }
+  TORCH_CHECK(wo.scalar_type() == at::kBFloat16, what, ": wo must be fp32 or bf16");
+  DenseDown<at::BFloat16> down{wo.data_ptr<at::BFloat16>(), HD};
+  return attend_then(a, wo.size(0), down);
+}
+
+at::Tensor attention_int8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                          const at::Tensor& wo, const at::Tensor& scales) {
+  const char* what = "flexfast::attention_int8";
+  const AttentionInputs a = attention_inputs(q, k, v, mask, what);
+  const int64_t HD = a.q.size(1) * a.q.size(3);
+  checked_rows(at::empty({a.q.size(2), HD}, a.q.options()), {wo}, what);
+  TORCH_CHECK(wo.scalar_type() == at::kChar && scales.is_contiguous() && scales.numel() == wo.size(0) &&
+                  (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
+              what, ": wo must be int8 with N contiguous fp32 or bf16 scales");
+  static thread_local Int16Buffers buffers;
+  if (scales.scalar_type() == at::kFloat) {
+    Int8Down<float> down{wo.data_ptr<int8_t>(), scales.data_ptr<float>(), HD, buffers};
+    return attend_then(a, wo.size(0), down);
+  }
+  Int8Down<at::BFloat16> down{wo.data_ptr<int8_t>(), scales.data_ptr<at::BFloat16>(), HD, buffers};
+  return attend_then(a, wo.size(0), down);
+}
+
+at::Tensor attention_int4(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                          const at::Tensor& wo, const at::Tensor& sz) {
+  const char* what = "flexfast::attention_int4";
+  const AttentionInputs a = attention_inputs(q, k, v, mask, what);
+  const int64_t HD = a.q.size(1) * a.q.size(3);
+  check_int4(at::empty({a.q.size(2), HD}, a.q.options()), wo, sz, HD, groups_of(sz), sz.scalar_type(), what);
+  if (sz.scalar_type() == at::kFloat) {
+    Int4Down<float> down = int4_down<float>(wo, sz, a.q.size(2));
+    return attend_then(a, wo.size(0), down);
+  }
+  Int4Down<at::BFloat16> down = int4_down<at::BFloat16>(wo, sz, a.q.size(2));
+  return attend_then(a, wo.size(0), down);
 }
 
 // w2 [D, H] against w1 [H, ...]: the shapes of a SwiGLU, checked for x [..., D] (columns: w2's as stored)
@@ -895,6 +945,8 @@ TORCH_LIBRARY(flexfast, m) {
   m.def("linear_int8(Tensor x, Tensor[] ws, Tensor[] scales) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor[] ws, Tensor[] scales_zeros) -> Tensor");
   m.def("swiglu(Tensor x, Tensor w1, Tensor w3, Tensor w2) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor wo) -> Tensor");
+  m.def("attention_int8(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor wo, Tensor scales) -> Tensor");
   m.def("attention_int4(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor wo, Tensor sz) -> Tensor");
   m.def("swiglu_int8(Tensor x, Tensor w1, Tensor s1, Tensor w3, Tensor s3, Tensor w2, Tensor s2) -> Tensor");
   m.def("swiglu_int4(Tensor x, Tensor w1, Tensor sz1, Tensor w3, Tensor sz3, Tensor w2, Tensor sz2) -> Tensor");
@@ -905,6 +957,8 @@ TORCH_LIBRARY_IMPL(flexfast, CPU, m) {
   m.impl("linear_int8", &linear_int8);
   m.impl("linear_int4", &linear_int4);
   m.impl("swiglu", &swiglu);
+  m.impl("attention", &attention);
+  m.impl("attention_int8", &attention_int8);
   m.impl("attention_int4", &attention_int4);
   m.impl("swiglu_int8", &swiglu_int8);
   m.impl("swiglu_int4", &swiglu_int4);

@@ -16,6 +16,8 @@ in one call; model.linears); and per format the MLP, w2 @ (silu(w1 @ x) * (w3 @ 
     torch.ops.flexfast.linear_int4(x, [w, ...], [sz, ...])        w, sz from interleave_int4 (16 rows at a time);
                                                                   x rounded to int8 per 32 columns
     torch.ops.flexfast.swiglu(x, w1, w3, w2), swiglu_int8(x, w1, s1, w3, s3, w2, s2), swiglu_int4(x, w1, sz1, ...)
+and attention then wo in one call (model.Attention.attend_q; q [1, H, T, 64 or 128] against a cache's slots):
+    torch.ops.flexfast.attention(q, k, v, mask, wo), attention_int8(..., wo, scales), attention_int4(..., wo, sz)
 x is [..., K], fp32 or bf16, at most MAX_ROWS rows; the result has x's dtype. K must be a multiple of 32 and N of 4
 (supports()); for int4 N must be a multiple of INT4_ROWS, as quantize.py's int4 rule (model.INT4_ROW_MULTIPLE) makes it.
 """
@@ -44,6 +46,13 @@ def supports(x: Tensor, weights: list, in_features: int) -> bool:
     return (LOADED and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and x.shape[:-1].numel() <= MAX_ROWS and in_features % 32 == 0
             and all(w.shape[0] % 4 == 0 for w in weights))
+
+
+def takes_attention(q: Tensor, k: Tensor, wo: list) -> bool:
+    """Whether the attention ops take q [B, H, T, D] against the cache slots k with this wo: batch 1, T rows as
+    supports() takes them, head_dim 64 or 128, k of q's dtype."""
+    return (q.shape[0] == 1 and q.shape[-1] in (64, 128) and k.dtype == q.dtype
+            and supports(q[:, 0], wo, q.shape[1] * q.shape[-1]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,6 +118,10 @@ def register_fakes():
     torch.library.register_fake("flexfast::linear_int8")(lambda x, ws, scales: rows_of(x, ws))
     torch.library.register_fake("flexfast::linear_int4")(lambda x, ws, scales_zeros: rows_of(x, ws))
     torch.library.register_fake("flexfast::swiglu")(lambda x, w1, w3, w2: torch.empty_like(x))
+    torch.library.register_fake("flexfast::attention")(
+        lambda q, k, v, mask, wo: q.new_empty(1, q.shape[2], wo.shape[0]))
+    torch.library.register_fake("flexfast::attention_int8")(
+        lambda q, k, v, mask, wo, scales: q.new_empty(1, q.shape[2], wo.shape[0]))
     torch.library.register_fake("flexfast::attention_int4")(
         lambda q, k, v, mask, wo, sz: q.new_empty(1, q.shape[2], wo.shape[0]))
     torch.library.register_fake("flexfast::swiglu_int8")(lambda x, w1, s1, w3, s3, w2, s2: torch.empty_like(x))

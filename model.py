@@ -230,6 +230,14 @@ class Linear(nn.Linear):
         return None if kind is None else plain_linears(x, [m.weight for m in modules], kind)
 
     @staticmethod
+    def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, wo: "Linear") -> Optional[Tensor]:
+        """wo(few_token_attention(q, k, v, mask)) from one kernel call (see Attention.attend_q), or None where wo's
+        linears are not the kernel or it does not take them (cpu_kernels.takes_attention)."""
+        if few_row_kind(q[:, 0], wo.in_branch) != "kernel" or not cpu_kernels.takes_attention(q, k, [wo.weight]):
+            return None
+        return torch.ops.flexfast.attention(q, k, v, mask, wo.weight)
+
+    @staticmethod
     def swiglu(x: Tensor, gate: "Linear", up: "Linear", down: "Linear") -> Optional[Tensor]:
         """down(silu(gate(x)) * up(x)) from one kernel call (see swiglu), or None where the linears are not the
         kernel or it does not take them."""

@@ -117,6 +117,14 @@ class Int8Linear(nn.Module):
         return y.split([w.shape[0] for w in weights], dim=-1)
 
     @staticmethod
+    def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, wo: "Int8Linear") -> Optional[Tensor]:
+        """wo(few_token_attention(q, k, v, mask)) from one kernel call (model.Attention.attend_q), or None where the
+        kernel does not take it (cpu_kernels.takes_attention)."""
+        if not cpu_kernels.takes_attention(q, k, [wo.weight]):
+            return None
+        return torch.ops.flexfast.attention_int8(q, k, v, mask, wo.weight, wo.scales)
+
+    @staticmethod
     def swiglu(x: Tensor, gate: "Int8Linear", up: "Int8Linear", down: "Int8Linear") -> Optional[Tensor]:
         """down(silu(gate(x)) * up(x)) from one kernel call (model.swiglu), or None where the kernel does not take
         it."""
@@ -195,10 +203,9 @@ class Int4Linear(nn.Module):
 
     @staticmethod
     def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, wo: "Int4Linear") -> Optional[Tensor]:
-        """wo(few_token_attention(q, k, v, mask)) as [1, T, dim] from one kernel call (model.Attention.attend_q), or
-        None where the kernel does not take it (batch 1, T <= cpu_kernels.MAX_ROWS, head_dim 64 or 128)."""
-        if not (hasattr(wo, "nibbles") and cpu_kernels.supports(q[:, 0], [wo.nibbles], wo.in_features)
-                and q.shape[0] == 1 and q.shape[-1] in (64, 128) and k.dtype == q.dtype):
+        """wo(few_token_attention(q, k, v, mask)) from one kernel call (model.Attention.attend_q), or None where the
+        kernel does not take it (cpu_kernels.takes_attention)."""
+        if not (hasattr(wo, "nibbles") and cpu_kernels.takes_attention(q, k, [wo.nibbles])):
             return None
         return torch.ops.flexfast.attention_int4(q, k, v, mask, wo.nibbles, wo.kernel_scales_zeros)
 

@@ -215,25 +215,36 @@ def test_swiglu_in_one_call_matches_three_calls(mode, dtype, rows):
     assert (got.float() - exact).abs().max() < 0.03 * exact.abs().max()
 
 
+@pytest.mark.parametrize("mode", ["dense", "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", ROWS)
-def test_attention_with_wo_in_one_call_matches_two_calls(dtype, rows):
-    """model.Attention.attend_q with an int4 wo: one attention_int4 call against few_token_attention and wo's own
-    call, on a cache view narrowed to the slots the mask covers (37: not a multiple of 4 or 16), GQA, the later slots
-    masked for the earlier rows; within bf16's rounding of the attention output, which the two round apart."""
+def test_attention_with_wo_in_one_call_matches_two_calls(mode, dtype, rows):
+    """Attention then wo in one kernel call against few_token_attention and wo's own kernel call, on a cache view
+    narrowed to the slots the mask covers (37: not a multiple of 4 or 16), GQA, the later slots masked for the
+    earlier rows; within bf16's rounding of the attention output, which the two round apart. Quantized, through the
+    module class's attention(), as model.Attention.attend_q calls it."""
     import model
     gen = torch.Generator().manual_seed(rows)
     H, KV, D, S = 6, 2, 64, 37
-    wo, dense_wo = int4_module(128, H * D, gen, dtype)
     q = torch.randn(1, H, rows, D, generator=gen).to(dtype)
     cache = torch.randn(2, 1, KV, 50, D, generator=gen).to(dtype)
     k, v = cache[0].narrow(2, 0, S), cache[1].narrow(2, 0, S)
     mask = model.causal_mask(torch.arange(S - rows - 3, S - 3), torch.arange(S))
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        got = type(wo).attention(q, k, v, mask, wo)
+    attended = model.few_token_attention(q, k, v, mask).transpose(1, 2).reshape(1, rows, H * D)
+    if mode == "dense":
+        wo = (0.1 * torch.randn(128, H * D, generator=gen)).to(dtype)
+        dense_wo, name = wo.float(), "flexfast::attention"
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = torch.ops.flexfast.attention(q, k, v, mask, wo)
+        want = torch.ops.flexfast.linear(attended, [wo])
+    else:
+        wo, dense_wo = (int8_module if mode == "int8" else int4_module)(128, H * D, gen, dtype)
+        name = f"flexfast::attention_{mode}"
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            got = type(wo).attention(q, k, v, mask, wo)
+        want = wo(attended)
     names = [e.name for e in prof.events()]
-    assert names.count("flexfast::attention_int4") == 1 and "flexfast::linear_int4" not in names
-    want = wo(model.few_token_attention(q, k, v, mask).transpose(1, 2).reshape(1, rows, H * D))
+    assert names.count(name) == 1 and not any(n.startswith("flexfast::linear") for n in names)
     assert got.shape == want.shape == (1, rows, 128) and got.dtype == dtype
     torch.testing.assert_close(got, want, **tolerance(dtype))
     exact = F.linear(F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
