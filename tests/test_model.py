@@ -351,7 +351,7 @@ def test_linear_probe_times_every_kind_while_the_kernels_build(monkeypatch):
     import math
     import cpu_kernels
     import cpu_linear
-    monkeypatch.setattr(cpu_linear, "PROBE_LAYER", (((64, 64), (32, 64)), ((64, 64),)))
+    monkeypatch.setattr(cpu_linear, "PROBE_LAYER", (((64, 64), (32, 64)), ((64, 64),), ((96, 64), (96, 64), (64, 96))))
     monkeypatch.setattr(cpu_linear, "PROBE_BYTES", 1)  # two layers
     monkeypatch.setattr(cpu_linear, "PROBE_ROUNDS", 2)
     monkeypatch.setattr(cpu_linear, "MARGIN", math.inf)  # the gemv keeps the graph: no torch.cond branch probe
@@ -370,6 +370,15 @@ def test_linear_probe_times_every_kind_while_the_kernels_build(monkeypatch):
         else rows["us_per_mb"] == {}
     times = [t for probed in (entry, rows) for context in probed["us_per_mb"].values() for t in context.values()]
     assert all(0 < t < math.inf for t in times), entry
+    # every kind computes the same layer (the MLP group as the model's SwiGLU), and a skipped branch its width
+    groups = [[torch.randn(shape) for shape in group] for group in cpu_linear.PROBE_LAYER]
+    x = torch.randn(1, 1, 96)
+    kinds = ["gemv", "linear"] + ["kernel"] * built
+    outs = [cpu_linear.LinearStack(groups, cpu_linear.PROBE_NORMED, kind, False)(x, None) for kind in kinds]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-4, rtol=1e-4)
+    skipped = cpu_linear.LinearStack(groups, cpu_linear.PROBE_NORMED, "gemv", True)(x, torch.tensor(False))
+    assert skipped.shape == outs[0].shape == (1, 1, 64 + 32 + 64 + 64)
 
 
 def test_linear_probe_reads_past_the_largest_cache(tmp_path):
