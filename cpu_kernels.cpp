@@ -4,9 +4,10 @@
 // register, fp32 accumulation, and a software prefetch PREFETCH_BYTES ahead, because the hardware prefetcher alone
 // does not follow four short row streams (measured: 17 GB/s a core without it, 30 with it, on a 43 GB/s core).
 // Weights: bf16 or fp32 (dense), int8 with a scale per row (rows as in quantize.py's file), int4 with a scale and zero
-// per group of columns, dequantized as (q - 8) * scale + zero, its rows interleaved 16 at a time (below). Each op
-// takes a list of weights of one K (wq/wk/wv, w1/w3) and returns their outputs side by side: one call, so one fork
-// and join of the threads, reads them all. tests/test_cpu_kernels.py checks each against the torch path it replaces.
+// per group of columns, dequantized as (q - 8) * scale + zero, its rows interleaved 16 at a time (below). Each linear
+// op takes a list of weights of one K (wq/wk/wv, w1/w3) and returns their outputs side by side: one call, so one fork
+// and join of the threads, reads them all; the swiglu and attention ops run a layer's MLP, and its attention with wo,
+// each in one parallel region (run_then_down). tests/test_cpu_kernels.py checks each against the path it replaces.
 // ATen and the op registry only: torch/extension.h (pybind, autograd, the whole C++ frontend) took the first build
 // from 11 to 29 s on 2 cores, and the ops need none of it (they are registered with TORCH_LIBRARY, not as a module).
 #include <ATen/ATen.h>
@@ -697,17 +698,17 @@ void run_swiglu_int4(const at::Tensor& x, const at::Tensor& w1, const at::Tensor
   }, down);
 }
 
+// Which of the (up to) 16 slots from `allowed` the mask allows
+inline __mmask16 slots_allowed(const bool* allowed, __mmask16 tail) {
+  return _mm_mask_cmpneq_epi8_mask(tail, _mm_maskz_loadu_epi8(tail, allowed), _mm_setzero_si128());
+}
+
 // Attention of T query rows q [H, T, D] (roped) against a cache k, v [KV, S, D] (each head's slots contiguous,
 // kv_stride apart), the slots the mask [T, S] allows: hidden[row, h * D + d] = sum_s p_s v[h / G, s, d], p the
 // softmax of q[h, row] . k[h / G, s] / sqrt(D) (G query heads share a KV head), in fp32 and rounded to Q as
 // few_token_attention's output. Each thread takes whole (head, row) units; the scores of 4 slots are summed
 // together (one horizontal sum per 4), and the cache, which a token's weights have pushed out of the near caches,
 // is prefetched 16 slots ahead. D = 16 C.
-// Which of the (up to) 16 slots from `allowed` the mask allows
-inline __mmask16 slots_allowed(const bool* allowed, __mmask16 tail) {
-  return _mm_mask_cmpneq_epi8_mask(tail, _mm_maskz_loadu_epi8(tail, allowed), _mm_setzero_si128());
-}
-
 template <int C, typename Q>
 void attend_units(const Q* q, const Q* k, const Q* v, int64_t kv_stride, const bool* mask, int64_t H, int64_t KV,
                   int64_t T, int64_t S, int t, int threads, float* hidden) {
@@ -797,7 +798,8 @@ AttentionInputs attention_inputs(const at::Tensor& q_any, const at::Tensor& k_an
   const at::Tensor q = q_any.contiguous();
   // each head's slots contiguous, the heads apart
   auto slots = [](const at::Tensor& c) { return c.stride(3) == 1 && c.stride(2) == c.size(3) ? c : c.contiguous(); };
-  const at::Tensor k = slots(k_any), v = slots(v_any);
+  at::Tensor k = slots(k_any), v = slots(v_any);
+  if (k.strides() != v.strides()) k = k.contiguous(), v = v.contiguous();  // the kernel reads both with one stride
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == 1 && k.size(0) == 1 && k.sizes() == v.sizes() &&
                   k.strides() == v.strides() && k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0 &&
                   (q.size(3) == 64 || q.size(3) == 128) && q.size(2) <= MAX_M,

@@ -328,7 +328,7 @@ def choose(dtype: torch.dtype, mode=None, path: Path = CACHE_PATH, run_probe=pro
                      lambda: run_probe(dtype, mode), path)
     if "kernel" in (entry["graph"], entry["branch"]):
         cpu_kernels.load()  # built when probed; model.linear falls back to the gemv if it cannot load now
-    cpu_kernels.set_prefetch_l2(bool(entry.get("prefetch_l2", False)))
+    cpu_kernels.set_prefetch_l2(bool(entry.get("prefetch_l2", False)))  # process-wide: the last dtype chosen
     model.ONE_TOKEN_LINEAR[(str(dtype), False)] = entry["graph"]
     model.ONE_TOKEN_LINEAR[(str(dtype), True)] = entry["branch"]
     return entry

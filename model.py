@@ -345,7 +345,8 @@ def apply_rope(x: Tensor, rope: tuple) -> Tensor:
     return (x_float * cos + swapped * sin).type_as(x)
 
 
-# False: every step uses F.scaled_dot_product_attention (scripts/benchmark.py times both in one run)
+# False: every step uses F.scaled_dot_product_attention, and no kernel of attention with wo (scripts/benchmark.py
+# --sdpa_row times both in one run)
 FEW_TOKEN_ATTENTION = True
 # False: attention and wo always run as their own calls (scripts/bench_decode_ab.py -attn2)
 ATTENTION_WITH_WO = True
@@ -395,7 +396,8 @@ class Attention(nn.Module):
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
         k, v = k.narrow(2, 0, mask.shape[-1]), v.narrow(2, 0, mask.shape[-1])  # only the slots the mask covers
         with_wo = getattr(self.wo, "attention", None)  # the class's kernel for attention and wo in one call
-        if ATTENTION_WITH_WO and with_wo is not None and not self.wo._forward_hooks:  # tp.py's all-reduce is a hook
+        if (FEW_TOKEN_ATTENTION and ATTENTION_WITH_WO and with_wo is not None
+                and not self.wo._forward_hooks):  # tp.py's all-reduce is a hook
             y = with_wo(q, k, v, mask, self.wo)
             if y is not None:
                 return y

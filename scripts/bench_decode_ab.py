@@ -22,11 +22,11 @@ compared; timed round by round in one process they can. A variant is a one-token
     ...-pywrapper              inductor's Python wrapper also for a quantized model (compile_one_token gives their
                                steps the C++ wrapper: steps.CPP_WRAPPER)
     ...-l1, ...-l2             the CPU kernels' software prefetches into the first- or second-level cache (neither:
-                               this machine's choice, cpu_linear's probe)
-    ...-attn2                  attention and wo as two calls (model.ATTENTION_WITH_WO off; on, int4 takes one kernel
-                               call for both)
+                               the level cpu_kernels holds, L1 unless set: this script runs no probe)
+    ...-attn2                  attention and wo as two calls (model.ATTENTION_WITH_WO off; on, the kernel kind,
+                               int8 and int4 take one kernel call for both)
     ...-mlp3                   the MLP as three calls, gate and up, the activation, down (model.SWIGLU_IN_ONE_CALL
-                               off; on, int4 takes one kernel call for it)
+                               off; on, the kernel kind, int8 and int4 take one kernel call for it)
 Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
 function would hold one variant at a time). Then every round decodes the same prompt once per variant and reads
 the weights' bytes once with a torch sum (the limit); the best round of each counts.

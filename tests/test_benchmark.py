@@ -136,8 +136,10 @@ def test_decode_ab_times_every_variant_in_each_round(tmp_path, capsys):
     from steps import KERNEL_GROUP_ARGS
     import torch._inductor.config as inductor_config
     variants = ["gemv-regional", "kernel-separate" if cpu_kernels.load() else "gemv-frozen", "gemv-wide",
-                "gemv-bounded", "gemv-smallpages-recompute-pywrapper-mlp3"]
+                "gemv-bounded", "gemv-smallpages-recompute-pywrapper-mlp3-attn2-l2" if cpu_kernels.load()
+                else "gemv-smallpages-recompute-pywrapper-mlp3-attn2"]
     before = dict(model.ONE_TOKEN_LINEAR), model.linears
+    prefetch_l2 = cpu_kernels.PREFETCH_L2
     try:
         bench_decode_ab.run(bench_decode_ab.parse_args([
             "--checkpoint_path", str(make_converted_llama(tmp_path / "tiny")), "--precision", "fp32",
@@ -149,7 +151,7 @@ def test_decode_ab_times_every_variant_in_each_round(tmp_path, capsys):
         import torch
         torch._dynamo.reset()
     assert model.linears is before[1] and CppScheduling.MAX_FUSED_KERNEL_ARGS_NUM == KERNEL_GROUP_ARGS  # back
-    assert model.SWIGLU_IN_ONE_CALL
+    assert model.SWIGLU_IN_ONE_CALL and model.ATTENTION_WITH_WO and cpu_kernels.PREFETCH_L2 == prefetch_l2
     assert inductor_config.realize_cpu_opcount_threshold == 8 and "FLEXFAST_HUGE_PAGES" not in os.environ
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split(" | ")[0][2:] for row in rows[1:]] == variants

@@ -218,14 +218,15 @@ def test_swiglu_in_one_call_matches_three_calls(mode, dtype, rows):
 @pytest.mark.parametrize("mode", ["dense", "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", ROWS)
-def test_attention_with_wo_in_one_call_matches_two_calls(mode, dtype, rows):
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_with_wo_in_one_call_matches_two_calls(mode, dtype, rows, D):
     """Attention then wo in one kernel call against few_token_attention and wo's own kernel call, on a cache view
     narrowed to the slots the mask covers (37: not a multiple of 4 or 16), GQA, the later slots masked for the
     earlier rows; within bf16's rounding of the attention output, which the two round apart. Quantized, through the
     module class's attention(), as model.Attention.attend_q calls it."""
     import model
     gen = torch.Generator().manual_seed(rows)
-    H, KV, D, S = 6, 2, 64, 37
+    H, KV, S = 6, 2, 37
     q = torch.randn(1, H, rows, D, generator=gen).to(dtype)
     cache = torch.randn(2, 1, KV, 50, D, generator=gen).to(dtype)
     k, v = cache[0].narrow(2, 0, S), cache[1].narrow(2, 0, S)
