@@ -203,18 +203,23 @@ inline void block_int4(const uint8_t* w, int64_t blocks_per_group, const S* sz, 
 
 // Runs block(b, m0, mc, out) over `blocks` blocks of RB weight rows and chunks of up to 4 activation rows, in parallel
 // over blocks; block returns the column of y [M, ldy] its first row goes to and leaves in out its RB x mc results.
+// Blocks b0 to b1 - 1 of that, on the calling thread
+template <int RB, typename Y, typename Block>
+void blocks_into(int64_t b0, int64_t b1, int64_t M, int64_t ldy, Y* y, const Block& block) {
+  alignas(64) float out[RB * 4];
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
+      const int64_t col = block(b, m0, mc, out);
+      for (int r = 0; r < RB; ++r)
+        for (int m = 0; m < mc; ++m) y[(m0 + m) * ldy + col + r] = static_cast<Y>(out[r * mc + m]);
+    }
+}
+
 template <int RB, typename Y, typename Block>
 void for_blocks(int64_t M, int64_t ldy, int64_t blocks, Y* y, const Block& block) {
-  at::parallel_for(0, blocks, 64 / RB, [&](int64_t b0, int64_t b1) {
-    float out[RB * 4];
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
-        const int64_t col = block(b, m0, mc, out);
-        for (int r = 0; r < RB; ++r)
-          for (int m = 0; m < mc; ++m) y[(m0 + m) * ldy + col + r] = static_cast<Y>(out[r * mc + m]);
-      }
-  });
+  at::parallel_for(0, blocks, 64 / RB,
+                   [&](int64_t b0, int64_t b1) { blocks_into<RB>(b0, b1, M, ldy, y, block); });
 }
 
 // Several weights of the same input width as one run of blocks (one parallel region for all: a small weight takes
@@ -285,6 +290,12 @@ void check_x(const at::Tensor& x, int64_t K, int64_t N) {
   TORCH_CHECK(x.size(-1) == K, "flexfast: x has ", x.size(-1), " columns, the weight ", K);
   TORCH_CHECK(x.numel() / K <= MAX_M, "flexfast: at most ", MAX_M, " rows");
   TORCH_CHECK(K % 32 == 0 && N % R == 0, "flexfast: K must be a multiple of 32 and N of ", R);
+}
+
+// f(float{}) for an fp32 dtype, f(at::BFloat16{}) for bf16 (the callers check it is one of them)
+template <typename F>
+auto with_type(at::ScalarType dtype, const F& f) {
+  return dtype == at::kFloat ? f(float{}) : f(at::BFloat16{});
 }
 
 at::Tensor output(const at::Tensor& x, int64_t N) {
@@ -617,15 +628,11 @@ void run_then_down(int64_t M, int64_t H, int64_t N, Y* y, const Produce& produce
 #pragma omp barrier
     down.prepare(hidden, M, t, T);
 #pragma omp barrier
-    alignas(64) float out[Down::RB * 4];
     const auto [first, last] = share(N / Down::RB, t, T);
-    for (int64_t b = first; b < last; ++b)
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
-        down.block(hidden, b * Down::RB, m0, mc, out);
-        for (int r = 0; r < Down::RB; ++r)
-          for (int m = 0; m < mc; ++m) y[(m0 + m) * N + b * Down::RB + r] = static_cast<Y>(out[r * mc + m]);
-      }
+    blocks_into<Down::RB>(first, last, M, N, y, [&](int64_t b, int64_t m0, int mc, float* out) {
+      down.block(hidden, b * Down::RB, m0, mc, out);
+      return b * Down::RB;
+    });
   }
 }
 
@@ -817,8 +824,7 @@ AttentionInputs attention_inputs(const at::Tensor& q_any, const at::Tensor& k_an
 template <typename Down>
 at::Tensor attend_then(const AttentionInputs& a, int64_t dim, Down& down) {
   at::Tensor y = at::empty({1, a.q.size(2), dim}, a.q.options());
-  if (a.q.scalar_type() == at::kFloat) run_attention<float>(a.q, a.k, a.v, a.mask, down, y);
-  else run_attention<at::BFloat16>(a.q, a.k, a.v, a.mask, down, y);
+  with_type(a.q.scalar_type(), [&](auto q) { run_attention<decltype(q)>(a.q, a.k, a.v, a.mask, down, y); });
   return y;
 }
 
@@ -831,13 +837,12 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const AttentionInputs a = attention_inputs(q, k, v, mask, what);
   const int64_t HD = a.q.size(1) * a.q.size(3);
   checked_rows(at::empty({a.q.size(2), HD}, a.q.options()), {wo}, what);
-  if (wo.scalar_type() == at::kFloat) {
-    DenseDown<float> down{wo.data_ptr<float>(), HD};
+  TORCH_CHECK(wo.scalar_type() == at::kFloat || wo.scalar_type() == at::kBFloat16, what, ": wo must be fp32 or bf16");
+  return with_type(wo.scalar_type(), [&](auto w) {
+    using W = decltype(w);
+    DenseDown<W> down{wo.data_ptr<W>(), HD};
     return attend_then(a, wo.size(0), down);
-  }
-  TORCH_CHECK(wo.scalar_type() == at::kBFloat16, what, ": wo must be fp32 or bf16");
-  DenseDown<at::BFloat16> down{wo.data_ptr<at::BFloat16>(), HD};
-  return attend_then(a, wo.size(0), down);
+  });
 }
 
 at::Tensor attention_int8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
@@ -850,12 +855,11 @@ at::Tensor attention_int8(const at::Tensor& q, const at::Tensor& k, const at::Te
                   (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
               what, ": wo must be int8 with N contiguous fp32 or bf16 scales");
   static thread_local Int16Buffers buffers;
-  if (scales.scalar_type() == at::kFloat) {
-    Int8Down<float> down{wo.data_ptr<int8_t>(), scales.data_ptr<float>(), HD, buffers};
+  return with_type(scales.scalar_type(), [&](auto scale) {
+    using S = decltype(scale);
+    Int8Down<S> down{wo.data_ptr<int8_t>(), scales.data_ptr<S>(), HD, buffers};
     return attend_then(a, wo.size(0), down);
-  }
-  Int8Down<at::BFloat16> down{wo.data_ptr<int8_t>(), scales.data_ptr<at::BFloat16>(), HD, buffers};
-  return attend_then(a, wo.size(0), down);
+  });
 }
 
 at::Tensor attention_int4(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
@@ -864,12 +868,10 @@ at::Tensor attention_int4(const at::Tensor& q, const at::Tensor& k, const at::Te
   const AttentionInputs a = attention_inputs(q, k, v, mask, what);
   const int64_t HD = a.q.size(1) * a.q.size(3);
   check_int4(at::empty({a.q.size(2), HD}, a.q.options()), wo, sz, HD, groups_of(sz), sz.scalar_type(), what);
-  if (sz.scalar_type() == at::kFloat) {
-    Int4Down<float> down = int4_down<float>(wo, sz, a.q.size(2));
+  return with_type(sz.scalar_type(), [&](auto scale) {
+    Int4Down<decltype(scale)> down = int4_down<decltype(scale)>(wo, sz, a.q.size(2));
     return attend_then(a, wo.size(0), down);
-  }
-  Int4Down<at::BFloat16> down = int4_down<at::BFloat16>(wo, sz, a.q.size(2));
-  return attend_then(a, wo.size(0), down);
+  });
 }
 
 // w2 [D, H] against w1 [H, ...]: the shapes of a SwiGLU, checked for x [..., D] (columns: w2's as stored)
@@ -890,11 +892,9 @@ at::Tensor swiglu(const at::Tensor& x_any, const at::Tensor& w1, const at::Tenso
   TORCH_CHECK(w2.scalar_type() == dtype && (dtype == at::kFloat || dtype == at::kBFloat16), what,
               ": weights must be fp32 or bf16, one dtype for all");
   at::Tensor y = output(x, x.size(-1));
-  const bool float_w = w1.scalar_type() == at::kFloat, float_x = x.scalar_type() == at::kFloat;
-  if (float_w && float_x) run_swiglu_dense<float, float>(x, w1, w3, w2, y);
-  else if (float_w) run_swiglu_dense<float, at::BFloat16>(x, w1, w3, w2, y);
-  else if (float_x) run_swiglu_dense<at::BFloat16, float>(x, w1, w3, w2, y);
-  else run_swiglu_dense<at::BFloat16, at::BFloat16>(x, w1, w3, w2, y);
+  with_type(dtype, [&](auto w) {
+    with_type(x.scalar_type(), [&](auto out) { run_swiglu_dense<decltype(w), decltype(out)>(x, w1, w3, w2, y); });
+  });
   return y;
 }
 
@@ -912,11 +912,11 @@ at::Tensor swiglu_int8(const at::Tensor& x_any, const at::Tensor& w1, const at::
                     (s_dtype == at::kFloat || s_dtype == at::kBFloat16),
                 what, ": scales must be N contiguous fp32 or bf16 values, one dtype for all");
   at::Tensor y = output(x, x.size(-1));
-  const bool float_s = s_dtype == at::kFloat, float_x = x.scalar_type() == at::kFloat;
-  if (float_s && float_x) run_swiglu_int8<float, float>(x, w1, s1, w3, s3, w2, s2, y);
-  else if (float_s) run_swiglu_int8<float, at::BFloat16>(x, w1, s1, w3, s3, w2, s2, y);
-  else if (float_x) run_swiglu_int8<at::BFloat16, float>(x, w1, s1, w3, s3, w2, s2, y);
-  else run_swiglu_int8<at::BFloat16, at::BFloat16>(x, w1, s1, w3, s3, w2, s2, y);
+  with_type(s_dtype, [&](auto scale) {
+    with_type(x.scalar_type(), [&](auto out) {
+      run_swiglu_int8<decltype(scale), decltype(out)>(x, w1, s1, w3, s3, w2, s2, y);
+    });
+  });
   return y;
 }
 
@@ -931,11 +931,11 @@ at::Tensor swiglu_int4(const at::Tensor& x_any, const at::Tensor& w1, const at::
   check_swiglu_shapes(x, w1, w3, w2, H / 2, what);
   check_int4(at::empty({H}, x.options()), w2, sz2, H, groups_of(sz2), sz_dtype, what);
   at::Tensor y = output(x, D);
-  const bool float_sz = sz_dtype == at::kFloat, float_x = x.scalar_type() == at::kFloat;
-  if (float_sz && float_x) run_swiglu_int4<float, float>(x, w1, sz1, w3, sz3, w2, sz2, y);
-  else if (float_sz) run_swiglu_int4<float, at::BFloat16>(x, w1, sz1, w3, sz3, w2, sz2, y);
-  else if (float_x) run_swiglu_int4<at::BFloat16, float>(x, w1, sz1, w3, sz3, w2, sz2, y);
-  else run_swiglu_int4<at::BFloat16, at::BFloat16>(x, w1, sz1, w3, sz3, w2, sz2, y);
+  with_type(sz_dtype, [&](auto scale) {
+    with_type(x.scalar_type(), [&](auto out) {
+      run_swiglu_int4<decltype(scale), decltype(out)>(x, w1, sz1, w3, sz3, w2, sz2, y);
+    });
+  });
   return y;
 }
 
