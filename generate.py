@@ -271,8 +271,7 @@ def speculate_once(model, draft_model, steps, token, pos, k, k_max, early_exit, 
     synchronize(device)
     stats.verify_seconds += time.perf_counter() - t0
     target_probs = sampling.probs(logits[:k + 1])
-    n, next_token = speculative_accept(torch.stack(draft_tokens), torch.stack(draft_probs), target_probs,
-                                       sampling.generator)
+    n, next_token = speculative_accept(torch.stack(draft_tokens), torch.stack(draft_probs), target_probs, sampling)
     if draft_model is not None and n == k:
         # the draft model never saw its own last draft; give it that token so its cache has no hole
         steps.decode(draft_model, draft_tokens[-1].view(1, 1), torch.tensor([pos + k], device=device),

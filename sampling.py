@@ -9,7 +9,20 @@ from torch import Tensor
 
 
 def sample_from(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """A token drawn from each row of probs (weights, not necessarily normalised): where one uniform draw falls in
+    the rows' cumulative sums. torch.multinomial draws an exponential for every entry: 1 ms for 49,152 of them on a
+    CPU, against 50 us."""
+    cumulative = probs.double().cumsum(-1)
+    total = cumulative[..., -1:].contiguous()
+    # below total (a double below 1 times total rounds below it), so the token is one with weight, never past them
+    u = torch.rand(total.shape, generator=generator, dtype=torch.float64, device=probs.device) * total
+    return torch.searchsorted(cumulative, u, right=True).squeeze(-1)
+
+
+def argmax(x: Tensor) -> Tensor:
+    """The index of the largest value along the last dimension, the first one where several tie, as argmax gives
+    it: torch.max's indices, which a CPU computes 2.5x faster (29 against 74 us for 2 x 49,152 floats, 2 threads)."""
+    return torch.max(x, -1).indices
 
 
 @dataclass
@@ -37,7 +50,7 @@ class Sampling:
         acceptance rule reduces to exact-match acceptance with no special case."""
         logits = logits.float()
         if self.greedy:
-            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+            return torch.zeros_like(logits).scatter_(-1, argmax(logits).unsqueeze(-1), 1.0)
         logits = logits / self.temperature
         if self.top_k and self.top_k < logits.shape[-1]:
             kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
@@ -54,33 +67,33 @@ class Sampling:
 
     def draw(self, probs: Tensor) -> Tensor:
         """A token from a distribution that probs() made (greedy: its argmax, no random draw)."""
-        return probs.argmax(-1) if self.greedy else sample_from(probs, self.generator)
+        return argmax(probs) if self.greedy else sample_from(probs, self.generator)
 
     def sample(self, logits: Tensor) -> Tensor:
         if self.greedy:  # draw(probs(logits)) without building the one-hot: 75 -> 35 us a token for 49k logits
-            return logits.float().argmax(-1)
+            return argmax(logits.float())
         return self.draw(self.probs(logits))
 
 
-def speculative_accept(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor,
-                       generator: Optional[torch.Generator]):
+def speculative_accept(draft_tokens: Tensor, draft_probs: Tensor, target_probs: Tensor, sampling: Sampling):
     """The speculative-sampling acceptance rule, written once for every kind of speculation.
 
     draft_tokens [k], draft_probs [k, V] (the distribution each was drawn from), target_probs [k+1, V].
     Accept d_i with probability min(1, p(d_i)/q(d_i)); at the first rejection draw from max(p - q, 0)
     renormalised; if all k pass, draw a bonus token from target row k. Returns (n accepted, next token).
-    With one-hot (greedy) distributions this is exactly "accept while draft == target argmax".
+    With one-hot (greedy) distributions this is exactly "accept while draft == target argmax", and sampling.draw
+    takes the argmax of the one-hot it draws from (torch.multinomial over 49k entries cost 1 ms a step).
     """
     k = draft_tokens.shape[0]
     rows = torch.arange(k, device=draft_tokens.device)
     p = target_probs[rows, draft_tokens]
     q = draft_probs[rows, draft_tokens]
-    u = torch.rand(k, generator=generator, device=draft_tokens.device)
+    u = torch.rand(k, generator=sampling.generator, device=draft_tokens.device)
     rejected = (u * q >= p).nonzero()
     if rejected.numel() == 0:
-        return k, sample_from(target_probs[k], generator)
+        return k, sampling.draw(target_probs[k])
     n = int(rejected[0, 0])
     residual = (target_probs[n] - draft_probs[n]).clamp_min(0)
     if residual.sum() <= 0:  # p == q exactly: any draw from p is right
         residual = target_probs[n]
-    return n, sample_from(residual / residual.sum(), generator)
+    return n, sampling.draw(residual / residual.sum())

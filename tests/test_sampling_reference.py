@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from sampling import Sampling
+from sampling import Sampling, sample_from
 
 VOCAB = 64
 
@@ -57,3 +57,27 @@ def test_greedy_sample_is_the_one_hot_draw_ties_included():
     logits[0, :] = 0  # all tied
     logits[1, [3, VOCAB - 1]] = 100  # two tied maxima
     assert torch.equal(sampling.sample(logits), sampling.draw(sampling.probs(logits)))
+    assert torch.equal(sampling.sample(logits), logits.float().argmax(-1))  # the first of tied maxima
+
+
+def test_sample_from_draws_each_token_at_its_weight(monkeypatch):
+    """Rows of weights (unnormalised, zeros among them): each token is drawn at its share of its row's weight
+    (chi-square, 5 sd), a token of weight 0 never, not even at the smallest or largest uniform draw."""
+    weights = torch.tensor([[0.0, 0.1, 0.0, 0.3, 0.6, 0.0], [2.0, 0.0, 0.0, 1.0, 0.0, 1.0]])
+    generator = torch.Generator().manual_seed(0)
+    draws = 20000
+    tokens = torch.stack([sample_from(weights, generator) for _ in range(draws)])  # [draws, 2]
+    for row in range(2):
+        counts = torch.bincount(tokens[:, row], minlength=6).double()
+        expected = weights[row].double() / weights[row].sum() * draws
+        assert torch.all(counts[expected == 0] == 0)
+        kept = expected > 0
+        chi2 = float(((counts[kept] - expected[kept]) ** 2 / expected[kept]).sum())
+        dof = int(kept.sum()) - 1
+        assert chi2 < dof + 5 * (2 * dof) ** 0.5, (row, counts)
+    top = torch.tensor([0.0, 1.0, 2.0, 0.0, 0.0])
+    for uniform, token in ((0.0, 1), (1 - 2 ** -53, 2)):  # torch.rand's smallest and largest doubles
+        monkeypatch.setattr(torch, "rand", lambda shape, uniform=uniform, **_: torch.full(shape, uniform,
+                                                                                          dtype=torch.float64))
+        assert int(sample_from(top, None)) == token
+        assert int(sample_from(top * 3.7, None)) == token

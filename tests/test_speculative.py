@@ -6,7 +6,6 @@ import torch
 
 import generate as g
 from conftest import assert_one_line_error, greedy, make_converted_llama, run_cli, with_exit_heads
-from sampling import sample_from
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +114,9 @@ def test_speculative_sampling_matches_plain_sampling(tmp_path, draft):
         stat += (counts[~keep].sum() - expected[~keep].sum()) ** 2 / max(expected[~keep].sum(), 1e-9)
         return float(stat), int(keep.sum())
 
-    def accept_everything(draft_tokens, draft_probs, target_probs, generator):
+    def accept_everything(draft_tokens, draft_probs, target_probs, sampling):
         k = draft_tokens.shape[0]
-        return k, sample_from(target_probs[k], generator)
+        return k, sampling.draw(target_probs[k])
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # thousands of tiny steps: threading only adds overhead
