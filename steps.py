@@ -80,12 +80,13 @@ def live_slots(model: Transformer, steps: Steps, end: int) -> Optional[Tensor]:
 # each at every call: ~500 asserts a token for an int4 model, 5-8% of its decode (BENCHMARKS.md). Dynamo's guards
 # check the same sizes and strides before a graph first runs in a generation loop (steps.checked_once).
 UNFROZEN = {"freezing": False, "size_asserts": False}
-# inductor's C++ wrapper, for the one-token steps of quantized models (cpp_wrapped): from the Python wrapper each
-# cpu_kernels op call costs ~1.7 us of dispatch (its tensor lists parsed against the op's schema), and an int4 token
-# makes 121. In C++ the same int4 g32 step decoded 3.86 -> 3.50 ms (2-core Xeon; BENCHMARKS.md). Built separately
-# (the kernels in files of their own, shared across layers as before; the entry at -O1), a first compile took 38-43 s
-# instead of 25 (84 s built as one file); a warm one the same 4-4.5 s. Dense steps (the GEMV: no op calls) gained
-# nothing (12.36 against 12.24 ms, bf16), so they keep the Python wrapper and its shorter first compile.
+# inductor's C++ wrapper, for the steps whose linears call cpu_kernels' ops (cpp_wrapped): from the Python wrapper
+# each op call costs ~1.7 us of dispatch (its tensor lists parsed against the op's schema), and an int4 token makes
+# 121. In C++ the same int4 g32 step decoded 3.86 -> 3.50 ms, a bf16 one with the kernel 12.48 -> 12.06, and the
+# bf16 verify of a self-speculative step 12.40 -> 11.71 (2-core Xeon; BENCHMARKS.md). Built separately (the kernels
+# in files of their own, shared across layers as before; the entry at -O1), a first compile took 38-43 s instead
+# of 25 (84 s built as one file); a warm one the same 4-4.5 s. Steps with the GEMV (no op calls) gained nothing
+# (12.36 against 12.24 ms, bf16), so they keep the Python wrapper and its shorter first compile.
 CPP_WRAPPER = {**UNFROZEN, "cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 KERNEL_GROUP_ARGS = 60  # see compile_steps
 CACHE_KEY_TAG = f" | flexfast: CPU kernel groups of {KERNEL_GROUP_ARGS} arguments, ended at each layer's end"
@@ -138,14 +139,7 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
     if compile_args is frozen_args:
         return torch.compile(step, **compile_args)
     if not regional:
-        python_wrapped = torch.compile(step, **compile_args)
-        # a code object of its own: dynamo keeps one cache per code object (own_code)
-        cpp_wrapped_step = torch.compile(own_code(step, f"{step.__name__}_cpp_wrapper"),
-                                         **{**compile_args, "options": CPP_WRAPPER})
-
-        def call(model, *args, **kwargs):
-            return (cpp_wrapped_step if cpp_wrapped(model) else python_wrapped)(model, *args, **kwargs)
-        return call
+        return compile_wrapped(step, torch.compile(step, **compile_args), compile_args, lambda model: kind)
     import torch._inductor.config as inductor_config
     # regional=True as the default of a function of its own: a functools.partial is compiled through one wrapper
     # frame that every such step shares, and dynamo then checks guards to tell them apart at every call
@@ -159,10 +153,28 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
     return call
 
 
-def cpp_wrapped(model: Transformer) -> bool:
-    """Whether model's unfrozen one-token CPU steps compile with CPP_WRAPPER (compile_one_token): its quantized linears
-    call cpu_kernels' ops. Not under tensor parallelism, whose collectives were not tried in the C++ wrapper."""
-    return (cpu_kernels.LOADED and "quantization" in vars(model)
+def compile_wrapped(step: Callable, otherwise: Callable, unfrozen_args: dict, kind_of: Callable) -> Callable:
+    """step compiled unfrozen in inductor's C++ wrapper for a model where cpp_wrapped(model, kind_of(model)), and
+    `otherwise` (a compiled step in the Python wrapper) for the others; each is compiled on its first call only."""
+    # a code object of its own: dynamo keeps one cache per code object (own_code)
+    in_cpp = torch.compile(own_code(step, f"{step.__name__}_cpp_wrapper"), **{**unfrozen_args, "options": CPP_WRAPPER})
+
+    def call(model, *args, **kwargs):
+        return (in_cpp if cpp_wrapped(model, kind_of(model)) else otherwise)(model, *args, **kwargs)
+    return call
+
+
+def few_rows_kind(model: Transformer) -> Optional[str]:
+    """The kind of linear (FEW_ROW_LINEAR) model's dense weights take for a few rows (the verify), once probed."""
+    import model as model_code
+    return model_code.FEW_ROW_LINEAR.get(str(model.norm.weight.dtype))
+
+
+def cpp_wrapped(model: Transformer, kind: str) -> bool:
+    """Whether model's unfrozen one-token CPU steps, their dense linears of `kind` (ONE_TOKEN_LINEAR), compile with
+    CPP_WRAPPER (compile_one_token): where its linears call cpu_kernels' ops, quantized ones always. Not under tensor
+    parallelism, whose collectives were not tried in the C++ wrapper."""
+    return (cpu_kernels.LOADED and ("quantization" in vars(model) or kind == "kernel")
             and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
 
 
@@ -224,7 +236,7 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
     if device.startswith("cuda"):
         options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
         prefill_options = dict(fullgraph=True, dynamic=True)
-        one_token = functools.partial(torch.compile, **options)
+        one_token = few_rows_step = functools.partial(torch.compile, **options)
     else:
         import torch._inductor.config as inductor_config
         # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead. For the multi-token steps (verify, prefill)
@@ -274,6 +286,12 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         import model
         kind = one_token_kind or model.ONE_TOKEN_LINEAR.get((str(precision), False), "gemv")
         one_token = functools.partial(compile_one_token, kind=kind, frozen_args=options, regional=regional)
+
+        def few_rows_step(step):
+            # frozen where F.linear takes the rows (freezing prepacks its weights); where the CPU kernels take them,
+            # unfrozen as the one-token steps are, in the C++ wrapper (CPP_WRAPPER)
+            unfrozen = dict(fullgraph=True, dynamic=False, options=UNFROZEN)
+            return compile_wrapped(step, torch.compile(step, **options), unfrozen, few_rows_kind)
     # dynamic=False above: the fixed-shape steps get one graph per early exit E and skip threshold, which stay
     # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
     torch._dynamo.config.cache_size_limit = 64
@@ -287,8 +305,8 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         else forward_last,
         decode=one_token(forward_last),
         draft=one_token(draft_step),
-        verify=before_first_call(few_rows, torch.compile(verify_step, **options)),
-        verify_full=before_first_call(few_rows, torch.compile(verify_full, **options)),
+        verify=before_first_call(few_rows, few_rows_step(verify_step)),
+        verify_full=before_first_call(few_rows, few_rows_step(verify_full)),
         compiled=True,
         bounded=bounded and not device.startswith("cuda"),
     )

@@ -334,7 +334,7 @@ def test_compiled_flexidepth_with_kernel_matches_eager(monkeypatch):
                         {("torch.float32", False): "kernel", ("torch.float32", True): "kernel"})
     tiny = tiny_model(routing_layers=[1, 2], router_dim=8, adapter_dim=12)
     tiny.setup_caches(1, 16)
-    steps = compile_steps("cpu", False)
+    steps = compile_steps("cpu", False, one_token_kind="kernel")  # in inductor's C++ wrapper, as a probe choosing it
     try:
         ran, called = [], []
         for pos, token in enumerate([5, 17, 99, 3, 64, 42]):
@@ -352,9 +352,13 @@ def test_compiled_flexidepth_with_kernel_matches_eager(monkeypatch):
         torch._dynamo.reset()
 
 
-def test_compiled_self_speculation_with_kernel_is_plain_greedy(monkeypatch):
-    """Draft (one row) and verify (k + 1 rows) both through the kernel: fp32 greedy output equals plain decoding."""
+@pytest.mark.parametrize("bounded", [False, True])
+def test_compiled_self_speculation_with_kernel_is_plain_greedy(monkeypatch, bounded):
+    """Draft (one row) and verify (k + 1 rows) both through the kernel: fp32 greedy output equals plain decoding.
+    Both steps then run in inductor's C++ wrapper (steps.cpp_wrapped), which calls the kernels without Python;
+    bounded: reading only the live cache slots, a dynamic size (chat, the server)."""
     import model
+    from torch._inductor.utils import run_and_get_code
     from steps import compile_steps
     monkeypatch.setattr(model, "ONE_TOKEN_LINEAR",
                         {("torch.float32", False): "kernel", ("torch.float32", True): "kernel"})
@@ -362,8 +366,11 @@ def test_compiled_self_speculation_with_kernel_is_plain_greedy(monkeypatch):
     tiny = tiny_model()
     prompt = torch.tensor([1, 7, 42, 9])
     plain, _ = greedy(tiny, prompt, 12)
-    steps = compile_steps("cpu", False)
     try:
+        steps = compile_steps("cpu", False, one_token_kind="kernel", bounded=bounded)
+        (spec, _), code = run_and_get_code(greedy, tiny, prompt, 12, steps, early_exit=1, speculate_k=3)
+        assert spec == plain
+        assert len(code) == 2 and all("inductor_entry_impl" in c for c in code)  # draft and verify, in C++
         spec, used = ran_kernel(lambda: greedy(tiny, prompt, 12, steps, early_exit=1, speculate_k=3), "linear")
         assert used and spec[0] == plain
     finally:
