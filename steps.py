@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 import cpu_kernels
+import model as model_code
 from model import Transformer
 
 
@@ -83,7 +84,7 @@ UNFROZEN = {"freezing": False, "size_asserts": False}
 # inductor's C++ wrapper, for the steps whose linears call cpu_kernels' ops (cpp_wrapped): from the Python wrapper
 # each op call costs ~1.7 us of dispatch (its tensor lists parsed against the op's schema), and an int4 token makes
 # 121. In C++ the same int4 g32 step decoded 3.86 -> 3.50 ms, a bf16 one with the kernel 12.48 -> 12.06, and the
-# bf16 verify of a self-speculative step 12.40 -> 11.71 (2-core Xeon; BENCHMARKS.md). Built separately (the kernels
+# verify of a self-speculative step 12.40 -> 11.71 in bf16, 4.85 -> 4.25 in int4 (2-core Xeon; BENCHMARKS.md). Built separately (the kernels
 # in files of their own, shared across layers as before; the entry at -O1), a first compile took 38-43 s instead
 # of 25 (84 s built as one file); a warm one the same 4-4.5 s. Steps with the GEMV (no op calls) gained nothing
 # (12.36 against 12.24 ms, bf16), so they keep the Python wrapper and its shorter first compile.
@@ -133,13 +134,14 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
     weight from Python; BENCHMARKS.md), so it is the user's choice (generate.py --compile_regional). Dynamo reads
     inductor's process-wide freezing flag when it traces (frozen, weights become graph constants, and a region's
     weights must stay inputs), so a regional step runs with that flag off; options= alone reaches inductor only.
-    An unfrozen whole-graph step runs, call by call, in inductor's C++ wrapper where cpp_wrapped(model) says so, else
-    in the Python one (each compiled on its first call only). Frozen and regional steps keep the Python wrapper."""
+    An unfrozen whole-graph step runs, call by call, in inductor's C++ wrapper where cpp_wrapped(model, kind) says so,
+    else in the Python one (compile_wrapped). Frozen and regional steps keep the Python wrapper."""
     compile_args = one_token_compile_args(kind, frozen_args)
     if compile_args is frozen_args:
         return torch.compile(step, **compile_args)
     if not regional:
-        return compile_wrapped(step, torch.compile(step, **compile_args), compile_args, lambda model: kind)
+        return compile_wrapped(step, torch.compile(step, **compile_args), compile_args,
+                               lambda model, *args, **kwargs: cpp_wrapped(model, kind))
     import torch._inductor.config as inductor_config
     # regional=True as the default of a function of its own: a functools.partial is compiled through one wrapper
     # frame that every such step shares, and dynamo then checks guards to tell them apart at every call
@@ -153,27 +155,30 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
     return call
 
 
-def compile_wrapped(step: Callable, otherwise: Callable, unfrozen_args: dict, kind_of: Callable) -> Callable:
-    """step compiled unfrozen in inductor's C++ wrapper for a model where cpp_wrapped(model, kind_of(model)), and
-    `otherwise` (a compiled step in the Python wrapper) for the others; each is compiled on its first call only."""
+def compile_wrapped(step: Callable, otherwise: Callable, unfrozen_args: dict, in_cpp_for: Callable) -> Callable:
+    """step compiled unfrozen in inductor's C++ wrapper for the calls where in_cpp_for(model, *args, **kwargs) (the
+    step's own arguments), and `otherwise` (a compiled step in the Python wrapper) for the others; each is compiled
+    on its first call only."""
     # a code object of its own: dynamo keeps one cache per code object (own_code)
     in_cpp = torch.compile(own_code(step, f"{step.__name__}_cpp_wrapper"), **{**unfrozen_args, "options": CPP_WRAPPER})
 
     def call(model, *args, **kwargs):
-        return (in_cpp if cpp_wrapped(model, kind_of(model)) else otherwise)(model, *args, **kwargs)
+        return (in_cpp if in_cpp_for(model, *args, **kwargs) else otherwise)(model, *args, **kwargs)
     return call
 
 
-def few_rows_kind(model: Transformer) -> Optional[str]:
-    """The kind of linear (FEW_ROW_LINEAR) model's dense weights take for a few rows (the verify), once probed."""
-    import model as model_code
-    return model_code.FEW_ROW_LINEAR.get(str(model.norm.weight.dtype))
+def rows_in_cpp(model: Transformer, rows: int) -> bool:
+    """Whether a step of `rows` rows (the verify) calls cpu_kernels' ops for its linears: at most MAX_ROWS of them,
+    and quantized or of the kind (FEW_ROW_LINEAR, once probed) that the kernel is. Its last draft's rows below the
+    exit are one row (ONE_TOKEN_LINEAR's kind), a small share of it."""
+    return rows <= cpu_kernels.MAX_ROWS and cpp_wrapped(
+        model, model_code.FEW_ROW_LINEAR.get(str(model.norm.weight.dtype)))
 
 
-def cpp_wrapped(model: Transformer, kind: str) -> bool:
-    """Whether model's unfrozen one-token CPU steps, their dense linears of `kind` (ONE_TOKEN_LINEAR), compile with
-    CPP_WRAPPER (compile_one_token): where its linears call cpu_kernels' ops, quantized ones always. Not under tensor
-    parallelism, whose collectives were not tried in the C++ wrapper."""
+def cpp_wrapped(model: Transformer, kind: Optional[str]) -> bool:
+    """Whether model's unfrozen CPU steps of few rows whose dense linears are of `kind` (ONE_TOKEN_LINEAR,
+    FEW_ROW_LINEAR) compile with CPP_WRAPPER (compile_wrapped): where its linears call cpu_kernels' ops, quantized
+    ones always. Not under tensor parallelism, whose collectives were not tried in the C++ wrapper."""
     return (cpu_kernels.LOADED and ("quantization" in vars(model) or kind == "kernel")
             and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
 
@@ -236,7 +241,10 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
     if device.startswith("cuda"):
         options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
         prefill_options = dict(fullgraph=True, dynamic=True)
-        one_token = few_rows_step = functools.partial(torch.compile, **options)
+        one_token = functools.partial(torch.compile, **options)
+
+        def compile_few_rows(step, in_cpp_for):
+            return torch.compile(step, **options)
     else:
         import torch._inductor.config as inductor_config
         # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead. For the multi-token steps (verify, prefill)
@@ -283,15 +291,14 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
             few_rows = functools.partial(cpu_linear.choose_rows, precision, mode)
         if mode:
             options["mode"] = mode
-        import model
-        kind = one_token_kind or model.ONE_TOKEN_LINEAR.get((str(precision), False), "gemv")
+        kind = one_token_kind or model_code.ONE_TOKEN_LINEAR.get((str(precision), False), "gemv")
         one_token = functools.partial(compile_one_token, kind=kind, frozen_args=options, regional=regional)
 
-        def few_rows_step(step):
+        def compile_few_rows(step, in_cpp_for):
             # frozen where F.linear takes the rows (freezing prepacks its weights); where the CPU kernels take them,
             # unfrozen as the one-token steps are, in the C++ wrapper (CPP_WRAPPER)
-            unfrozen = dict(fullgraph=True, dynamic=False, options=UNFROZEN)
-            return compile_wrapped(step, torch.compile(step, **options), unfrozen, few_rows_kind)
+            return compile_wrapped(step, torch.compile(step, **options), one_token_compile_args("kernel", options),
+                                   in_cpp_for)
     # dynamic=False above: the fixed-shape steps get one graph per early exit E and skip threshold, which stay
     # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
     torch._dynamo.config.cache_size_limit = 64
@@ -305,8 +312,11 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         else forward_last,
         decode=one_token(forward_last),
         draft=one_token(draft_step),
-        verify=before_first_call(few_rows, few_rows_step(verify_step)),
-        verify_full=before_first_call(few_rows, few_rows_step(verify_full)),
+        verify=before_first_call(few_rows, compile_few_rows(
+            verify_step, lambda model, last_draft, last_index, kept_hidden, input_pos, *_: rows_in_cpp(
+                model, input_pos.numel()))),
+        verify_full=before_first_call(few_rows, compile_few_rows(
+            verify_full, lambda model, tokens, *_: rows_in_cpp(model, tokens.shape[1]))),
         compiled=True,
         bounded=bounded and not device.startswith("cuda"),
     )

@@ -19,8 +19,9 @@ compared; timed round by round in one process they can. A variant is a one-token
                                as before hugepages.py: 4 KiB where the kernel's THP policy is "madvise")
     ...-recompute              inductor's default realize threshold (compile_steps sets 8; at inductor's 50 a GEMV
                                recomputes its normed input for every weight row)
-    ...-pywrapper              inductor's Python wrapper also for a quantized model (compile_one_token gives their
-                               steps the C++ wrapper: steps.CPP_WRAPPER)
+    ...-pywrapper              inductor's Python wrapper also where the linears call the CPU kernels (quantized
+                               models, the kernel kind), which compile_one_token gives the C++ wrapper
+                               (steps.CPP_WRAPPER)
     ...-l1, ...-l2             the CPU kernels' software prefetches into the first- or second-level cache (neither:
                                the level cpu_kernels holds, L1 unless set: this script runs no probe)
     ...-attn2                  attention and wo as two calls (model.ATTENTION_WITH_WO off; on, the kernel kind,

@@ -329,6 +329,7 @@ def test_compiled_flexidepth_with_kernel_matches_eager(monkeypatch):
     """The kernel chosen for one-token linears, in the main graph and inside FlexiDepth's torch.cond branches: the
     compiled decode gives eager's logits with routed layers both running and skipping, and really calls it."""
     import model
+    from torch._inductor.utils import run_and_get_code
     from steps import compile_steps, forward_last
     monkeypatch.setattr(model, "ONE_TOKEN_LINEAR",
                         {("torch.float32", False): "kernel", ("torch.float32", True): "kernel"})
@@ -341,6 +342,9 @@ def test_compiled_flexidepth_with_kernel_matches_eager(monkeypatch):
             x, input_pos = torch.tensor([[token]]), torch.tensor([pos])
             want = forward_last(tiny, x, input_pos)  # eager: writes this position's K/V and routing record
             ran += [bool(layer.ran[0, pos]) for layer in tiny.layers[1:]]
+            if pos == 0:  # the first call compiles
+                got, code = run_and_get_code(steps.decode, tiny, x, input_pos)
+                assert len(code) == 1 and "inductor_entry_impl" in code[0]
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 got = steps.decode(tiny, x, input_pos)
             names = [e.name for e in prof.events()]
@@ -373,5 +377,9 @@ def test_compiled_self_speculation_with_kernel_is_plain_greedy(monkeypatch, boun
         assert len(code) == 2 and all("inductor_entry_impl" in c for c in code)  # draft and verify, in C++
         spec, used = ran_kernel(lambda: greedy(tiny, prompt, 12, steps, early_exit=1, speculate_k=3), "linear")
         assert used and spec[0] == plain
+        # 9 rows, more than the kernel takes (cpu_kernels.MAX_ROWS): F.linear, so a frozen verify in Python
+        (spec, _), code = run_and_get_code(greedy, tiny, prompt, 12, steps, early_exit=1, speculate_k=8)
+        assert spec == plain
+        assert sum("inductor_entry_impl" not in c for c in code) == 1, len(code)
     finally:
         torch._dynamo.reset()

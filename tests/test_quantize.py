@@ -177,6 +177,27 @@ def test_int8_self_speculative_equals_plain(tiny):
     assert len(stats.accepted) > 0
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_quantized_self_speculative_equals_plain(tiny, mode):
+    """Compiled, a quantized model's draft and verify steps call the CPU kernels from inductor's C++ wrapper
+    (steps.rows_in_cpp); fp32 self-speculation still gives the compiled plain greedy output."""
+    from torch._inductor.utils import run_and_get_code
+    import cpu_kernels
+    steps = generate.compile_steps("cpu", compile_prefill=False)
+    model = generate.load_model(tiny[mode], "cpu", torch.float32)
+    model.setup_caches(1, 64)
+    prompt = torch.tensor([1, 5, 9, 13])
+    try:
+        plain, _ = generate.generate(model, prompt, 40, steps=steps)
+        (speculated, stats), code = run_and_get_code(generate.generate, model, prompt, 40, steps=steps,
+                                                     speculate_k=3, early_exit=1)
+        assert speculated.tolist() == plain.tolist() and len(stats.accepted) > 0
+        if cpu_kernels.LOADED:
+            assert len(code) == 2 and all("inductor_entry_impl" in c for c in code), mode  # draft and verify
+    finally:
+        torch._dynamo.reset()
+
+
 def test_int8_draft_for_float_verifier(tiny):
     """--draft_checkpoint_path with an int8 draft: the output is the verifier's own greedy output (fp32)."""
     verifier = generate.load_model(tiny["float"], "cpu", torch.float32)
