@@ -12,7 +12,8 @@ Xeon with AMX than on an AMD EPYC with AVX-512):
               prefetches into the first-level cache and into the second ("kernel-l2"), which decides where they
               go on this machine for every kernel call (cpu_kernels.set_prefetch_l2: measured on a Xeon with AMX,
               a bf16 weight from memory streamed at 21 GB/s into L1 and 28 into L2).
-So the choice is made twice per dtype: for the main graph and for the branches; and a third time, between "linear"
+So the choice is made twice per dtype: for the main graph and for the branches (timed only where "linear" wins the
+graph: the other two run there as in the graph; see probe); and a third time, between "linear"
 and "kernel", for linears of 2 to cpu_kernels.MAX_ROWS rows (the self-speculative verify, short compiled prefills), but
 only once a step of that many rows is about to compile (choose_rows). The probe compiles a stack of different weights
 (64 MiB, in huge pages as load_model places a model's) each way, the way compile_steps compiles the model, and times
@@ -189,9 +190,11 @@ def evicting_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) ->
 
 def probe(dtype: torch.dtype, mode=None) -> dict:
     """One-row linears: {"graph": kind, "branch": kind, "prefetch_l2": bool, "us_per_mb": {context: {kind: time}}}.
-    Another kind must beat the gemv by MARGIN to replace it. The branches are probed only if the gemv loses the graph
-    (the same kernels run there, but F.linear loses freezing's prepacking). prefetch_l2: the kernel's faster prefetch
-    level in the graph. On a machine's first run the kernels build (one C++ compiler process, ~11 s) on one core
+    Another kind must beat the gemv by MARGIN to replace it. The branches are probed only if F.linear wins the graph:
+    it loses freezing's prepacking there, while the GEMV and the kernel run the same code in a branch as in the graph
+    and stream as fast (the kernel 50.7 / 51.0 us per MB, the GEMV 55.2 / 57.1, graph / branch, bf16 on a 2-core
+    Xeon), so a branch takes the graph's choice (probing it cost a first run 22 s there). prefetch_l2: the kernel's
+    faster prefetch level in the graph. On a machine's first run the kernels build (one C++ compiler process, ~11 s) on one core
     while the other two kinds compile on the other."""
     build = threading.Thread(target=cpu_kernels.load, daemon=True)
     build.start()
@@ -201,10 +204,11 @@ def probe(dtype: torch.dtype, mode=None) -> dict:
         return cpu_kernels.load()  # cached: the thread's answer
 
     us_per_mb = {"graph": time_kinds(list(KINDS), dtype, False, mode, kernels_ready=kernels_ready)}
-    if fastest(us_per_mb["graph"]) != "gemv":
+    graph = branch = fastest(us_per_mb["graph"])
+    if graph == "linear":
         us_per_mb["branch"] = time_kinds(list(KINDS), dtype, True, mode, kernels_ready=kernels_ready)
-    return dict(graph=fastest(us_per_mb["graph"]), branch=fastest(us_per_mb.get("branch")),
-                prefetch_l2=prefers_l2(us_per_mb["graph"]), us_per_mb=us_per_mb)
+        branch = fastest(us_per_mb["branch"])
+    return dict(graph=graph, branch=branch, prefetch_l2=prefers_l2(us_per_mb["graph"]), us_per_mb=us_per_mb)
 
 
 def probe_rows(dtype: torch.dtype, mode=None) -> dict:

@@ -383,6 +383,30 @@ def test_linear_probe_times_every_kind_while_the_kernels_build(monkeypatch):
     assert skipped.shape == outs[0].shape == (1, 1, 64 + 32 + 64 + 64)
 
 
+def test_linear_probe_times_branches_only_where_f_linear_wins_the_graph(monkeypatch):
+    """FlexiDepth's torch.cond branches are timed only where F.linear wins the main graph (it loses freezing's
+    prepacking in a branch); where the GEMV or the kernel wins, a branch takes the same, which runs there as it
+    runs in the graph."""
+    import cpu_linear
+    for graph_times, branch_times, want in (
+            ({"gemv": 50.0, "linear": 60.0, "kernel": 40.0, "kernel-l2": 45.0}, None, ("kernel", "kernel")),
+            ({"gemv": 50.0, "linear": 60.0}, None, ("gemv", "gemv")),
+            ({"gemv": 50.0, "linear": 30.0, "kernel": 45.0}, {"gemv": 50.0, "linear": 90.0, "kernel": 40.0},
+             ("linear", "kernel"))):
+        timed = []
+
+        def fake_time_kinds(kinds, dtype, in_branch, mode=None, **_):
+            timed.append(in_branch)
+            return dict(branch_times if in_branch else graph_times)
+        monkeypatch.setattr(cpu_linear, "time_kinds", fake_time_kinds)
+        monkeypatch.setattr(cpu_linear.cpu_kernels, "load", lambda: True)
+        entry = cpu_linear.probe(torch.bfloat16)
+        assert (entry["graph"], entry["branch"]) == want
+        assert timed == ([False, True] if branch_times else [False])
+        assert ("branch" in entry["us_per_mb"]) == bool(branch_times)
+        assert entry["prefetch_l2"] == (graph_times.get("kernel-l2", 1e9) < graph_times.get("kernel", 1e9))
+
+
 def test_linear_probe_reads_past_the_largest_cache(tmp_path):
     """Between timed calls the probe reads twice the largest cache sysfs reports, so that its weights come from
     memory as a model's do (a Xeon here reports 480 MiB of L3, which held the whole 64 MiB probe)."""
