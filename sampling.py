@@ -10,8 +10,8 @@ from torch import Tensor
 
 def sample_from(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     """A token drawn from each row of probs (weights, not necessarily normalised, summing above 0 as probs() and the
-    acceptance rule's residual do): where one uniform draw falls in the rows' cumulative sums. torch.multinomial draws an exponential for every entry: 1 ms for 49,152 of them on a
-    CPU, against 50 us."""
+    acceptance rule's residual do): where one uniform draw falls in the rows' cumulative sums. torch.multinomial
+    draws an exponential for every entry: 1 ms for 49,152 of them on a CPU, against 50 us."""
     cumulative = probs.double().cumsum(-1)
     total = cumulative[..., -1:].contiguous()
     # below total (a double below 1 times total rounds below it), so the token is one with weight, never past them

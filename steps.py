@@ -84,10 +84,11 @@ UNFROZEN = {"freezing": False, "size_asserts": False}
 # inductor's C++ wrapper, for the steps whose linears call cpu_kernels' ops (cpp_wrapped): from the Python wrapper
 # each op call costs ~1.7 us of dispatch (its tensor lists parsed against the op's schema), and an int4 token makes
 # 121. In C++ the same int4 g32 step decoded 3.86 -> 3.50 ms, a bf16 one with the kernel 12.48 -> 12.06, and the
-# verify of a self-speculative step 12.40 -> 11.71 in bf16, 4.85 -> 4.25 in int4 (2-core Xeon; BENCHMARKS.md). Built separately (the kernels
-# in files of their own, shared across layers as before; the entry at -O1), a first compile took 38-43 s instead
-# of 25 (84 s built as one file); a warm one the same 4-4.5 s. Steps with the GEMV (no op calls) gained nothing
-# (12.36 against 12.24 ms, bf16), so they keep the Python wrapper and its shorter first compile.
+# verify of a self-speculative step 12.40 -> 11.71 in bf16, 4.85 -> 4.25 in int4 (2-core Xeon; BENCHMARKS.md).
+# Built separately (the kernels in files of their own, shared across layers as before; the entry at -O1), a first
+# int4 compile took 38-43 s instead of 25 (84 s built as one file; later kernel changes brought it to 29 s); a warm
+# one the same 4-4.5 s. Steps with the GEMV (no op calls) gained nothing (12.36 against 12.24 ms, bf16), so they keep
+# the Python wrapper and its shorter first compile.
 CPP_WRAPPER = {**UNFROZEN, "cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 KERNEL_GROUP_ARGS = 60  # see compile_steps
 CACHE_KEY_TAG = f" | flexfast: CPU kernel groups of {KERNEL_GROUP_ARGS} arguments, ended at each layer's end"
