@@ -795,9 +795,10 @@ void run_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 }  // namespace
 
 // q, k, v and the mask of an attention_* call, checked: q [1, H, T <= MAX_M, D of 64 or 128] and the cache slots k,
-// v [1, KV, S, D] (a narrowed view of the cache taken as it is), the mask bool [..., T, S] as [T, S]
+// v [1, KV, S, D] (a narrowed view of the cache taken as it is), the mask bool [..., T, S] as [T, S]; and rows
+// [T, H * D] of q's dtype (empty), the shape of what wo reads, for the checks the linear ops make of their x
 struct AttentionInputs {
-  at::Tensor q, k, v, mask;
+  at::Tensor q, k, v, mask, rows;
 };
 
 AttentionInputs attention_inputs(const at::Tensor& q_any, const at::Tensor& k_any, const at::Tensor& v_any,
@@ -817,7 +818,8 @@ AttentionInputs attention_inputs(const at::Tensor& q_any, const at::Tensor& k_an
   TORCH_CHECK(mask_any.scalar_type() == at::kBool && mask_any.numel() == q.size(2) * k.size(2) &&
                   mask_any.size(-1) == k.size(2),
               what, ": mask must be bool [..., T, S]");
-  return {q, k, v, mask_any.reshape({q.size(2), k.size(2)}).contiguous()};
+  return {q, k, v, mask_any.reshape({q.size(2), k.size(2)}).contiguous(),
+          at::empty({q.size(2), q.size(1) * q.size(3)}, q.options())};
 }
 
 // y [1, T, dim] for wo [dim, H * D] of any format (its Down)
@@ -835,12 +837,11 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      const at::Tensor& wo) {
   const char* what = "flexfast::attention";
   const AttentionInputs a = attention_inputs(q, k, v, mask, what);
-  const int64_t HD = a.q.size(1) * a.q.size(3);
-  checked_rows(at::empty({a.q.size(2), HD}, a.q.options()), {wo}, what);
+  checked_rows(a.rows, {wo}, what);
   TORCH_CHECK(wo.scalar_type() == at::kFloat || wo.scalar_type() == at::kBFloat16, what, ": wo must be fp32 or bf16");
   return with_type(wo.scalar_type(), [&](auto w) {
     using W = decltype(w);
-    DenseDown<W> down{wo.data_ptr<W>(), HD};
+    DenseDown<W> down{wo.data_ptr<W>(), a.rows.size(1)};
     return attend_then(a, wo.size(0), down);
   });
 }
@@ -849,15 +850,14 @@ at::Tensor attention_int8(const at::Tensor& q, const at::Tensor& k, const at::Te
                           const at::Tensor& wo, const at::Tensor& scales) {
   const char* what = "flexfast::attention_int8";
   const AttentionInputs a = attention_inputs(q, k, v, mask, what);
-  const int64_t HD = a.q.size(1) * a.q.size(3);
-  checked_rows(at::empty({a.q.size(2), HD}, a.q.options()), {wo}, what);
+  checked_rows(a.rows, {wo}, what);
   TORCH_CHECK(wo.scalar_type() == at::kChar && scales.is_contiguous() && scales.numel() == wo.size(0) &&
                   (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
               what, ": wo must be int8 with N contiguous fp32 or bf16 scales");
   static thread_local Int16Buffers buffers;
   return with_type(scales.scalar_type(), [&](auto scale) {
     using S = decltype(scale);
-    Int8Down<S> down{wo.data_ptr<int8_t>(), scales.data_ptr<S>(), HD, buffers};
+    Int8Down<S> down{wo.data_ptr<int8_t>(), scales.data_ptr<S>(), a.rows.size(1), buffers};
     return attend_then(a, wo.size(0), down);
   });
 }
@@ -866,8 +866,7 @@ at::Tensor attention_int4(const at::Tensor& q, const at::Tensor& k, const at::Te
                           const at::Tensor& wo, const at::Tensor& sz) {
   const char* what = "flexfast::attention_int4";
   const AttentionInputs a = attention_inputs(q, k, v, mask, what);
-  const int64_t HD = a.q.size(1) * a.q.size(3);
-  check_int4(at::empty({a.q.size(2), HD}, a.q.options()), wo, sz, HD, groups_of(sz), sz.scalar_type(), what);
+  check_int4(a.rows, wo, sz, a.rows.size(1), groups_of(sz), sz.scalar_type(), what);
   return with_type(sz.scalar_type(), [&](auto scale) {
     Int4Down<decltype(scale)> down = int4_down<decltype(scale)>(wo, sz, a.q.size(2));
     return attend_then(a, wo.size(0), down);
