@@ -5,7 +5,7 @@
 // does not follow four short row streams (measured: 17 GB/s a core without it, 30 with it, on a 43 GB/s core).
 // Weights: bf16 or fp32 (dense), int8 with a scale per row (rows as in quantize.py's file), int4 with a scale and zero
 // per group of columns, dequantized as (q - 8) * scale + zero, its rows interleaved 16 at a time (below). Each linear
-// op takes a list of weights of one K (wq/wk/wv, w1/w3) and returns their outputs side by side: one call, so one fork
+// op takes up to three weights of one K (wq/wk/wv, w1/w3) and returns their outputs side by side: one call, so one fork
 // and join of the threads, reads them all; the swiglu and attention ops run a layer's MLP, and its attention with wo,
 // each in one parallel region (run_then_down). tests/test_cpu_kernels.py checks each against the path it replaces.
 // ATen and the op registry only: torch/extension.h (pybind, autograd, the whole C++ frontend) took the first build
@@ -17,6 +17,7 @@
 #include <omp.h>
 #include <cmath>
 #include <numeric>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -940,11 +941,42 @@ at::Tensor swiglu_int4(const at::Tensor& x_any, const at::Tensor& w1, const at::
 
 void set_prefetch_l2(bool l2) { prefetch_l2 = l2; }
 
+// The linear ops' entries take up to three weights of one K (wq/wk/wv) as arguments of their own, not a Tensor[]:
+// inductor's C++ wrapper calls an op whose arguments are all tensors through torch's stable C shim, and one with a
+// list through c10::IValue, whose headers cost every compile of a step that calls it 3-4 s on 2 cores (BENCHMARKS.md).
+std::vector<at::Tensor> given(const at::Tensor& first, const std::optional<at::Tensor>& second,
+                              const std::optional<at::Tensor>& third) {
+  TORCH_CHECK(second.has_value() || !third.has_value(), "flexfast: a third weight without a second");
+  std::vector<at::Tensor> tensors{first};
+  for (const auto* t : {&second, &third})
+    if (t->has_value()) tensors.push_back(**t);
+  return tensors;
+}
+
+at::Tensor linear_entry(const at::Tensor& x, const at::Tensor& w0, const std::optional<at::Tensor>& w1,
+                        const std::optional<at::Tensor>& w2) {
+  return linear(x, given(w0, w1, w2));
+}
+
+at::Tensor linear_int8_entry(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& s0,
+                             const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& s1,
+                             const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& s2) {
+  return linear_int8(x, given(w0, w1, w2), given(s0, s1, s2));
+}
+
+at::Tensor linear_int4_entry(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& sz0,
+                             const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& sz1,
+                             const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& sz2) {
+  return linear_int4(x, given(w0, w1, w2), given(sz0, sz1, sz2));
+}
+
 TORCH_LIBRARY(flexfast, m) {
   m.def("set_prefetch_l2(bool l2) -> ()", &set_prefetch_l2);
-  m.def("linear(Tensor x, Tensor[] ws) -> Tensor");
-  m.def("linear_int8(Tensor x, Tensor[] ws, Tensor[] scales) -> Tensor");
-  m.def("linear_int4(Tensor x, Tensor[] ws, Tensor[] scales_zeros) -> Tensor");
+  m.def("linear(Tensor x, Tensor w0, Tensor? w1=None, Tensor? w2=None) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor w0, Tensor s0, Tensor? w1=None, Tensor? s1=None, Tensor? w2=None, "
+        "Tensor? s2=None) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor w0, Tensor sz0, Tensor? w1=None, Tensor? sz1=None, Tensor? w2=None, "
+        "Tensor? sz2=None) -> Tensor");
   m.def("swiglu(Tensor x, Tensor w1, Tensor w3, Tensor w2) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor wo) -> Tensor");
   m.def("attention_int8(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor wo, Tensor scales) -> Tensor");
@@ -954,9 +986,9 @@ TORCH_LIBRARY(flexfast, m) {
 }
 
 TORCH_LIBRARY_IMPL(flexfast, CPU, m) {
-  m.impl("linear", &linear);
-  m.impl("linear_int8", &linear_int8);
-  m.impl("linear_int4", &linear_int4);
+  m.impl("linear", &linear_entry);
+  m.impl("linear_int8", &linear_int8_entry);
+  m.impl("linear_int4", &linear_int4_entry);
   m.impl("swiglu", &swiglu);
   m.impl("attention", &attention);
   m.impl("attention_int8", &attention_int8);

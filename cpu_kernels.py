@@ -8,13 +8,14 @@ source, the CPU and the torch version), into ~/.cache/flexfast/kernels. Where it
 compiler) or FLEXFAST_KERNELS=0, load() says so once and the callers keep torch's own kernels.
 
 The ops, each checked in tests/test_cpu_kernels.py against the torch path it replaces and a dequantized reference,
-take a list of weights of one K and one format, and return x @ cat(weights).T without the cat (wq/wk/wv and w1/w3
-in one call; model.linears); and per format the MLP, w2 @ (silu(w1 @ x) * (w3 @ x)), in one call (model.swiglu):
-    torch.ops.flexfast.linear(x, [w, ...])                        w [N, K] bf16 or fp32
-    torch.ops.flexfast.linear_int8(x, [w, ...], [scales, ...])    w [N, K] int8, scales [N]; x rounded to int16
-                                                                  per row (integer products)
-    torch.ops.flexfast.linear_int4(x, [w, ...], [sz, ...])        w, sz from interleave_int4 (16 rows at a time);
-                                                                  x rounded to int8 per 32 columns
+take up to MAX_WEIGHTS weights of one K and one format, and return x @ cat(weights).T without the cat (wq/wk/wv in
+one call; model.linears), called through the functions below, which pass each weight as an argument of its own (why:
+cpu_kernels.cpp); and per format the MLP, w2 @ (silu(w1 @ x) * (w3 @ x)), in one call (model.swiglu):
+    linear(x, [w, ...])                        w [N, K] bf16 or fp32
+    linear_int8(x, [w, ...], [scales, ...])    w [N, K] int8, scales [N]; x rounded to int16 per row (integer
+                                               products)
+    linear_int4(x, [w, ...], [sz, ...])        w, sz from interleave_int4 (16 rows at a time); x rounded to int8 per
+                                               32 columns
     torch.ops.flexfast.swiglu(x, w1, w3, w2), swiglu_int8(x, w1, s1, w3, s3, w2, s2), swiglu_int4(x, w1, sz1, ...)
 and attention then wo in one call (model.Attention.attend_q; q [1, H, T, 64 or 128] against a cache's slots):
     torch.ops.flexfast.attention(q, k, v, mask, wo), attention_int8(..., wo, scales), attention_int4(..., wo, sz)
@@ -35,6 +36,7 @@ from cli import cpu_model
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 BUILD_ROOT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexfast" / "kernels"
 MAX_ROWS = 8
+MAX_WEIGHTS = 3  # weights one linear op takes (wq/wk/wv)
 INT4_ROWS = 16  # the int4 kernel's rows per interleaved block (cpu_kernels.cpp)
 LOADED = False  # set by load(); a plain global, which torch.compile reads as a constant at trace time
 PREFETCH_L2 = False  # where the kernels' software prefetches put the weights (set_prefetch_l2)
@@ -44,7 +46,7 @@ def supports(x: Tensor, weights: list, in_features: int) -> bool:
     """Whether the kernels take x against these weights, all of in_features columns, in one call (checked at trace
     time in compiled steps, so it costs nothing per token). False until load() has succeeded in this process."""
     return (LOADED and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and x.shape[:-1].numel() <= MAX_ROWS and in_features % 32 == 0
+            and x.shape[:-1].numel() <= MAX_ROWS and in_features % 32 == 0 and len(weights) <= MAX_WEIGHTS
             and all(w.shape[0] % 4 == 0 for w in weights))
 
 
@@ -87,6 +89,31 @@ def load() -> bool:
     return True
 
 
+def linear(x: Tensor, weights: list) -> Tensor:
+    """x @ cat(weights).T, weights [N_j, K] bf16 or fp32 (at most MAX_WEIGHTS)."""
+    return torch.ops.flexfast.linear(x, *weights)
+
+
+def linear_int8(x: Tensor, weights: list, scales: list) -> Tensor:
+    """x @ cat(weights * scales).T, weights [N_j, K] int8 with row scales [N_j] (at most MAX_WEIGHTS)."""
+    return torch.ops.flexfast.linear_int8(x, *paired(weights, scales))
+
+
+def linear_int4(x: Tensor, weights: list, scales_zeros: list) -> Tensor:
+    """x @ cat(dequantized weights).T, weights and scales_zeros from interleave_int4 (at most MAX_WEIGHTS)."""
+    return torch.ops.flexfast.linear_int4(x, *paired(weights, scales_zeros))
+
+
+def paired(weights: list, scales: list) -> list:
+    """w0, s0, w1, s1, ...: the quantized ops' arguments. A loop: dynamo traces a comprehension as a call of its own."""
+    if len(weights) != len(scales):
+        raise ValueError(f"{len(weights)} weights but {len(scales)} scales")
+    arguments = []
+    for w, s in zip(weights, scales):
+        arguments += [w, s]
+    return arguments
+
+
 def set_prefetch_l2(l2: bool):
     """The kernels' software prefetches into the second-level cache (True) or the first (False): which streams a
     weight from memory faster depends on the CPU, so cpu_linear's probe measures both and calls this. Process-wide
@@ -111,12 +138,12 @@ def interleave_int4(nibbles: Tensor, scales: Tensor, zeros: Tensor) -> tuple:
 
 def register_fakes():
     """Shapes for torch.compile: the ops are opaque calls in compiled graphs. Once per process (load() is cached)."""
-    def rows_of(x, weights):
-        return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))
+    def rows_of(x, *weights):
+        return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights if w is not None))
 
-    torch.library.register_fake("flexfast::linear")(lambda x, ws: rows_of(x, ws))
-    torch.library.register_fake("flexfast::linear_int8")(lambda x, ws, scales: rows_of(x, ws))
-    torch.library.register_fake("flexfast::linear_int4")(lambda x, ws, scales_zeros: rows_of(x, ws))
+    torch.library.register_fake("flexfast::linear")(lambda x, w0, w1=None, w2=None: rows_of(x, w0, w1, w2))
+    for op in ("flexfast::linear_int8", "flexfast::linear_int4"):
+        torch.library.register_fake(op)(lambda x, w0, s0, w1=None, s1=None, w2=None, s2=None: rows_of(x, w0, w1, w2))
     torch.library.register_fake("flexfast::swiglu")(lambda x, w1, w3, w2: torch.empty_like(x))
     torch.library.register_fake("flexfast::attention")(
         lambda q, k, v, mask, wo: q.new_empty(1, q.shape[2], wo.shape[0]))

@@ -113,7 +113,7 @@ class Int8Linear(nn.Module):
         weights = [m.weight for m in modules]
         if not cpu_kernels.supports(x, weights, modules[0].in_features):
             return None
-        y = torch.ops.flexfast.linear_int8(x, weights, [m.scales for m in modules])
+        y = cpu_kernels.linear_int8(x, weights, [m.scales for m in modules])
         return y.split([w.shape[0] for w in weights], dim=-1)
 
     @staticmethod
@@ -198,7 +198,7 @@ class Int4Linear(nn.Module):
         weights = [m.nibbles for m in modules]
         if not cpu_kernels.supports(x, weights, modules[0].in_features):
             return None
-        y = torch.ops.flexfast.linear_int4(x, weights, [m.kernel_scales_zeros for m in modules])
+        y = cpu_kernels.linear_int4(x, weights, [m.kernel_scales_zeros for m in modules])
         return y.split([w.shape[0] for w in weights], dim=-1)
 
     @staticmethod

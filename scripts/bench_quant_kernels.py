@@ -84,15 +84,15 @@ def int4_groups_file(x, b, s, z8):
 
 
 def bf16_ours(x, ws):
-    return torch.stack([torch.ops.flexfast.linear(x[i:i + 1], [w])[0] for i, w in enumerate(ws)])
+    return torch.stack([cpu_kernels.linear(x[i:i + 1], [w])[0] for i, w in enumerate(ws)])
 
 
 def int8_ours(x, q, s):
-    return torch.stack([torch.ops.flexfast.linear_int8(x[i:i + 1], [q[i]], [s[i]])[0] for i in range(len(q))])
+    return torch.stack([cpu_kernels.linear_int8(x[i:i + 1], [q[i]], [s[i]])[0] for i in range(len(q))])
 
 
 def int4_ours(x, nibbles, scales_zeros):
-    return torch.stack([torch.ops.flexfast.linear_int4(x[i:i + 1], [n], [sz])[0]
+    return torch.stack([cpu_kernels.linear_int4(x[i:i + 1], [n], [sz])[0]
                         for i, (n, sz) in enumerate(zip(nibbles, scales_zeros))])
 
 

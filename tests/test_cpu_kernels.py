@@ -30,12 +30,12 @@ def test_dense_matches_f_linear(dtype, rows):
     for N, K in ((4, 32), (96, 64), (200, 160)):
         w = torch.randn(N, K, generator=gen).to(dtype)
         x = torch.randn(1, rows, K, generator=gen).to(dtype)
-        got = torch.ops.flexfast.linear(x, [w])
+        got = cpu_kernels.linear(x, [w])
         assert got.shape == (1, rows, N) and got.dtype == dtype
         torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), **tolerance(dtype))
         # a non-contiguous x (a slice, as compiled graphs may pass) reads the same values
         wide = torch.randn(rows, 2 * K, generator=gen).to(dtype)
-        torch.testing.assert_close(torch.ops.flexfast.linear(wide[:, ::2], [w]).float(),
+        torch.testing.assert_close(cpu_kernels.linear(wide[:, ::2], [w]).float(),
                                    F.linear(wide[:, ::2].float(), w.float()), **tolerance(dtype))
 
 
@@ -45,11 +45,11 @@ def test_weights_in_one_call_match_one_linear_of_the_joined_weights(dtype, rows)
     gen = torch.Generator().manual_seed(20 + rows)
     ws = [torch.randn(n, 64, generator=gen).to(dtype) for n in (96, 32, 4)]  # wq, wk, wv of unequal heights
     x = torch.randn(1, rows, 64, generator=gen).to(dtype)
-    got = torch.ops.flexfast.linear(x, ws)
+    got = cpu_kernels.linear(x, ws)
     assert got.shape == (1, rows, 132) and got.dtype == dtype
     torch.testing.assert_close(got.float(), F.linear(x.float(), torch.cat(ws).float()), **tolerance(dtype))
     with pytest.raises(RuntimeError, match="one dtype and K"):
-        torch.ops.flexfast.linear(x, [ws[0], torch.randn(8, 32).to(dtype)])
+        cpu_kernels.linear(x, [ws[0], torch.randn(8, 32).to(dtype)])
 
 
 def int16_rows(x):
@@ -67,7 +67,7 @@ def test_int8_matches_torch_and_dequantized(dtype, rows):
     q, scales = quantize_int8(w)
     x = torch.randn(rows, 96, generator=gen).to(dtype)
     x[:, 7] *= 30  # an outlier column, as hidden states have: the rows' scale follows it
-    got = torch.ops.flexfast.linear_int8(x, [q], [scales])
+    got = cpu_kernels.linear_int8(x, [q], [scales])
     weight = dequantize_int8(q, scales)
     # exactly the int16-rounded x times the dequantized weight, up to summation order
     torch.testing.assert_close(got.float(), F.linear(int16_rows(x), weight), **tolerance(dtype))
@@ -88,7 +88,7 @@ def test_int8_sums_past_one_int32_chunk(rows):
     q[1::2] = 127
     scales = torch.full((8,), 1e-3)
     x = torch.full((rows, K), -2.0)
-    got = torch.ops.flexfast.linear_int8(x, [q], [scales])
+    got = cpu_kernels.linear_int8(x, [q], [scales])
     want = x.double() @ (q.double() * scales.double()[:, None]).T
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
 
@@ -112,7 +112,7 @@ def test_int4_matches_torch_and_dequantized(dtype, groupsize, rows):
     x = torch.randn(1, rows, K, generator=gen).to(dtype)
     x[0, 0, :32] = 0  # an all-zero block
     interleaved, scales_zeros = cpu_kernels.interleave_int4(nibbles, scales, zeros)
-    got = torch.ops.flexfast.linear_int4(x, [interleaved], [scales_zeros]).float()
+    got = cpu_kernels.linear_int4(x, [interleaved], [scales_zeros]).float()
     weight = dequantize_int4(nibbles, scales, zeros)
     # the scheme exactly: x rounded to int8 per block of 32
     torch.testing.assert_close(got, F.linear(int8_blocks(x), weight), **tolerance(dtype))
@@ -195,8 +195,8 @@ def test_swiglu_in_one_call_matches_three_calls(mode, dtype, rows):
         (w1, w3, w2) = (torch.randn(n, k, generator=gen).mul(0.1).to(dtype) for n, k in MLP_SHAPES)
         dense = [w.float() for w in (w1, w3, w2)]
         got = torch.ops.flexfast.swiglu(x, w1, w3, w2)
-        gate_out, up_out = torch.ops.flexfast.linear(x, [w1, w3]).split(192, dim=-1)
-        want = torch.ops.flexfast.linear((F.silu(gate_out.float()) * up_out.float()).to(dtype), [w2])
+        gate_out, up_out = cpu_kernels.linear(x, [w1, w3]).split(192, dim=-1)
+        want = cpu_kernels.linear((F.silu(gate_out.float()) * up_out.float()).to(dtype), [w2])
     else:
         make = int8_module if mode == "int8" else int4_module
         (gate, dense_gate), (up, dense_up), (down, dense_down) = (make(n, k, gen, dtype) for n, k in MLP_SHAPES)
@@ -237,7 +237,7 @@ def test_attention_with_wo_in_one_call_matches_two_calls(mode, dtype, rows, D):
         dense_wo, name = wo.float(), "flexfast::attention"
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             got = torch.ops.flexfast.attention(q, k, v, mask, wo)
-        want = torch.ops.flexfast.linear(attended, [wo])
+        want = cpu_kernels.linear(attended, [wo])
     else:
         wo, dense_wo = (int8_module if mode == "int8" else int4_module)(128, H * D, gen, dtype)
         name = f"flexfast::attention_{mode}"
@@ -311,10 +311,23 @@ def test_unsupported_shapes_keep_torch_paths():
     assert not cpu_kernels.supports(torch.randn(cpu_kernels.MAX_ROWS + 1, 64), [torch.randn(8, 64)], 64)
     assert cpu_kernels.supports(torch.randn(cpu_kernels.MAX_ROWS, 64), [torch.randn(8, 64), torch.randn(4, 64)], 64)
     with pytest.raises(RuntimeError, match="multiple of 32"):
-        torch.ops.flexfast.linear(x, [torch.randn(8, 48)])
+        cpu_kernels.linear(x, [torch.randn(8, 48)])
     with pytest.raises(RuntimeError, match="multiple of 16"):  # the int4 kernel's interleaved rows
-        torch.ops.flexfast.linear_int4(torch.randn(1, 64), [torch.zeros(8, 32, dtype=torch.uint8)],
-                                       [torch.zeros(8, 2, 2)])
+        cpu_kernels.linear_int4(torch.randn(1, 64), [torch.zeros(8, 32, dtype=torch.uint8)], [torch.zeros(8, 2, 2)])
+    many = [torch.randn(4, 64) for _ in range(cpu_kernels.MAX_WEIGHTS + 1)]
+    assert not cpu_kernels.supports(torch.randn(1, 64), many, 64)
+    with pytest.raises(ValueError, match="2 weights but 1 scales"):
+        cpu_kernels.linear_int8(torch.randn(1, 64), many[:2], [torch.ones(4)])
+
+
+def test_every_op_takes_only_what_the_cpp_wrappers_light_call_takes():
+    # a Tensor[] argument made inductor's C++ wrapper box the call through c10::IValue, whose headers cost every
+    # compile of a kernel step 3-4 s (BENCHMARKS.md)
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+    for kind in ("linear", "swiglu", "attention"):
+        for name in (kind, f"{kind}_int8", f"{kind}_int4"):
+            op = getattr(torch.ops.flexfast, name).default
+            assert CppWrapperCpu._compatible_with_stableivalue(op), name
 
 
 def tiny_model(**extra):
