@@ -8,9 +8,11 @@
 // op takes up to three weights of one K (wq/wk/wv, w1/w3) and returns their outputs side by side: one call, so one fork
 // and join of the threads, reads them all; the swiglu and attention ops run a layer's MLP, and its attention with wo,
 // each in one parallel region (run_then_down). tests/test_cpu_kernels.py checks each against the path it replaces.
-// ATen and the op registry only: torch/extension.h (pybind, autograd, the whole C++ frontend) took the first build
-// from 11 to 29 s on 2 cores, and the ops need none of it (they are registered with TORCH_LIBRARY, not as a module).
-#include <ATen/ATen.h>
+// The tensor class, empty() and the op registry only: torch/extension.h (pybind, autograd, the whole C++ frontend)
+// took the first build from 11 to 29 s on 2 cores, and ATen/ATen.h (every ATen function) from 9.8 to 12.9 s, and the
+// ops need neither (they are registered with TORCH_LIBRARY, not as a module).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>

@@ -59,7 +59,7 @@ def takes_attention(q: Tensor, k: Tensor, wo: list) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def load() -> bool:
-    """Builds (first time on this machine: ~11 s on 2 cores) and loads the kernels; False, with one line on stderr,
+    """Builds (first time on this machine: ~10 s on 2 cores) and loads the kernels; False, with one line on stderr,
     if not. FLEXFAST_KERNELS=0 turns them off."""
     global LOADED
     if os.environ.get("FLEXFAST_KERNELS", "1") == "0":

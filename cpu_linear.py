@@ -194,7 +194,7 @@ def probe(dtype: torch.dtype, mode=None) -> dict:
     it loses freezing's prepacking there, while the GEMV and the kernel run the same code in a branch as in the graph
     and stream as fast (the kernel 50.7 / 51.0 us per MB, the GEMV 55.2 / 57.1, graph / branch, bf16 on a 2-core
     Xeon), so a branch takes the graph's choice (probing it cost a first run 22 s there). prefetch_l2: the kernel's
-    faster prefetch level in the graph. On a machine's first run the kernels build (one C++ compiler process, ~11 s)
+    faster prefetch level in the graph. On a machine's first run the kernels build (one C++ compiler process, ~10 s)
     on one core while the other two kinds compile on the other."""
     build = threading.Thread(target=cpu_kernels.load, daemon=True)
     build.start()
