@@ -92,6 +92,7 @@ UNFROZEN = {"freezing": False, "size_asserts": False}
 CPP_WRAPPER = {**UNFROZEN, "cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 KERNEL_GROUP_ARGS = 60  # see compile_steps
 CACHE_KEY_TAG = f" | flexfast: CPU kernel groups of {KERNEL_GROUP_ARGS} arguments, ended at each layer's end"
+COND_NAME = "torch.ops.higher_order.cond"  # torch.cond's name as inductor's unsafe_marked_cacheable_functions has it
 LAYER_PATH = re.compile(r"\.layers\.(\d+)(?:\.|$)")  # a module path inside model.layers, as dynamo records it
 END_GROUPS_AT_LAYERS = True  # see end_kernel_groups_at_layer_ends; off, inductor groups as it would itself
 
@@ -238,6 +239,7 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
     bounded, the step reads only the slots up to its position, their count a dynamic size in the graph. A one-shot
     run's cache is sized to the run, so there it saves little, and the dynamic size costs ~0.5 s of a warm compile
     (BENCHMARKS.md). Not on CUDA, where CUDA graphs would record a graph for each length."""
+    import torch._inductor.config as inductor_config
     few_rows = None  # what a step of few rows runs once before its first call (CPU: their kernels' probe)
     if device.startswith("cuda"):
         options = dict(mode="reduce-overhead", fullgraph=True, dynamic=False)
@@ -247,7 +249,6 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         def compile_few_rows(step, in_cpp_for):
             return torch.compile(step, **options)
     else:
-        import torch._inductor.config as inductor_config
         # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead. For the multi-token steps (verify, prefill)
         # freezing lets inductor prepack the weights, and concatenating the linears that share an input (wq/wk/wv,
         # w1/w3) saves 3 of 7 matmul calls per layer.
@@ -303,6 +304,12 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
     # dynamic=False above: the fixed-shape steps get one graph per early exit E and skip threshold, which stay
     # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
     torch._dynamo.config.cache_size_limit = 64
+    # inductor's and AOTAutograd's on-disk caches refuse a graph that holds a torch.cond (FlexiDepth's routed
+    # layers), so every FlexiDepth run compiled from scratch (about 20 s on 2 cores, against 4-5 s warm). The cache
+    # key hashes each branch's own graph code like the main graph's, so a change in a branch is a new key; marked
+    # cacheable, keyed by the torch version (BENCHMARKS.md; tests/test_steps.py loads it back and compares).
+    inductor_config.unsafe_marked_cacheable_functions = {
+        **inductor_config.unsafe_marked_cacheable_functions, COND_NAME: torch.__version__}
     # The dynamic prefill took its Python float (skip_threshold) as a symbolic input, which inductor could not turn
     # into a tensor: dynamo traced and AOTAutograd lowered the whole graph, then started over with the float
     # specialized (22 s of an 80 s cold prefill compile on 2 cores; BENCHMARKS.md). Specialized from the start, it

@@ -105,6 +105,7 @@ def restore_compile_settings(monkeypatch):
     so that tests after it run under the defaults."""
     import torch._inductor.config as inductor_config
     for config, name in ((inductor_config, "freezing"), (inductor_config.cpp, "enable_concat_linear"),
+                         (inductor_config, "unsafe_marked_cacheable_functions"),
                          (torch._dynamo.config, "cache_size_limit"), (torch._dynamo.config, "specialize_float")):
         monkeypatch.setattr(config, name, getattr(config, name))
 

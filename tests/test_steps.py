@@ -161,6 +161,36 @@ def test_one_token_steps_compile_unfrozen_so_their_graphs_are_cached(tiny):
         torch._dynamo.reset()
 
 
+def test_flexidepth_steps_load_from_the_cache_and_decode_the_same(monkeypatch, tmp_path):
+    """inductor's and AOTAutograd's caches refuse a graph that holds a torch.cond unless compile_steps marks it
+    cacheable: FlexiDepth's decode then loads from the cache in a later process (here: after a reset), and the
+    graph loaded decodes the tokens of the one compiled."""
+    from torch._dynamo.utils import counters
+    from steps import compile_steps
+    restore_compile_settings(monkeypatch)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=256, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
+                     routing_layers=[1, 2], router_dim=8, adapter_dim=12)
+    routed = Transformer(args).eval().requires_grad_(False)
+    runs = []
+    try:
+        for _ in range(2):
+            torch._dynamo.reset()
+            counters.clear()
+            routed.setup_caches(1, cache_length_needed(len(PROMPT), NEW_TOKENS, 0))
+            tokens = generate(routed, PROMPT, NEW_TOKENS, steps=compile_steps("cpu", False))[0]
+            runs.append((tokens, dict(counters["inductor"]),
+                         dict(counters["aot_autograd"])))
+    finally:
+        torch._dynamo.reset()
+    (first, compiled, _), (second, loaded, aot_loaded) = runs
+    assert compiled["fxgraph_cache_miss"] == 1 and "fxgraph_cache_bypass" not in compiled, compiled
+    assert loaded["fxgraph_cache_hit"] == 1 and "fxgraph_cache_miss" not in loaded, loaded
+    assert aot_loaded["autograd_cache_hit"] == 1, aot_loaded
+    assert torch.equal(first, second)
+
+
 def test_capped_kernel_groups_are_part_of_the_cache_key(monkeypatch):
     """compile_steps caps inductor's CPU kernel groups, a class constant its caches are not keyed on, so it tags the
     cache key too (once, however often it is called, and after a tag of the user's own)."""
