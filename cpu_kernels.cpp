@@ -8,9 +8,9 @@
 // op takes up to three weights of one K (wq/wk/wv, w1/w3) and returns their outputs side by side: one call, so one fork
 // and join of the threads, reads them all; the swiglu and attention ops run a layer's MLP, and its attention with wo,
 // each in one parallel region (run_then_down). tests/test_cpu_kernels.py checks each against the path it replaces.
-// The tensor class, empty() and the op registry only: torch/extension.h (pybind, autograd, the whole C++ frontend)
-// took the first build from 11 to 29 s on 2 cores, and ATen/ATen.h (every ATen function) from 9.8 to 12.9 s, and the
-// ops need neither (they are registered with TORCH_LIBRARY, not as a module).
+// The tensor class, empty() and the op registry only: the first build takes 9.8 s on 2 cores, against 12.9 s with
+// ATen/ATen.h (every ATen function) and 29 s with torch/extension.h (pybind, autograd, the whole C++ frontend), and
+// the ops need neither (they are registered with TORCH_LIBRARY, not as a module).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
@@ -948,7 +948,7 @@ void set_prefetch_l2(bool l2) { prefetch_l2 = l2; }
 // list through c10::IValue, whose headers cost every compile of a step that calls it 3-4 s on 2 cores (BENCHMARKS.md).
 std::vector<at::Tensor> given(const at::Tensor& first, const std::optional<at::Tensor>& second,
                               const std::optional<at::Tensor>& third) {
-  TORCH_CHECK(second.has_value() || !third.has_value(), "flexfast: a third weight without a second");
+  TORCH_CHECK(second.has_value() || !third.has_value(), "flexfast: a third weight or scale without a second");
   std::vector<at::Tensor> tensors{first};
   for (const auto* t : {&second, &third})
     if (t->has_value()) tensors.push_back(**t);

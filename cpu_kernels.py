@@ -8,9 +8,9 @@ source, the CPU and the torch version), into ~/.cache/flexfast/kernels. Where it
 compiler) or FLEXFAST_KERNELS=0, load() says so once and the callers keep torch's own kernels.
 
 The ops, each checked in tests/test_cpu_kernels.py against the torch path it replaces and a dequantized reference,
-take up to MAX_WEIGHTS weights of one K and one format, and return x @ cat(weights).T without the cat (wq/wk/wv in
-one call; model.linears), called through the functions below, which pass each weight as an argument of its own (why:
-cpu_kernels.cpp); and per format the MLP, w2 @ (silu(w1 @ x) * (w3 @ x)), in one call (model.swiglu):
+take up to MAX_WEIGHTS weights of one K and one format, and return x @ cat(weights).T without the cat (wq/wk/wv and
+w1/w3 in one call; model.linears), called through the functions below, which pass each weight as an argument of its
+own (why: cpu_kernels.cpp); and per format the MLP, w2 @ (silu(w1 @ x) * (w3 @ x)), in one call (model.swiglu):
     linear(x, [w, ...])                        w [N, K] bf16 or fp32
     linear_int8(x, [w, ...], [scales, ...])    w [N, K] int8, scales [N]; x rounded to int16 per row (integer
                                                products)
@@ -36,7 +36,7 @@ from cli import cpu_model
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 BUILD_ROOT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexfast" / "kernels"
 MAX_ROWS = 8
-MAX_WEIGHTS = 3  # weights one linear op takes (wq/wk/wv)
+MAX_WEIGHTS = 3  # weights one linear op takes (wq/wk/wv; the ops' schemas in cpu_kernels.cpp)
 INT4_ROWS = 16  # the int4 kernel's rows per interleaved block (cpu_kernels.cpp)
 LOADED = False  # set by load(); a plain global, which torch.compile reads as a constant at trace time
 PREFETCH_L2 = False  # where the kernels' software prefetches put the weights (set_prefetch_l2)
@@ -105,7 +105,7 @@ def linear_int4(x: Tensor, weights: list, scales_zeros: list) -> Tensor:
 
 
 def paired(weights: list, scales: list) -> list:
-    """w0, s0, w1, s1, ...: the quantized ops' arguments. A loop: dynamo traces a comprehension as a call of its own."""
+    """w0, s0, w1, s1, ...: the quantized ops' arguments (a loop, as in model.plain_linears)."""
     if len(weights) != len(scales):
         raise ValueError(f"{len(weights)} weights but {len(scales)} scales")
     arguments = []

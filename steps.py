@@ -82,11 +82,11 @@ def live_slots(model: Transformer, steps: Steps, end: int) -> Optional[Tensor]:
 # check the same sizes and strides before a graph first runs in a generation loop (steps.checked_once).
 UNFROZEN = {"freezing": False, "size_asserts": False}
 # inductor's C++ wrapper, for the steps whose linears call cpu_kernels' ops (cpp_wrapped): from the Python wrapper
-# each op call costs ~1.7 us of dispatch (its tensor lists parsed against the op's schema), and an int4 token makes
+# each op call costs ~1.7 us of dispatch (its arguments parsed against the op's schema), and an int4 token makes
 # 121. In C++ the same int4 g32 step decoded 3.86 -> 3.50 ms, a bf16 one with the kernel 12.48 -> 12.06, and the
 # verify of a self-speculative step 12.40 -> 11.71 in bf16, 4.85 -> 4.25 in int4 (2-core Xeon; BENCHMARKS.md).
 # Built separately (the kernels in files of their own, shared across layers as before; the entry at -O1), a first
-# int4 compile took 38-43 s instead of 25 (84 s built as one file; later kernel changes brought it to 29 s); a warm
+# int4 compile took 38-43 s instead of 25 (84 s built as one file; later changes brought it to 22-23 s); a warm
 # one the same 4-4.5 s. Steps with the GEMV (no op calls) gained nothing (12.36 against 12.24 ms, bf16), so they keep
 # the Python wrapper and its shorter first compile.
 CPP_WRAPPER = {**UNFROZEN, "cpp_wrapper": True, "cpp_wrapper_build_separate": True}
@@ -305,9 +305,10 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
     # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
     torch._dynamo.config.cache_size_limit = 64
     # inductor's and AOTAutograd's on-disk caches refuse a graph that holds a torch.cond (FlexiDepth's routed
-    # layers), so every FlexiDepth run compiled from scratch (about 20 s on 2 cores, against 4-5 s warm). The cache
-    # key hashes each branch's own graph code like the main graph's, so a change in a branch is a new key; marked
-    # cacheable, keyed by the torch version (BENCHMARKS.md; tests/test_steps.py loads it back and compares).
+    # layers), so every FlexiDepth run compiled from scratch (about 22 s on 2 cores, against 5-6 s once cached). The
+    # cache key hashes each branch's own graph code like the main graph's, so a change in a branch is a new key;
+    # marked cacheable, keyed by the torch version (BENCHMARKS.md, measured on CPU; tests/test_steps.py loads it back
+    # and compares).
     inductor_config.unsafe_marked_cacheable_functions = {
         **inductor_config.unsafe_marked_cacheable_functions, COND_NAME: torch.__version__}
     # The dynamic prefill took its Python float (skip_threshold) as a symbolic input, which inductor could not turn

@@ -318,6 +318,8 @@ def test_unsupported_shapes_keep_torch_paths():
     assert not cpu_kernels.supports(torch.randn(1, 64), many, 64)
     with pytest.raises(ValueError, match="2 weights but 1 scales"):
         cpu_kernels.linear_int8(torch.randn(1, 64), many[:2], [torch.ones(4)])
+    with pytest.raises(RuntimeError, match="a third weight or scale without a second"):
+        torch.ops.flexfast.linear(torch.randn(1, 64), many[0], None, many[1])
 
 
 def test_every_op_takes_only_what_the_cpp_wrappers_light_call_takes():
