@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from convert_hf_checkpoint import convert, with_random_routers  # noqa: E402
-from model import Transformer  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "checkpoints/HuggingFaceTB/SmolLM2-135M-Instruct/model.pth"
 
@@ -34,6 +34,16 @@ VARIANTS = {
     "mqa": dict(num_key_value_heads=1),
     "explicit_head_dim": dict(num_attention_heads=2, num_key_value_heads=1, head_dim=48),
 }
+
+
+def tiny_model(vocab_size: int = 128, n_layers: int = 3, seed: int = 0, **extra) -> Transformer:
+    """A tiny model built directly (no checkpoint): GQA, head_dim 16, random weights from seed, eval, no grads; extra
+    ModelArgs fields make it FlexiDepth (routing_layers, router_dim, adapter_dim). The compile and kernel tests'
+    subject."""
+    torch.manual_seed(seed)
+    args = ModelArgs(vocab_size=vocab_size, dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=2, head_dim=16,
+                     intermediate_size=96, **extra)
+    return Transformer(args).eval().requires_grad_(False)
 
 
 def make_hf_llama(folder: Path, seed: int = 0, **overrides) -> Path:

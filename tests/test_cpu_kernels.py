@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import cpu_kernels
-from conftest import greedy
+from conftest import greedy, tiny_model
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.load(), reason="the CPU kernels need AVX-512 and a C++ compiler")
 
@@ -330,14 +330,6 @@ def test_every_op_takes_only_what_the_cpp_wrappers_light_call_takes():
         for name in (kind, f"{kind}_int8", f"{kind}_int4"):
             op = getattr(torch.ops.flexfast, name).default
             assert CppWrapperCpu._compatible_with_stableivalue(op), name
-
-
-def tiny_model(**extra):
-    from model import ModelArgs, Transformer
-    torch.manual_seed(0)
-    args = ModelArgs(vocab_size=128, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
-                     **extra)
-    return Transformer(args).eval().requires_grad_(False)
 
 
 def test_compiled_flexidepth_with_kernel_matches_eager(monkeypatch):

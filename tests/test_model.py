@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import generate
-from conftest import TINY_BASE, VARIANTS, make_converted_llama, make_hf_llama
+from conftest import TINY_BASE, VARIANTS, make_converted_llama, make_hf_llama, tiny_model
 from convert_hf_checkpoint import convert
 from model import ModelArgs
 
@@ -211,13 +211,9 @@ def test_one_token_linear_as_f_linear_matches_eager(monkeypatch):
     with routed layers both running and skipping."""
     import model
     from steps import compile_steps, forward_last
-    from model import ModelArgs, Transformer
     monkeypatch.setattr(model, "ONE_TOKEN_LINEAR",
                         {("torch.float32", False): "linear", ("torch.float32", True): "linear"})
-    torch.manual_seed(0)
-    args = ModelArgs(vocab_size=128, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
-                     routing_layers=[1, 2], router_dim=8, adapter_dim=12)
-    tiny = Transformer(args).eval().requires_grad_(False)
+    tiny = tiny_model(routing_layers=[1, 2], router_dim=8, adapter_dim=12)
     tiny.setup_caches(1, 16)
     steps = compile_steps("cpu", False)
     try:

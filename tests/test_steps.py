@@ -4,7 +4,7 @@ import argparse
 import pytest
 import torch
 
-from conftest import PROMPT, greedy, restore_compile_settings
+from conftest import PROMPT, greedy, restore_compile_settings, tiny_model
 from figures import merge_stats, print_stats
 from generate import cache_length_needed, generate
 from model import ModelArgs, Transformer
@@ -15,9 +15,7 @@ NEW_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    args = ModelArgs(vocab_size=256, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96)
-    return Transformer(args).eval().requires_grad_(False)
+    return tiny_model(vocab_size=256)
 
 
 def generate_tiny(model, steps, **spec):
@@ -124,11 +122,7 @@ def test_one_set_of_steps_serves_two_models_after_checked_guards():
     (steps.checked_once). Compiled steps hold a model's weights (freezing), so a second model of the same shapes
     decoded by the same steps must still get its own graph, plain and self-speculative, and its own tokens."""
     from steps import compile_steps
-    args = ModelArgs(vocab_size=256, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96)
-    models = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        models.append(Transformer(args).eval().requires_grad_(False))
+    models = [tiny_model(vocab_size=256, seed=seed) for seed in (1, 2)]
     steps = compile_steps("cpu", False)
     try:
         for spec in ({}, dict(early_exit=1, speculate_k=2)):
@@ -178,10 +172,7 @@ def test_flexidepth_steps_load_from_the_cache_and_decode_the_same(monkeypatch, t
                             {("torch.float32", False): "kernel", ("torch.float32", True): "kernel"})
     restore_compile_settings(monkeypatch)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    torch.manual_seed(0)
-    args = ModelArgs(vocab_size=256, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96,
-                     routing_layers=[1, 2], router_dim=8, adapter_dim=12)
-    routed = Transformer(args).eval().requires_grad_(False)
+    routed = tiny_model(vocab_size=256, routing_layers=[1, 2], router_dim=8, adapter_dim=12)
     runs = []
     try:
         for _ in range(2):
@@ -290,9 +281,7 @@ def test_kernel_groups_end_at_layer_ends(monkeypatch):
     import model
     from torch._inductor.utils import run_and_get_code
     from steps import compile_steps, forward_last, one_token_compile_args, own_code
-    torch.manual_seed(0)
-    args = ModelArgs(vocab_size=256, dim=64, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=96)
-    eight = Transformer(args).eval().requires_grad_(False)
+    eight = tiny_model(vocab_size=256, n_layers=8)
     eight.setup_caches(1, 16)
     monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {(str(torch.float32), False): "gemv"})
     compile_steps("cpu", False)
@@ -306,8 +295,8 @@ def test_kernel_groups_end_at_layer_ends(monkeypatch):
     finally:
         torch._dynamo.reset()
     calls = re.findall(r"\n\s+(cpp_fused\w+)\(", code[code.index("def call"):])
-    assert len(calls) == args.n_layers, calls
-    assert all(calls[i] == calls[i - 2] for i in range(4, args.n_layers - 1)) and len(set(calls)) == 5, calls
+    assert len(calls) == eight.args.n_layers, calls
+    assert all(calls[i] == calls[i - 2] for i in range(4, eight.args.n_layers - 1)) and len(set(calls)) == 5, calls
 
 
 def test_dynamic_prefill_compiles_in_one_pass(tiny, monkeypatch):
