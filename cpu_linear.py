@@ -25,6 +25,7 @@ model, the torch version, the dtype, the thread count, the compile mode and the 
 (20-28 s on 2 cores for one row, the kernels' build included; 8 s more for the few rows). model.Linear reads the
 choice at trace time.
 """
+import contextlib
 import functools
 import hashlib
 import json
@@ -316,13 +317,47 @@ def reuse_precompiled_header(path: Path = HEADER_CACHE_PATH) -> bool:
 
 def measured(key: str, fields: tuple, what: str, run_probe: Callable[[], dict], path: Path) -> dict:
     """The cache's entry under key, or run_probe()'s, kept there, where the cache has none with a kind in every
-    field."""
-    entry = read_cache(path).get(key)
-    if not (isinstance(entry, dict) and all(entry.get(field) in KINDS for field in fields)):
-        print(f"timing {what} linear kernels on this CPU (once; kept in {path})", file=sys.stderr, flush=True)
-        entry = run_probe()
-        keep(path, key, entry)
+    field. One process probes at a time (probing)."""
+    def kept():
+        entry = read_cache(path).get(key)
+        return entry if isinstance(entry, dict) and all(entry.get(field) in KINDS for field in fields) else None
+
+    entry = kept()
+    if entry is None:
+        with probing(path, what):
+            entry = kept()  # probed by the process this one waited for
+            if entry is None:
+                print(f"timing {what} linear kernels on this CPU (once; kept in {path})", file=sys.stderr, flush=True)
+                entry = run_probe()
+                keep(path, key, entry)
     return entry
+
+
+@contextlib.contextmanager
+def probing(path: Path, what: str):
+    """Held while a process probes: another one (a server and a CLI started together on a new machine) waits for its
+    result instead of probing alongside, which would double the wait on 2 cores and time every kind under the other's
+    load. An flock on the cache's folder, so that no file is left behind and a dead holder releases it; no lock where
+    none can be taken (no folder, no fcntl)."""
+    try:
+        import fcntl
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = os.open(path.parent, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process timing the {what} linear kernels on this CPU", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(folder, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without locks: probe unlocked
+        yield
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def choose(dtype: torch.dtype, mode=None, path: Path = CACHE_PATH, run_probe=probe) -> dict:

@@ -277,6 +277,36 @@ def test_linear_choice_probe_is_cached_atomically(tmp_path, monkeypatch):
     assert len(probes) == 5 and cpu_linear.probe_key(torch.bfloat16) in json.loads(path.read_text())
 
 
+def test_one_process_probes_at_a_time(tmp_path, capsys):
+    """Two processes that need the same probe on a new machine (a server and a CLI started together): one probes and
+    the other waits for its result rather than timing the kernels under its load; the lock leaves no file behind.
+    Two threads here, each taking the lock through its own open of the folder, as a process does."""
+    import threading
+    import time
+    import cpu_linear
+    path = tmp_path / "cache/one_token_linear.json"
+    probes, results = [], []
+    start_together = threading.Barrier(2)
+
+    def slow_probe():
+        probes.append(1)
+        time.sleep(0.5)
+        return {"graph": "kernel", "branch": "gemv"}
+
+    def choose():
+        start_together.wait()
+        results.append(cpu_linear.measured("key", ("graph", "branch"), "bf16", slow_probe, path))
+
+    threads = [threading.Thread(target=choose) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(probes) == 1 and results == [{"graph": "kernel", "branch": "gemv"}] * 2
+    assert "waiting for another process timing the bf16 linear kernels" in capsys.readouterr().err
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
 def test_precompiled_header_is_named_once_per_machine(tmp_path, monkeypatch):
     """inductor preprocesses its C++ header in every process to name the header's precompiled file; the name is kept
     on disk, so a later process (a new wrapper over inductor's function) asks inductor only when the kept files are
