@@ -57,14 +57,27 @@ def takes_attention(q: Tensor, k: Tensor, wo: list) -> bool:
             and supports(q[:, 0], wo, q.shape[1] * q.shape[-1]))
 
 
+def turned_off() -> bool:
+    return os.environ.get("FLEXFAST_KERNELS", "1") == "0"
+
+
+def has_avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+
+
+def will_try() -> bool:
+    """Whether load() will try to build the kernels here (not turned off, AVX-512), known before it does."""
+    return not turned_off() and has_avx512()
+
+
 @functools.lru_cache(maxsize=None)
 def load() -> bool:
     """Builds (first time on this machine: ~10 s on 2 cores) and loads the kernels; False, with one line on stderr,
     if not. FLEXFAST_KERNELS=0 turns them off."""
     global LOADED
-    if os.environ.get("FLEXFAST_KERNELS", "1") == "0":
+    if turned_off():
         return False
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+    if not has_avx512():
         print(f"note: CPU kernels need AVX-512 (this CPU: {torch.backends.cpu.get_cpu_capability()}); "
               "using torch's", file=sys.stderr)
         return False

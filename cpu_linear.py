@@ -12,10 +12,11 @@ Xeon with AMX than on an AMD EPYC with AVX-512):
               prefetches into the first-level cache and into the second ("kernel-l2"), which decides where they
               go on this machine for every kernel call (cpu_kernels.set_prefetch_l2: measured on a Xeon with AMX,
               a bf16 weight from memory streamed at 21 GB/s into L1 and 28 into L2).
-So the choice is made twice per dtype: for the main graph and for the branches (timed only where "linear" wins the
-graph: the other two run there as in the graph; see probe); and a third time, between "linear"
-and "kernel", for linears of 2 to cpu_kernels.MAX_ROWS rows (the self-speculative verify, short compiled prefills), but
-only once a step of that many rows is about to compile (choose_rows). The probe compiles a stack of different weights
+So the choice is made twice per dtype: for the main graph (the GEMV against the kernel, or against F.linear where
+the kernels cannot build) and for the branches (timed only where "linear" wins the graph: the other two run there
+as in the graph; see probe); and a third time, between "linear" and "kernel", for linears of 2 to
+cpu_kernels.MAX_ROWS rows (the self-speculative verify, short compiled prefills), but only once a step of that many
+rows is about to compile (choose_rows). The probe compiles a stack of different weights
 (64 MiB, in huge pages as load_model places a model's) each way, the way compile_steps compiles the model, and times
 them in alternation (the best round of each), twice after reading twice the last-level cache: once from memory and
 once from what the cache kept, as a model that part fits in the cache reads (on a Xeon with a 480 MiB L3 the default
@@ -196,7 +197,9 @@ def probe(dtype: torch.dtype, mode=None) -> dict:
     and stream as fast (the kernel 50.7 / 51.0 us per MB, the GEMV 55.2 / 57.1, graph / branch, bf16 on a 2-core
     Xeon), so a branch takes the graph's choice (probing it cost a first run 22 s there). prefetch_l2: the kernel's
     faster prefetch level in the graph. On a machine's first run the kernels build (one C++ compiler process, ~10 s)
-    on one core while the other two kinds compile on the other."""
+    on one core while the GEMV compiles on the other. F.linear is timed only where the kernels cannot build: on both
+    CPU kinds measured it took 1.4-2.3x the kernel's time per MB (AMD EPYC 36.0 against 25.0; Xeon with AMX 78-90
+    against 33-56, 115 against 51 in a branch), and compiling it cost a machine's first run ~5 s."""
     build = threading.Thread(target=cpu_kernels.load, daemon=True)
     build.start()
 
@@ -204,7 +207,8 @@ def probe(dtype: torch.dtype, mode=None) -> dict:
         build.join()
         return cpu_kernels.load()  # cached: the thread's answer
 
-    us_per_mb = {"graph": time_kinds(list(KINDS), dtype, False, mode, kernels_ready=kernels_ready)}
+    kinds = ["gemv", "kernel"] if cpu_kernels.will_try() else ["gemv", "linear"]
+    us_per_mb = {"graph": time_kinds(kinds, dtype, False, mode, kernels_ready=kernels_ready)}
     graph = branch = fastest(us_per_mb["graph"])
     if graph == "linear":
         us_per_mb["branch"] = time_kinds(list(KINDS), dtype, True, mode, kernels_ready=kernels_ready)

@@ -372,8 +372,9 @@ def test_vector_isa_check_runs_once_per_machine(tmp_path, monkeypatch):
 
 
 def test_linear_probe_times_every_kind_while_the_kernels_build(monkeypatch):
-    """The real probe on a tiny stack: every kind is compiled and timed (the kernel once its build, started on a
-    thread at the probe's start, has finished), in one row (decode) and in FEW_ROWS rows (the verify)."""
+    """The real probe on a tiny stack: the GEMV and the kernel are compiled and timed (the kernel once its build,
+    started on a thread at the probe's start, has finished; F.linear instead where the kernels cannot build), in one
+    row (decode), and F.linear against the kernel in FEW_ROWS rows (the verify)."""
     import math
     import cpu_kernels
     import cpu_linear
@@ -388,8 +389,10 @@ def test_linear_probe_times_every_kind_while_the_kernels_build(monkeypatch):
         torch._dynamo.reset()
     built = cpu_kernels.load()
     assert entry["graph"] == entry["branch"] == "gemv" and "branch" not in entry["us_per_mb"]
-    # the kernel timed at both prefetch levels, and the state it found left as it was
-    assert sorted(entry["us_per_mb"]["graph"]) == sorted(["gemv", "linear"] + ["kernel", "kernel-l2"] * built)
+    # the kernel timed at both prefetch levels (F.linear only where the kernels cannot build), and the state it
+    # found left as it was
+    other = ["kernel", "kernel-l2"] if built else ["linear"] * (not cpu_kernels.will_try())
+    assert sorted(entry["us_per_mb"]["graph"]) == sorted(["gemv"] + other)
     graph = entry["us_per_mb"]["graph"]
     assert entry["prefetch_l2"] == (built and graph["kernel-l2"] < graph["kernel"])
     assert cpu_kernels.PREFETCH_L2 == prefetch_l2
@@ -410,25 +413,29 @@ def test_linear_probe_times_every_kind_while_the_kernels_build(monkeypatch):
 
 
 def test_linear_probe_times_branches_only_where_f_linear_wins_the_graph(monkeypatch):
-    """FlexiDepth's torch.cond branches are timed only where F.linear wins the main graph (it loses freezing's
+    """The main graph's candidates are the GEMV and the kernel, or the GEMV and F.linear where the kernels cannot
+    build. FlexiDepth's torch.cond branches are timed only where F.linear wins the main graph (it loses freezing's
     prepacking in a branch); where the GEMV or the kernel wins, a branch takes the same, which runs there as it
     runs in the graph."""
     import cpu_linear
-    for graph_times, branch_times, want in (
-            ({"gemv": 50.0, "linear": 60.0, "kernel": 40.0, "kernel-l2": 45.0}, None, ("kernel", "kernel")),
-            ({"gemv": 50.0, "linear": 60.0}, None, ("gemv", "gemv")),
-            ({"gemv": 50.0, "linear": 30.0, "kernel": 45.0}, {"gemv": 50.0, "linear": 90.0, "kernel": 40.0},
-             ("linear", "kernel"))):
+    for kernels, graph_times, branch_times, want in (
+            (True, {"gemv": 50.0, "kernel": 40.0, "kernel-l2": 45.0}, None, ("kernel", "kernel")),
+            (True, {"gemv": 50.0, "kernel": 49.0, "kernel-l2": 48.0}, None, ("gemv", "gemv")),  # within MARGIN
+            (False, {"gemv": 50.0, "linear": 60.0}, None, ("gemv", "gemv")),
+            (False, {"gemv": 50.0, "linear": 30.0}, {"gemv": 50.0, "linear": 90.0}, ("linear", "gemv"))):
         timed = []
 
         def fake_time_kinds(kinds, dtype, in_branch, mode=None, **_):
-            timed.append(in_branch)
+            timed.append((in_branch, kinds))
             return dict(branch_times if in_branch else graph_times)
         monkeypatch.setattr(cpu_linear, "time_kinds", fake_time_kinds)
-        monkeypatch.setattr(cpu_linear.cpu_kernels, "load", lambda: True)
+        monkeypatch.setattr(cpu_linear.cpu_kernels, "will_try", lambda: kernels)
+        monkeypatch.setattr(cpu_linear.cpu_kernels, "load", lambda: kernels)
         entry = cpu_linear.probe(torch.bfloat16)
         assert (entry["graph"], entry["branch"]) == want
-        assert timed == ([False, True] if branch_times else [False])
+        # F.linear is timed in the graph only where the kernels cannot build
+        assert timed[0] == (False, ["gemv", "kernel"] if kernels else ["gemv", "linear"])
+        assert [in_branch for in_branch, _ in timed] == ([False, True] if branch_times else [False])
         assert ("branch" in entry["us_per_mb"]) == bool(branch_times)
         assert entry["prefetch_l2"] == (graph_times.get("kernel-l2", 1e9) < graph_times.get("kernel", 1e9))
 
