@@ -23,7 +23,7 @@ once from what the cache kept, as a model that part fits in the cache reads (on 
 bf16 model ran 1.16x faster with the kernel than the GEMV, which the evicted read alone had tied, 50.1 against 49.4
 us per MB, and the GEMV kept); its result is kept in ~/.cache/flexfast/one_token_linear.json under the CPU
 model, the torch version, the dtype, the thread count, the compile mode and the rows, so each machine probes once
-(20-28 s on 2 cores for one row, the kernels' build included; 8 s more for the few rows). model.Linear reads the
+(about 20 s on 2 cores for one row, the kernels' build beside it; 8 s more for the few rows). model.Linear reads the
 choice at trace time.
 """
 import contextlib
