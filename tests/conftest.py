@@ -1,7 +1,7 @@
 """Shared test helpers (the only place tests share them): tiny random Llama variants saved the way Hugging Face
-saves them, run through our real converter, FlexiDepth ones with random routers; the real offline default model
-(prepared by ./scripts/prepare.sh); running a CLI and checking its one-line error. docs/design.md has the
-contracts they test."""
+saves them, run through our real converter, FlexiDepth ones with random routers; a tiny model built directly; the
+real offline default model (prepared by ./scripts/prepare.sh); running a CLI and checking its one-line error.
+docs/design.md has the contracts they test."""
 import dataclasses
 import re
 import subprocess
