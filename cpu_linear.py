@@ -16,15 +16,16 @@ So the choice is made twice per dtype: for the main graph (the GEMV against the 
 the kernels cannot build) and for the branches (timed only where "linear" wins the graph: the other two run there
 as in the graph; see probe); and a third time, between "linear" and "kernel", for linears of 2 to
 cpu_kernels.MAX_ROWS rows (the self-speculative verify, short compiled prefills), but only once a step of that many
-rows is about to compile (choose_rows). The probe compiles a stack of different weights
-(64 MiB, in huge pages as load_model places a model's) each way, the way compile_steps compiles the model, and times
-them in alternation (the best round of each), twice after reading twice the last-level cache: once from memory and
-once from what the cache kept, as a model that part fits in the cache reads (on a Xeon with a 480 MiB L3 the default
-bf16 model ran 1.16x faster with the kernel than the GEMV, which the evicted read alone had tied, 50.1 against 49.4
-us per MB, and the GEMV kept); its result is kept in ~/.cache/flexfast/one_token_linear.json under the CPU
-model, the torch version, the dtype, the thread count, the compile mode and the rows, so each machine probes once
-(about 20 s on 2 cores for one row, the kernels' build beside it; 8 s more for the few rows). model.Linear reads the
-choice at trace time.
+rows is about to compile (choose_rows). The probe times a model's step, not the linears alone: a random model of the
+default model's shape with three of its layers and its lm head (probe_model), in huge pages as load_model places a
+model's, its decode step (or a step of few rows) compiled each way as compile_steps compiles the model's, timed in
+alternation (the best round of each), twice after reading twice the last-level cache: once from memory and once
+from what the cache kept, as a model that part fits in the cache reads. (A stack of the linears alone, probe version
+8 and before, had the GEMV and the kernel level on a Xeon with AMX where the default bf16 model decoded 1.12x faster
+with the kernel: it lacked the head, where the kernel streams 1.24x faster, and the ops around the linears.) Its
+result is kept in ~/.cache/flexfast/one_token_linear.json under the CPU model, the torch version, the dtype, the
+thread count, the compile mode and the rows, so each machine probes once (about 20 s on 2 cores for one row, the
+kernels' build beside it; 10 s more for the few rows). model.Linear reads the choice at trace time.
 """
 import contextlib
 import functools
@@ -35,29 +36,30 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 import cpu_kernels
 import hugepages
 import model
 from cli import cpu_model, write_text_atomic
+from figures import weight_bytes
 
 CACHE_PATH = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flexfast" / "one_token_linear.json"
-# One SmolLM2 layer's linears (the default model), grouped as the model calls them: wq/wk/wv, wo, and the MLP w1, w3,
-# w2 (model.swiglu: gate and up, silu(gate) * up, down). The kernel takes a group in one call (model.linears, and the
-# MLP's swiglu); the other kinds take one weight at a time.
-PROBE_LAYER = (((576, 576), (192, 576), (192, 576)), ((576, 576),), ((1536, 576), (1536, 576), (576, 1536)))
-# Which of those groups an RMSNorm feeds, as in the model, so that each kind is timed in the graph the model's
-# layers give it (how a GEMV reads its normed input: steps.compile_steps).
-PROBE_NORMED = (True, False, True)
-PROBE_BYTES = 64 << 20  # twice a 32 MiB L3, so that the weights stream from memory as the model's do
+# The default model's shape (SmolLM2-135M-Instruct) with PROBE_LAYERS of its layers and its tied lm head: the probe
+# times this model's decode step, every op of it (norms, rope, attention, the grouped linears, the MLP in one call,
+# the head), compiled as compile_steps compiles the model's. In bf16 it is 78 MB, over twice a 32 MiB L3, so that
+# its weights stream from memory as the model's do.
+PROBE_ARGS = dict(vocab_size=49152, dim=576, n_heads=9, n_kv_heads=3, head_dim=64, intermediate_size=1536,
+                  rope_base=100000.0, tie_embeddings=True)
+PROBE_LAYERS = 3
+PROBE_POS = 16  # the position the timed steps write and attend up to
+ASSUMED_CACHE_BYTES = 32 << 20  # where sysfs reports no cache: the AMD EPYC's L3
 MARGIN = 0.05  # another kind replaces the default (the kernel where timed, else the GEMV) only if this much faster
 KINDS = ("gemv", "linear", "kernel")
-PROBE_VERSION = 8  # 8: the kernel the default, F.linear only without it; 7: prefetch level, the MLP as the model's,
-# from memory and cache; 6: huge pages, normed inputs
+PROBE_VERSION = 9  # 9: a small model's decode step, not a stack of linears; 8: the kernel the default, F.linear
+# only without it; 7: prefetch level, the MLP as the model's, from memory and cache; 6: huge pages, normed inputs
 FEW_ROWS = 3  # rows of the few-row probe: the verify of k = 2 drafts
 PROBE_ROUNDS = 30
 ISA_CACHE_PATH = CACHE_PATH.with_name("vector_isa.json")
@@ -69,101 +71,87 @@ def probe_key(dtype: torch.dtype, mode=None, rows: int = 1) -> str:
             f"mode {mode or 'default'} | {rows} rows | probe {PROBE_VERSION}")
 
 
-class LinearStack(torch.nn.Module):
-    """Layers of linears applied to one token, each as a one-token linear of `kind` (the input is cut to each
-    weight's width; the kernel takes each group of weights in one call, as the plain model's layers do); in_branch
-    puts them all inside a torch.cond branch, as FlexiDepth's real skip does (whose branch groups only w1/w3: wk/wv
-    run outside it and wq alone, so the branch probe flatters the kernel a little)."""
-    def __init__(self, groups, normed: list, kind: str, in_branch: bool):
-        super().__init__()
-        self.groups = torch.nn.ModuleList(
-            torch.nn.ParameterList(torch.nn.Parameter(w, requires_grad=False) for w in group) for group in groups)
-        self.normed, self.kind, self.in_branch = normed, kind, in_branch
-        self.width = sum(group[-1].shape[0] if is_mlp(group) else sum(w.shape[0] for w in group) for group in groups)
-
-    def one_each(self, xw, weights):
-        if self.kind == "gemv":
-            return [(xw.unsqueeze(-2) * w).sum(-1, dtype=torch.float32).to(xw.dtype) for w in weights]
-        return [F.linear(xw, w) for w in weights]
-
-    def apply_all(self, x):
-        outs = []
-        for group, normed in zip(self.groups, self.normed):
-            xw = x[..., :group[0].shape[1]]
-            if normed:  # as model.RMSNorm, less its weight
-                xw = F.rms_norm(xw.float(), (xw.shape[-1],), eps=1e-5).type_as(xw)
-            if is_mlp(group) and self.kind == "kernel":
-                outs.append(torch.ops.flexfast.swiglu(xw, *group))
-            elif is_mlp(group):
-                gate, up = self.one_each(xw, group[:2])
-                outs += self.one_each(F.silu(gate) * up, group[2:])
-            elif self.kind == "kernel":
-                outs.append(cpu_kernels.linear(xw, list(group)))
-            else:
-                outs += self.one_each(xw, group)
-        return torch.cat(outs, dim=-1)
-
-    def forward(self, x, run):
-        if not self.in_branch:
-            return self.apply_all(x)
-        return torch.cond(run, self.apply_all, lambda x: x.new_zeros(*x.shape[:-1], self.width), (x,))
+def probe_model(dtype: torch.dtype, routed: bool) -> model.Transformer:
+    """A model of PROBE_ARGS' shape with PROBE_LAYERS layers of random weights (the global RNG left as it was),
+    in huge pages as load_model places a model's, its cache set up; routed: every layer a FlexiDepth layer."""
+    args = model.ModelArgs(n_layers=PROBE_LAYERS, **PROBE_ARGS)
+    if routed:  # as ModelArgs.from_folder sizes a FlexiDepth checkpoint's routers and adapters
+        args.routing_layers = list(range(PROBE_LAYERS))
+        args.router_dim, args.adapter_dim = args.dim // 16, args.intermediate_size // 16
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        probed = model.Transformer(args).eval().requires_grad_(False)
+        for p in probed.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+    probed = probed.to(dtype)
+    hugepages.move_weights(probed)
+    probed.setup_caches(1, 2 * PROBE_POS)
+    return probed
 
 
-def is_mlp(group) -> bool:
-    """Whether a probe group is an MLP's w1, w3, w2 (the third the first's shape transposed)."""
-    return len(group) == 3 and tuple(group[2].shape) == tuple(group[0].shape)[::-1]
-
-
-def time_kinds(kinds: list, dtype: torch.dtype, in_branch: bool, mode=None, rows: int = 1,
+def time_kinds(kinds: list, dtype: torch.dtype, mode=None, rows: int = 1, graph: Optional[str] = None,
                kernels_ready: Callable[[], bool] = cpu_kernels.load) -> dict:
-    """{kind: microseconds per MB of weights, the mean of a call that reads the weights from memory and one right
-    after it that finds what the cache kept} for linears of `rows` rows of each kind, compiled as compile_steps
-    compiles the steps that run them: one row as decode (steps.one_token_compile_args: the GEMV and the kernel
-    unfrozen, F.linear frozen), more rows as the verify (frozen). "kernel" comes last in `kinds` and is dropped if
-    kernels_ready() says the kernels did not build (probe() builds them meanwhile). The kinds are timed in
-    alternation and the best round counts, so that load from other processes, which only ever slows a round,
-    touches them alike."""
+    """{kind: microseconds per MB of weights, the mean of a step that reads the weights from memory and one right
+    after it that finds what the cache kept} for probe_model's forward of `rows` tokens with its linears of each
+    kind, compiled as compile_steps compiles a step of that many rows: one row as decode (compile_one_token: the
+    GEMV and the kernel unfrozen, F.linear frozen), more as the verify (compile_few_rows). graph: the kinds are timed
+    in FlexiDepth's torch.cond branches (every layer routed, every token running it) while the main graph's one-row
+    linears are `graph`. "kernel" comes last in `kinds` and is dropped if kernels_ready() says the kernels did not
+    build (probe() builds them meanwhile). The kinds are timed in alternation and the best round counts, so that
+    load from other processes, which only ever slows a round, touches them alike."""
     import torch._inductor.config as inductor_config
-    from steps import one_token_compile_args
-    gen = torch.Generator().manual_seed(0)
-    layer_bytes = sum(n * k for group in PROBE_LAYER for n, k in group) * dtype.itemsize
-    layers = max(2, PROBE_BYTES // layer_bytes)
-    groups = [[torch.randn(shape, generator=gen).to(dtype) for shape in group] for _ in range(layers)
-              for group in PROBE_LAYER]
-    normed = [normed for _ in range(layers) for normed in PROBE_NORMED[:len(PROBE_LAYER)]]
-    nbytes = sum(w.numel() * w.element_size() for group in groups for w in group)
-    width = max(w.shape[1] for group in groups for w in group)
-    x, run = torch.randn(1, rows, width, generator=gen).to(dtype), torch.tensor(True)
-    frozen_args = dict(fullgraph=True, dynamic=False, mode=mode)
+    from steps import compile_few_rows, compile_one_token, forward_last, own_code, rows_in_cpp
+    probed = probe_model(dtype, routed=graph is not None)
+    nbytes = weight_bytes(probed)
+    x, input_pos = torch.full((1, rows), 5), torch.arange(PROBE_POS, PROBE_POS + rows)
+    frozen_args = dict(fullgraph=True, dynamic=False, **({"mode": mode} if mode else {}))
+    kept = dict(model.ONE_TOKEN_LINEAR), dict(model.FEW_ROW_LINEAR)
+
+    def set_kind(timed: str):
+        kind = kind_of(timed)
+        if rows > 1:
+            model.FEW_ROW_LINEAR[str(dtype)] = kind
+        elif graph is not None:
+            model.ONE_TOKEN_LINEAR[(str(dtype), False)], model.ONE_TOKEN_LINEAR[(str(dtype), True)] = graph, kind
+        else:
+            model.ONE_TOKEN_LINEAR[(str(dtype), False)] = kind
+        if kind == "kernel":
+            cpu_kernels.set_prefetch_l2(timed == "kernel-l2")
     compiled = {}
-    # no concat_linear: it would fuse the whole stack (all one input) into one wide linear
-    with inductor_config.patch({"freezing": True, "cpp.enable_concat_linear": False}), torch.no_grad():
-        for kind in kinds:
-            if kind == "kernel" and not kernels_ready():
-                continue
-            compile_args = one_token_compile_args(kind, frozen_args) if rows == 1 else frozen_args
-            stack = LinearStack(groups, normed, kind, in_branch).eval()
-            hugepages.move_weights(stack)  # as load_model places the model's
-            compiled[kind] = torch.compile(stack, **compile_args)
-            compiled[kind](x, run)  # compiles now, so that the kernels' build overlaps the kinds before them
-        if "kernel" in compiled:  # the same code: the prefetch level is the kernels' state at each call
-            compiled["kernel-l2"] = compiled["kernel"]
-        from_memory = {kind: float("inf") for kind in compiled}
-        from_cache = dict(from_memory)
-        evict = torch.ones(evicting_bytes() // 4)
-        prefetch_l2 = cpu_kernels.PREFETCH_L2
-        try:
+    prefetch_l2 = cpu_kernels.PREFETCH_L2
+    # as compile_steps sets them process-wide, for a caller that has not
+    try:
+        with inductor_config.patch({"freezing": True, "cpp.enable_concat_linear": True}), torch.no_grad():
+            for kind in kinds:
+                if kind == "kernel" and not kernels_ready():
+                    continue
+                step = own_code(forward_last, f"probe_{kind}")  # graphs of their own, none left on the model's code
+                if rows > 1:
+                    step = compile_few_rows(step, frozen_args, lambda m, tokens, *_: rows_in_cpp(m, tokens.shape[1]))
+                else:
+                    step = compile_one_token(step, graph or kind, frozen_args)
+                set_kind(kind)
+                compiled[kind] = functools.partial(step, probed, x, input_pos, 0.0)  # 0: every token runs a layer
+                compiled[kind]()  # compiles now, so that the kernels' build overlaps the kinds before them
+            if "kernel" in compiled:  # the same code: the prefetch level is the kernels' state at each call
+                compiled["kernel-l2"] = compiled["kernel"]
+            from_memory = {kind: float("inf") for kind in compiled}
+            from_cache = dict(from_memory)
+            evict = torch.ones(evicting_bytes() // 4)
             for _ in range(PROBE_ROUNDS):
-                for kind, fn in compiled.items():
-                    if kind.startswith("kernel"):
-                        cpu_kernels.set_prefetch_l2(kind == "kernel-l2")
+                for kind, step in compiled.items():
+                    set_kind(kind)
                     evict.sum()
                     for best in (from_memory, from_cache):  # the second call finds what the cache kept of the first
                         t0 = time.perf_counter()
-                        fn(x, run)
+                        step()
                         best[kind] = min(best[kind], time.perf_counter() - t0)
-        finally:
-            cpu_kernels.set_prefetch_l2(prefetch_l2)
+    finally:
+        cpu_kernels.set_prefetch_l2(prefetch_l2)
+        for table, before in zip((model.ONE_TOKEN_LINEAR, model.FEW_ROW_LINEAR), kept):
+            table.clear()
+            table.update(before)
     return {kind: round((from_memory[kind] + from_cache[kind]) / 2 / nbytes * 1e12, 2) for kind in compiled}
 
 
@@ -179,8 +167,8 @@ def prefers_l2(times: dict) -> bool:
 
 def evicting_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
     """Bytes to read between two timed calls so that the probe's weights come from memory, as a model's do: twice
-    the largest cache sysfs reports (a Xeon here reports 480 MiB of L3, which would hold the probe's 64 MiB), at most
-    2 GiB; PROBE_BYTES where sysfs says nothing."""
+    the largest cache sysfs reports (a Xeon here reports 480 MiB of L3, which would hold the probe's 78 MB), at most
+    2 GiB; twice ASSUMED_CACHE_BYTES where sysfs says nothing."""
     sizes = []
     for index in caches.glob("index*"):
         try:
@@ -188,7 +176,7 @@ def evicting_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) ->
             sizes.append(int(text[:-1]) << {"K": 10, "M": 20, "G": 30}[text[-1]])
         except (OSError, ValueError, KeyError, IndexError):
             continue
-    return min(2 * max(sizes, default=PROBE_BYTES // 2), 2 << 30)
+    return min(2 * max(sizes, default=ASSUMED_CACHE_BYTES), 2 << 30)
 
 
 def probe(dtype: torch.dtype, mode=None) -> dict:
@@ -209,10 +197,10 @@ def probe(dtype: torch.dtype, mode=None) -> dict:
         return cpu_kernels.load()  # cached: the thread's answer
 
     kinds = ["gemv", "kernel"] if cpu_kernels.will_try() else ["gemv", "linear"]
-    us_per_mb = {"graph": time_kinds(kinds, dtype, False, mode, kernels_ready=kernels_ready)}
+    us_per_mb = {"graph": time_kinds(kinds, dtype, mode, kernels_ready=kernels_ready)}
     graph = branch = fastest(us_per_mb["graph"])
     if graph == "linear":
-        us_per_mb["branch"] = time_kinds(list(KINDS), dtype, True, mode, kernels_ready=kernels_ready)
+        us_per_mb["branch"] = time_kinds(list(KINDS), dtype, mode, graph=graph, kernels_ready=kernels_ready)
         branch = fastest(us_per_mb["branch"])
     return dict(graph=graph, branch=branch, prefetch_l2=prefers_l2(us_per_mb["graph"]), us_per_mb=us_per_mb)
 
@@ -222,15 +210,16 @@ def probe_rows(dtype: torch.dtype, mode=None) -> dict:
     F.linear where the kernels do not build."""
     if not cpu_kernels.load():
         return dict(rows="linear", us_per_mb={})
-    times = time_kinds(["linear", "kernel"], dtype, False, mode, rows=FEW_ROWS)
+    times = time_kinds(["linear", "kernel"], dtype, mode, rows=FEW_ROWS)
     return dict(rows=kind_of(min(times, key=times.get)), us_per_mb={"rows": times})
 
 
 def fastest(times) -> str:
     """The kind a context takes: the default, the kernel where it was timed (else the GEMV), unless another kind was
-    MARGIN faster. Ties go to the kernel because the probe's stack undersells it: on a Xeon with AMX the stack had
-    the two level (GEMV 52.0, kernel 53.3 us per MB) while the default model decoded 1.12x faster with the kernel
-    (12.9 against 14.5 ms a token), its lm head streaming 1.24x faster than the GEMV (a shape the stack lacks)."""
+    MARGIN faster. Ties go to the kernel because the probe's small model still leans a few percent towards the GEMV:
+    on a Xeon with AMX, fp32, it had the GEMV 2-5% faster where the default model decodes level (23.08 against 23.20
+    ms a token); bf16 it had the kernel 1.05-1.11x faster, the model 1.08x. (The stack of linears before it had bf16
+    level, GEMV 52.0 against kernel 53.3 us per MB, where the model decoded 1.12x faster with the kernel.)"""
     if not times:
         return "gemv"
     kernels = [times[timed] for timed in times if kind_of(timed) == "kernel"]

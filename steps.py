@@ -157,6 +157,14 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
     return call
 
 
+def compile_few_rows(step: Callable, frozen_args: dict, in_cpp_for: Callable) -> Callable:
+    """A CPU step of few rows (the verify, a short prefill): frozen where F.linear takes the rows (freezing prepacks
+    its weights); unfrozen as the one-token steps are, in the C++ wrapper, for the calls where in_cpp_for(model,
+    *args, **kwargs) says the CPU kernels take them (rows_in_cpp)."""
+    return compile_wrapped(step, torch.compile(step, **frozen_args), one_token_compile_args("kernel", frozen_args),
+                           in_cpp_for)
+
+
 def compile_wrapped(step: Callable, otherwise: Callable, unfrozen_args: dict, in_cpp_for: Callable) -> Callable:
     """step compiled unfrozen in inductor's C++ wrapper for the calls where in_cpp_for(model, *args, **kwargs) (the
     step's own arguments), and `otherwise` (a compiled step in the Python wrapper) for the others; each is compiled
@@ -246,7 +254,7 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         prefill_options = dict(fullgraph=True, dynamic=True)
         one_token = functools.partial(torch.compile, **options)
 
-        def compile_few_rows(step, in_cpp_for):
+        def few_row_step(step, in_cpp_for):
             return torch.compile(step, **options)
     else:
         # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead. For the multi-token steps (verify, prefill)
@@ -296,11 +304,8 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         kind = one_token_kind or model_code.ONE_TOKEN_LINEAR.get((str(precision), False), "gemv")
         one_token = functools.partial(compile_one_token, kind=kind, frozen_args=options, regional=regional)
 
-        def compile_few_rows(step, in_cpp_for):
-            # frozen where F.linear takes the rows (freezing prepacks its weights); where the CPU kernels take them,
-            # unfrozen as the one-token steps are, in the C++ wrapper (CPP_WRAPPER)
-            return compile_wrapped(step, torch.compile(step, **options), one_token_compile_args("kernel", options),
-                                   in_cpp_for)
+        def few_row_step(step, in_cpp_for):
+            return compile_few_rows(step, options, in_cpp_for)
     # dynamic=False above: the fixed-shape steps get one graph per early exit E and skip threshold, which stay
     # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
     torch._dynamo.config.cache_size_limit = 64
@@ -321,10 +326,10 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         else forward_last,
         decode=one_token(forward_last),
         draft=one_token(draft_step),
-        verify=before_first_call(few_rows, compile_few_rows(
+        verify=before_first_call(few_rows, few_row_step(
             verify_step, lambda model, last_draft, last_index, kept_hidden, input_pos, *_: rows_in_cpp(
                 model, input_pos.numel()))),
-        verify_full=before_first_call(few_rows, compile_few_rows(
+        verify_full=before_first_call(few_rows, few_row_step(
             verify_full, lambda model, tokens, *_: rows_in_cpp(model, tokens.shape[1]))),
         compiled=True,
         bounded=bounded and not device.startswith("cuda"),

@@ -372,19 +372,24 @@ def test_vector_isa_check_runs_once_per_machine(tmp_path, monkeypatch):
 
 
 def test_linear_probe_times_every_kind_while_the_kernels_build(monkeypatch):
-    """The real probe on a tiny stack: the GEMV and the kernel are compiled and timed (the kernel once its build,
-    started on a thread at the probe's start, has finished; F.linear instead where the kernels cannot build), in one
-    row (decode), and F.linear against the kernel in FEW_ROWS rows (the verify)."""
+    """The real probe on a tiny model: its decode step with the GEMV and with the kernel is compiled and timed (the
+    kernel once its build, started on a thread at the probe's start, has finished; F.linear instead where the
+    kernels cannot build), F.linear against the kernel in FEW_ROWS rows (the verify), and, where F.linear won the
+    graph, every kind inside FlexiDepth's branches; the linear tables and the prefetch level are left as found."""
     import math
     import cpu_kernels
     import cpu_linear
-    monkeypatch.setattr(cpu_linear, "PROBE_LAYER", (((64, 64), (32, 64)), ((64, 64),), ((96, 64), (96, 64), (64, 96))))
-    monkeypatch.setattr(cpu_linear, "PROBE_BYTES", 1)  # two layers
+    import model
+    monkeypatch.setattr(cpu_linear, "PROBE_ARGS", dict(vocab_size=128, dim=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                                                       intermediate_size=96, tie_embeddings=True))
+    monkeypatch.setattr(cpu_linear, "PROBE_LAYERS", 1)
     monkeypatch.setattr(cpu_linear, "PROBE_ROUNDS", 2)
     monkeypatch.setattr(cpu_linear, "MARGIN", math.inf)  # the default keeps the graph: no torch.cond branch probe
     prefetch_l2 = cpu_kernels.PREFETCH_L2
+    tables = dict(model.ONE_TOKEN_LINEAR), dict(model.FEW_ROW_LINEAR)
     try:
         entry, rows = cpu_linear.probe(torch.float32), cpu_linear.probe_rows(torch.float32)
+        branch = cpu_linear.time_kinds(["gemv"], torch.float32, graph="linear")
     finally:
         torch._dynamo.reset()
     built = cpu_kernels.load()
@@ -397,20 +402,13 @@ def test_linear_probe_times_every_kind_while_the_kernels_build(monkeypatch):
     graph = entry["us_per_mb"]["graph"]
     assert entry["prefetch_l2"] == (built and graph["kernel-l2"] < graph["kernel"])
     assert cpu_kernels.PREFETCH_L2 == prefetch_l2
+    assert (dict(model.ONE_TOKEN_LINEAR), dict(model.FEW_ROW_LINEAR)) == tables
     assert rows["rows"] in (("linear", "kernel") if built else ("linear",))
     assert (sorted(rows["us_per_mb"]["rows"]) == ["kernel", "kernel-l2", "linear"]) if built \
         else rows["us_per_mb"] == {}
+    assert list(branch) == ["gemv"]
     times = [t for probed in (entry, rows) for context in probed["us_per_mb"].values() for t in context.values()]
-    assert all(0 < t < math.inf for t in times), entry
-    # every kind computes the same layer (the MLP group as the model's SwiGLU), and a skipped branch its width
-    groups = [[torch.randn(shape) for shape in group] for group in cpu_linear.PROBE_LAYER]
-    x = torch.randn(1, 1, 96)
-    kinds = ["gemv", "linear"] + ["kernel"] * built
-    outs = [cpu_linear.LinearStack(groups, cpu_linear.PROBE_NORMED, kind, False)(x, None) for kind in kinds]
-    for out in outs[1:]:
-        torch.testing.assert_close(out, outs[0], atol=1e-4, rtol=1e-4)
-    skipped = cpu_linear.LinearStack(groups, cpu_linear.PROBE_NORMED, "gemv", True)(x, torch.tensor(False))
-    assert skipped.shape == outs[0].shape == (1, 1, 64 + 32 + 64 + 64)
+    assert all(0 < t < math.inf for t in times + list(branch.values())), entry
 
 
 def test_linear_probe_times_branches_only_where_f_linear_wins_the_graph(monkeypatch):
@@ -427,7 +425,8 @@ def test_linear_probe_times_branches_only_where_f_linear_wins_the_graph(monkeypa
             (False, {"gemv": 50.0, "linear": 30.0}, {"gemv": 50.0, "linear": 90.0}, ("linear", "gemv"))):
         timed = []
 
-        def fake_time_kinds(kinds, dtype, in_branch, mode=None, **_):
+        def fake_time_kinds(kinds, dtype, mode=None, graph=None, **_):
+            in_branch = graph is not None
             timed.append((in_branch, kinds))
             return dict(branch_times if in_branch else graph_times)
         monkeypatch.setattr(cpu_linear, "time_kinds", fake_time_kinds)
@@ -444,7 +443,7 @@ def test_linear_probe_times_branches_only_where_f_linear_wins_the_graph(monkeypa
 
 def test_linear_probe_reads_past_the_largest_cache(tmp_path):
     """Between timed calls the probe reads twice the largest cache sysfs reports, so that its weights come from
-    memory as a model's do (a Xeon here reports 480 MiB of L3, which held the whole 64 MiB probe)."""
+    memory as a model's do (a Xeon here reports 480 MiB of L3, which would hold the whole 78 MB probe)."""
     import cpu_linear
     for index, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "491520K")):
         (tmp_path / index).mkdir()
@@ -452,7 +451,7 @@ def test_linear_probe_reads_past_the_largest_cache(tmp_path):
     assert cpu_linear.evicting_bytes(tmp_path) == 2 * 480 << 20
     (tmp_path / "index3" / "size").write_text("2G\n")
     assert cpu_linear.evicting_bytes(tmp_path) == 2 << 30  # at most 2 GiB
-    assert cpu_linear.evicting_bytes(tmp_path / "absent") == cpu_linear.PROBE_BYTES
+    assert cpu_linear.evicting_bytes(tmp_path / "absent") == 2 * cpu_linear.ASSUMED_CACHE_BYTES
 
 
 @pytest.mark.parametrize("T", [1, 3, 8])
