@@ -217,7 +217,7 @@ def probe_rows(dtype: torch.dtype, mode=None) -> dict:
 def fastest(times) -> str:
     """The kind a context takes: the default, the kernel where it was timed (else the GEMV), unless another kind was
     MARGIN faster. Ties go to the kernel because the probe's small model still leans a few percent towards the GEMV:
-    on a Xeon with AMX, fp32, it had the GEMV 2-5% faster where the default model decodes level (23.08 against 23.20
+    on a Xeon with AMX, fp32, it had the GEMV 2-6% faster where the default model decodes level (23.08 against 23.20
     ms a token); bf16 it had the kernel 1.05-1.11x faster, the model 1.08x. (The stack of linears before it had bf16
     level, GEMV 52.0 against kernel 53.3 us per MB, where the model decoded 1.12x faster with the kernel.)"""
     if not times:
