@@ -120,8 +120,8 @@ def time_kinds(kinds: list, dtype: torch.dtype, mode=None, rows: int = 1, graph:
             cpu_kernels.set_prefetch_l2(timed == "kernel-l2")
     compiled = {}
     prefetch_l2 = cpu_kernels.PREFETCH_L2
-    # as compile_steps sets them process-wide, for a caller that has not
     try:
+        # the two settings compile_steps makes process-wide, for a caller that has not
         with inductor_config.patch({"freezing": True, "cpp.enable_concat_linear": True}), torch.no_grad():
             for kind in kinds:
                 if kind == "kernel" and not kernels_ready():
