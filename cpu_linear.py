@@ -75,9 +75,8 @@ def probe_model(dtype: torch.dtype, routed: bool) -> model.Transformer:
     """A model of PROBE_ARGS' shape with PROBE_LAYERS layers of random weights (the global RNG left as it was),
     in huge pages as load_model places a model's, its cache set up; routed: every layer a FlexiDepth layer."""
     args = model.ModelArgs(n_layers=PROBE_LAYERS, **PROBE_ARGS)
-    if routed:  # as ModelArgs.from_folder sizes a FlexiDepth checkpoint's routers and adapters
-        args.routing_layers = list(range(PROBE_LAYERS))
-        args.router_dim, args.adapter_dim = args.dim // 16, args.intermediate_size // 16
+    if routed:
+        args.route(range(PROBE_LAYERS))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         probed = model.Transformer(args).eval().requires_grad_(False)

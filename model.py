@@ -49,6 +49,12 @@ class ModelArgs:
     # which generate.py --self_speculative uses for the flags not given; either key may be absent.
     self_speculative: dict = field(default_factory=dict)
 
+    def route(self, layers: list):
+        """Makes `layers` FlexiDepth layers, their routers and adapters sized as FlexiDepth's checkpoints have them."""
+        self.routing_layers = list(layers)
+        self.router_dim = self.dim // 16
+        self.adapter_dim = self.intermediate_size // 16
+
     @classmethod
     def from_folder(cls, folder) -> "ModelArgs":
         """The architecture in a checkpoint folder's config.json; any defect in it is one error naming the file."""
@@ -114,12 +120,11 @@ class ModelArgs:
             max_position_embeddings=config.get("max_position_embeddings", 4096),
         )
         if "routing_layers" in config:
-            args.routing_layers = sorted(int(i) for i in config["routing_layers"])
-            bad = [i for i in args.routing_layers if not 0 <= i < args.n_layers]
+            layers = sorted(int(i) for i in config["routing_layers"])
+            bad = [i for i in layers if not 0 <= i < args.n_layers]
             if bad:
                 raise ValueError(f"routing_layers {bad} are outside the model's {args.n_layers} layers")
-            args.router_dim = dim // 16
-            args.adapter_dim = args.intermediate_size // 16
+            args.route(layers)
         sizes = dict(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.intermediate_size,
                      num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
                      num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
