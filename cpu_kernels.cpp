@@ -954,6 +954,206 @@ at::Tensor swiglu_int4(const at::Tensor& x_any, const at::Tensor& w1, const at::
   return y;
 }
 
+namespace {
+
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {  // v rounded to bf16 already (as<at::BFloat16>)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+
+// x [M, D] normed as model.RMSNorm: in fp32, rounded to Y, times the weight, rounded to Y; and as fp32 (what the
+// dense kernels read) in xf. D = 16 n.
+template <typename Y>
+void rms_norm_rows(const Y* x, const Y* w, int64_t M, int64_t D, float eps, float* xf) {
+  for (int64_t m = 0; m < M; ++m) {
+    const Y* row = x + m * D;
+    __m512 squares = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) squares = _mm512_fmadd_ps(load16(row + d), load16(row + d), squares);
+    const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(squares) / static_cast<float>(D) + eps));
+    for (int64_t d = 0; d < D; d += 16)
+      _mm512_storeu_ps(xf + m * D + d,
+                       as<Y>(_mm512_mul_ps(load16(w + d), as<Y>(_mm512_mul_ps(load16(row + d), inv)))));
+  }
+}
+
+// y = x + y for n values of Y, rounded as Y holds it. n = 16 k.
+template <typename Y>
+void add_into(const Y* x, Y* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) store16(y + i, as<Y>(_mm512_add_ps(load16(x + i), load16(y + i))));
+}
+
+// One head's row x [D] roped as model.apply_rope with its position's cos and sin [D] (the rope cache's sin carries
+// the minus of the first half) into to [D]. D = 32 n.
+template <typename Y>
+void rope_one(const Y* x, const float* cos, const float* sin, int64_t D, Y* to) {
+  const int64_t half = D / 2;
+  for (int64_t d = 0; d < half; d += 16) {
+    const __m512 first = load16(x + d), second = load16(x + half + d);
+    store16(to + d, as<Y>(_mm512_add_ps(_mm512_mul_ps(first, _mm512_loadu_ps(cos + d)),
+                                         _mm512_mul_ps(second, _mm512_loadu_ps(sin + d)))));
+    store16(to + half + d, as<Y>(_mm512_add_ps(_mm512_mul_ps(second, _mm512_loadu_ps(cos + half + d)),
+                                               _mm512_mul_ps(first, _mm512_loadu_ps(sin + half + d)))));
+  }
+}
+
+// The pointers and sizes of one plain layer (layer): activations Y, dense weights W [rows, columns], the caches
+// [B, KV, slots, D] of Y (batch 0 written and read, head_stride and slot_stride apart), the mask [T, S]
+template <typename W, typename Y>
+struct Layer {
+  const Y *x, *attn_norm, *ffn_norm;
+  const float *cos, *sin;  // [T, D]
+  const int64_t* pos;      // [T]
+  Y *k_cache, *v_cache;
+  int64_t head_stride, slot_stride;
+  const bool* mask;
+  int64_t S;
+  const W *wq, *wk, *wv, *wo, *w1, *w3, *w2;
+  int64_t T, dim, H, KV, D, F;
+  float eps;
+};
+
+// out [T, dim] = h + w2(silu(w1(ffn_norm(h))) * w3(ffn_norm(h))), h = x + wo(attention(rope(wq a), the cache with
+// this step's rope(wk a) and wv a written at pos)), a = attention_norm(x): model.TransformerBlock.block, each
+// intermediate rounded to Y where the model's ops round it, in one parallel region: each thread norms x itself and
+// takes its share of wq/wk/wv's rows; after a barrier it ropes the query rows of its attention units (attend_units'
+// share) and writes its share of the KV heads into the caches; after another, its attention units; then its share of
+// wo's rows and their residual, the ffn norm of h (again its own), its share of w1/w3's rows and the activation, and
+// its share of w2's rows and their residual: five barriers, where as three ops a layer forked and joined the
+// threads three times with inductor's kernels between them on one thread (BENCHMARKS.md).
+template <typename W, typename Y>
+void run_layer(const Layer<W, Y>& l, Y* out) {
+  const int64_t T = l.T, dim = l.dim, D = l.D, F = l.F, NQ = l.H * D, NK = l.KV * D, N = NQ + 2 * NK;
+  static thread_local std::vector<Y> projected_buffer, q_buffer, h_buffer;
+  static thread_local std::vector<float> attended_buffer, hidden_buffer;
+  Y* projected = aligned(projected_buffer, T * N);
+  Y* q = aligned(q_buffer, NQ * T);
+  Y* h = aligned(h_buffer, T * dim);
+  float* attended = aligned(attended_buffer, T * NQ);
+  float* hidden = aligned(hidden_buffer, T * F);
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const int t = omp_get_thread_num(), threads = omp_get_num_threads();
+    static thread_local std::vector<float> normed_buffer;
+    float* normed = aligned(normed_buffer, T * dim);
+    rms_norm_rows(l.x, l.attn_norm, T, dim, l.eps, normed);
+    const auto [b0, b1] = share(N / R, t, threads);
+    blocks_into<R>(b0, b1, T, N, projected, [&](int64_t b, int64_t m0, int mc, float* o) {
+      const int64_t row = b * R;  // N_q and N_k are multiples of R: a block lies in one weight
+      const W* w = row < NQ ? l.wq + row * dim : row < NQ + NK ? l.wk + (row - NQ) * dim : l.wv + (row - NQ - NK) * dim;
+      dispatch_dot(mc, w, dim, normed + m0 * dim, o);
+      return row;
+    });
+#pragma omp barrier
+    const auto [u0, u1] = share(l.H * T, t, threads);
+    for (int64_t unit = u0; unit < u1; ++unit) {
+      const int64_t head = unit / T, row = unit % T;
+      rope_one(projected + row * N + head * D, l.cos + row * D, l.sin + row * D, D, q + (head * T + row) * D);
+    }
+    const auto [k0, k1] = share(l.KV, t, threads);
+    for (int64_t head = k0; head < k1; ++head)
+      for (int64_t row = 0; row < T; ++row) {
+        const int64_t slot = head * l.head_stride + l.pos[row] * l.slot_stride;
+        rope_one(projected + row * N + NQ + head * D, l.cos + row * D, l.sin + row * D, D, l.k_cache + slot);
+        std::copy_n(projected + row * N + NQ + NK + head * D, D, l.v_cache + slot);
+      }
+#pragma omp barrier
+    if (D == 64) attend_units<4>(q, l.k_cache, l.v_cache, l.head_stride, l.mask, l.H, l.KV, T, l.S, t, threads, attended);
+    else attend_units<8>(q, l.k_cache, l.v_cache, l.head_stride, l.mask, l.H, l.KV, T, l.S, t, threads, attended);
+#pragma omp barrier
+    const auto [o0, o1] = share(dim / R, t, threads);  // this thread's columns of h and of out
+    blocks_into<R>(o0, o1, T, dim, h, [&](int64_t b, int64_t m0, int mc, float* o) {
+      dispatch_dot(mc, l.wo + b * R * NQ, NQ, attended + m0 * NQ, o);
+      return b * R;
+    });
+    for (int64_t m = 0; m < T; ++m) add_into(l.x + m * dim + o0 * R, h + m * dim + o0 * R, (o1 - o0) * R);
+#pragma omp barrier
+    rms_norm_rows(h, l.ffn_norm, T, dim, l.eps, normed);
+    alignas(64) float gate[R * 4], up[R * 4];
+    const auto [g0, g1] = share(F / R, t, threads);
+    for (int64_t b = g0; b < g1; ++b)
+      for (int64_t m0 = 0; m0 < T; m0 += 4) {
+        const int mc = static_cast<int>(std::min<int64_t>(4, T - m0));
+        dispatch_dot(mc, l.w1 + b * R * dim, dim, normed + m0 * dim, gate);
+        dispatch_dot(mc, l.w3 + b * R * dim, dim, normed + m0 * dim, up);
+        silu_times<Y>(gate, up, R * mc);
+        for (int r = 0; r < R; ++r)
+          for (int m = 0; m < mc; ++m) hidden[(m0 + m) * F + b * R + r] = gate[r * mc + m];
+      }
+#pragma omp barrier
+    blocks_into<R>(o0, o1, T, dim, out, [&](int64_t b, int64_t m0, int mc, float* o) {
+      dispatch_dot(mc, l.w2 + b * R * F, F, hidden + m0 * F, o);
+      return b * R;
+    });
+    for (int64_t m = 0; m < T; ++m) add_into(h + m * dim + o0 * R, out + m * dim + o0 * R, (o1 - o0) * R);
+  }
+}
+
+}  // namespace
+
+// A plain layer of dense weights for x [1, T <= MAX_M, dim] in one call (run_layer), writing this step's keys and
+// values into k_cache and v_cache [B, KV, slots, D] (batch 0) at input_pos; attention reads the mask's S slots.
+// cos and sin: the rope's rows [T, D] at input_pos (model.rope_rows). Checks what the linear, attention and swiglu
+// ops check, on tensors of the shapes they would be given.
+at::Tensor layer(const at::Tensor& x_any, const at::Tensor& attn_norm, const at::Tensor& ffn_norm,
+                 const at::Tensor& cos_any, const at::Tensor& sin_any, const at::Tensor& input_pos,
+                 at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& mask, double eps, const at::Tensor& wq,
+                 const at::Tensor& wk, const at::Tensor& wv, const at::Tensor& wo, const at::Tensor& w1,
+                 const at::Tensor& w3, const at::Tensor& w2) {
+  const char* what = "flexfast::layer";
+  const at::Tensor x = x_any.contiguous();
+  const auto dtype = x.scalar_type(), w_dtype = wq.scalar_type();
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1, what, ": x must be [1, T, dim]");
+  checked_rows(x, {wq, wk, wv}, what);  // x fp32 or bf16 of at most MAX_M rows, the weights' K
+  TORCH_CHECK(w_dtype == at::kFloat || w_dtype == at::kBFloat16, what, ": weights must be fp32 or bf16");
+  for (const at::Tensor* n : {&attn_norm, &ffn_norm})
+    TORCH_CHECK(n->is_contiguous() && n->numel() == x.size(2) && n->scalar_type() == dtype, what,
+                ": norm weights must be [dim] of x's dtype");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && v_cache.strides() == k_cache.strides() &&
+                  k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
+                  k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
+              what, ": caches must be [B, KV, slots, D] of x's dtype, each head's slots contiguous, one layout");
+  const int64_t T = x.size(1), dim = x.size(2), KV = k_cache.size(1), D = k_cache.size(3), F = w1.size(0);
+  TORCH_CHECK((D == 64 || D == 128) && wq.size(0) % D == 0 && (wq.size(0) / D) % KV == 0 &&
+                  wk.size(0) == KV * D && wv.size(0) == KV * D,
+              what, ": wq [H D, dim], wk and wv [KV D, dim] for the cache's KV heads, D 64 or 128");
+  const int64_t H = wq.size(0) / D;
+  checked_rows(at::empty({T, H * D}, x.options()), {wo}, what);
+  checked_rows(x, {w1, w3}, what);
+  check_swiglu_shapes(x, w1, w3, w2, F, what);
+  checked_rows(at::empty({T, F}, x.options()), {w2}, what);
+  TORCH_CHECK(wo.scalar_type() == w_dtype && w1.scalar_type() == w_dtype, what, ": weights of one dtype");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.numel() == T * mask.size(-1) &&
+                  mask.size(-1) <= k_cache.size(2),
+              what, ": mask must be bool [..., T, S], S at most the cache's slots");
+  const at::Tensor cos = cos_any.contiguous(), sin = sin_any.contiguous(), pos = input_pos.contiguous();
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.numel() == T * D &&
+                  sin.numel() == T * D,
+              what, ": cos and sin must be fp32 [T, D]");
+  TORCH_CHECK(pos.scalar_type() == at::kLong && pos.numel() == T, what, ": input_pos must be T int64 positions");
+  for (int64_t m = 0; m < T; ++m)
+    TORCH_CHECK(pos.data_ptr<int64_t>()[m] >= 0 && pos.data_ptr<int64_t>()[m] < k_cache.size(2), what,
+                ": position ", pos.data_ptr<int64_t>()[m], " is outside the cache's ", k_cache.size(2), " slots");
+  const at::Tensor mask_rows = mask.reshape({T, mask.size(-1)}).contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  with_type(w_dtype, [&](auto w) {
+    with_type(dtype, [&](auto y) {
+      using W = decltype(w);
+      using Y = decltype(y);
+      const Layer<W, Y> l{x.data_ptr<Y>(), attn_norm.data_ptr<Y>(), ffn_norm.data_ptr<Y>(), cos.data_ptr<float>(),
+                          sin.data_ptr<float>(), pos.data_ptr<int64_t>(), k_cache.data_ptr<Y>(),
+                          v_cache.data_ptr<Y>(), k_cache.stride(1), k_cache.stride(2), mask_rows.data_ptr<bool>(),
+                          mask.size(-1), wq.data_ptr<W>(), wk.data_ptr<W>(), wv.data_ptr<W>(), wo.data_ptr<W>(),
+                          w1.data_ptr<W>(), w3.data_ptr<W>(), w2.data_ptr<W>(), T, dim, H, KV, D, F,
+                          static_cast<float>(eps)};
+      run_layer(l, out.data_ptr<Y>());
+      return 0;
+    });
+    return 0;
+  });
+  return out;
+}
+
 void set_prefetch_l2(bool l2) { prefetch_l2 = l2; }
 
 // The linear ops' entries take up to three weights of one K (wq/wk/wv) as arguments of their own, not a Tensor[]:
@@ -998,6 +1198,9 @@ TORCH_LIBRARY(flexfast, m) {
   m.def("attention_int4(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor wo, Tensor sz) -> Tensor");
   m.def("swiglu_int8(Tensor x, Tensor w1, Tensor s1, Tensor w3, Tensor s3, Tensor w2, Tensor s2) -> Tensor");
   m.def("swiglu_int4(Tensor x, Tensor w1, Tensor sz1, Tensor w3, Tensor sz3, Tensor w2, Tensor sz2) -> Tensor");
+  m.def("layer(Tensor x, Tensor attn_norm, Tensor ffn_norm, Tensor cos, Tensor sin, Tensor input_pos, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor mask, float eps, Tensor wq, Tensor wk, Tensor wv, Tensor wo, "
+        "Tensor w1, Tensor w3, Tensor w2) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flexfast, CPU, m) {
@@ -1010,4 +1213,5 @@ TORCH_LIBRARY_IMPL(flexfast, CPU, m) {
   m.impl("attention_int4", &attention_int4);
   m.impl("swiglu_int8", &swiglu_int8);
   m.impl("swiglu_int4", &swiglu_int4);
+  m.impl("layer", &layer);
 }

@@ -243,6 +243,18 @@ class Linear(nn.Linear):
         return torch.ops.flexfast.attention(q, k, v, mask, wo.weight)
 
     @staticmethod
+    def layer(block: "TransformerBlock", x: Tensor, rope: tuple, mask: Tensor, input_pos: Tensor) -> Optional[Tensor]:
+        """block.block(x, rope, mask, input_pos) from one kernel call (see whole_layer), or None where the linears
+        are not the kernel or it does not take the layer (cpu_kernels.takes_layer)."""
+        attention, mlp, cache = block.attention, block.feed_forward, block.attention.kv_cache
+        if few_row_kind(x, attention.wq.in_branch) != "kernel" or not cpu_kernels.takes_layer(x, block):
+            return None
+        return torch.ops.flexfast.layer(x, block.attention_norm.weight, block.ffn_norm.weight, rope[0], rope[1],
+                                        input_pos, cache.k_cache, cache.v_cache, mask, block.attention_norm.eps,
+                                        attention.wq.weight, attention.wk.weight, attention.wv.weight,
+                                        attention.wo.weight, mlp.w1.weight, mlp.w3.weight, mlp.w2.weight)
+
+    @staticmethod
     def swiglu(x: Tensor, gate: "Linear", up: "Linear", down: "Linear") -> Optional[Tensor]:
         """down(silu(gate(x)) * up(x)) from one kernel call (see swiglu), or None where the linears are not the
         kernel or it does not take them."""
@@ -448,6 +460,29 @@ class FeedForward(nn.Module):
         return swiglu(x, self.w1, self.w3, self.w2)
 
 
+# False: a plain layer runs as its ops (scripts/bench_decode_ab.py -layer3)
+LAYER_IN_ONE_CALL = True
+
+
+def whole_layer(block: "TransformerBlock", x: Tensor, rope: tuple, mask: Tensor, input_pos: Tensor) -> Optional[Tensor]:
+    """block.block(x, rope, mask, input_pos) from one call where the layer's linears' class has a kernel for the
+    whole layer (its layer(): dense weights, few rows on CPU; the norms, the projections, the rope and the cache
+    write, attention with wo, the MLP and both residual adds in one parallel region, cpu_kernels.cpp), else None;
+    None also where a hook must see a linear's output (tp.py's all-reduce). As three ops (the projections,
+    attention with wo, the MLP) with inductor's kernels between them, a bf16 decode step was 2% slower
+    (BENCHMARKS.md)."""
+    attention, mlp = block.attention, block.feed_forward
+    modules = (attention.wq, attention.wk, attention.wv, attention.wo, mlp.w1, mlp.w3, mlp.w2)
+    whole = getattr(modules[0], "layer", None)
+    if not (LAYER_IN_ONE_CALL and FEW_TOKEN_ATTENTION and ATTENTION_WITH_WO and SWIGLU_IN_ONE_CALL
+            and whole is not None):
+        return None
+    for m in modules:
+        if getattr(m, "layer", None) is not whole or m._forward_hooks:
+            return None
+    return whole(block, x, rope, mask, input_pos)
+
+
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -461,6 +496,9 @@ class TransformerBlock(nn.Module):
         return repeated_block(self, x, rope, mask, input_pos) if regional else self.block(x, rope, mask, input_pos)
 
     def block(self, x: Tensor, rope: tuple, mask: Tensor, input_pos: Tensor) -> Tensor:
+        y = whole_layer(self, x, rope, mask, input_pos)
+        if y is not None:
+            return y
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 

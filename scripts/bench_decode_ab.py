@@ -28,6 +28,9 @@ compared; timed round by round in one process they can. A variant is a one-token
                                int8 and int4 take one kernel call for both)
     ...-mlp3                   the MLP as three calls, gate and up, the activation, down (model.SWIGLU_IN_ONE_CALL
                                off; on, the kernel kind, int8 and int4 take one kernel call for it)
+    ...-layer3                 a plain layer as its ops, the projections, attention with wo and the MLP, with
+                               inductor's kernels between (model.LAYER_IN_ONE_CALL off; on, the kernel kind, int8
+                               and int4 take one kernel call for the whole layer)
 Each variant compiles its own copy of the decode step (dynamo keeps compiled graphs per code object, so one shared
 function would hold one variant at a time). Then every round decodes the same prompt once per variant and reads
 the weights' bytes once with a torch sum (the limit); the best round of each counts.
@@ -61,7 +64,7 @@ from steps import (Steps, compile_one_token, compile_steps, forward_last,  # noq
 
 KINDS = ("gemv", "linear", "kernel")
 OPTIONS = ("separate", "frozen", "regional", "wide", "bounded", "smallpages", "recompute", "pywrapper", "mlp3", "l1",
-           "l2", "attn2")
+           "l2", "attn2", "layer3")
 
 
 def parse_variant(text: str) -> tuple:
@@ -86,6 +89,7 @@ def set_variant(text: str, dtype: torch.dtype, grouped, machine_prefetch_l2: boo
     model_code.linears = one_call_per_weight if "separate" in options else grouped
     model_code.SWIGLU_IN_ONE_CALL = "mlp3" not in options
     model_code.ATTENTION_WITH_WO = "attn2" not in options
+    model_code.LAYER_IN_ONE_CALL = "layer3" not in options
     if cpu_kernels.LOADED:
         cpu_kernels.set_prefetch_l2("l2" in options if {"l1", "l2"} & options else machine_prefetch_l2)
 
@@ -167,6 +171,7 @@ def run(args):
         model_code.linears = grouped
         model_code.SWIGLU_IN_ONE_CALL = True
         model_code.ATTENTION_WITH_WO = True
+        model_code.LAYER_IN_ONE_CALL = True
         if cpu_kernels.LOADED:
             cpu_kernels.set_prefetch_l2(machine_prefetch_l2)
     bandwidth = nbytes / min(read_seconds)

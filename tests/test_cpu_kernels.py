@@ -330,6 +330,127 @@ def test_every_op_takes_only_what_the_cpp_wrappers_light_call_takes():
         for name in (kind, f"{kind}_int8", f"{kind}_int4"):
             op = getattr(torch.ops.flexfast, name).default
             assert CppWrapperCpu._compatible_with_stableivalue(op), name
+    assert CppWrapperCpu._compatible_with_stableivalue(torch.ops.flexfast.layer.default)
+
+
+def layer_block(dtype, D, gen):
+    """A plain layer of 4 query heads of D and 2 KV heads (dim 128, MLP 192), random weights, a cache of batch 2
+    and 40 slots filled with random history."""
+    import model
+    args = model.ModelArgs(vocab_size=64, dim=128, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=D,
+                           intermediate_size=192)
+    block = model.TransformerBlock(args).eval().requires_grad_(False)
+    for p in block.parameters():
+        p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if p.dim() > 1 else 1.0) + (p.dim() == 1))
+    block = block.to(dtype)
+    block.attention.kv_cache = model.KVCache(2, 39, 2, D, dtype)
+    for cache in (block.attention.kv_cache.k_cache, block.attention.kv_cache.v_cache):
+        cache.copy_(torch.randn(cache.shape, generator=gen))
+    return args, block
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", (1, 3, 8))
+@pytest.mark.parametrize("D", [64, 128])
+def test_layer_in_one_call_matches_the_layers_ops(monkeypatch, dtype, rows, D):
+    """TransformerBlock.block where its linears are the kernel (one call, the layer op) against the same block as
+    torch's ops (eager): the output, and the cache, where only batch 0's slots at the step's positions change; the
+    mask covers 33 slots of 40, the step's rows at 30 - rows to 29 (each row sees the earlier ones, not the later)."""
+    import model
+    gen = torch.Generator().manual_seed(rows * D)
+    args, block = layer_block(dtype, D, gen)
+    x = torch.randn(1, rows, 128, generator=gen).to(dtype)
+    positions = torch.arange(30 - rows, 30)
+    rope = model.rope_rows(model.rope_cache(args, 40), positions)
+    mask = model.causal_mask(positions, torch.arange(33))
+    cache = block.attention.kv_cache
+    before = cache.k_cache.clone(), cache.v_cache.clone()
+    want = block.block(x, rope, mask, positions)
+    want_cache = cache.k_cache.clone(), cache.v_cache.clone()
+    cache.k_cache.copy_(before[0])
+    cache.v_cache.copy_(before[1])
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {(str(dtype), False): "kernel"})
+    monkeypatch.setattr(model, "FEW_ROW_LINEAR", {str(dtype): "kernel"})
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # few_row_kind: the compiled steps' kinds
+    got, used = ran_kernel(lambda: block.block(x, rope, mask, positions), "layer")
+    assert used and got.shape == want.shape and got.dtype == dtype
+
+    def close(got, want):  # bf16: the two round the intermediates apart, a few ulps of the largest value
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, want, **tolerance(dtype))
+        else:
+            assert (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
+    close(got, want)
+    for got_cache, want_cache_, old in zip((cache.k_cache, cache.v_cache), want_cache, before):
+        close(got_cache, want_cache_)
+        changed = (got_cache != old).any(-1)  # [B, KV, slots]
+        assert changed[0][:, positions].all() and changed.sum() == 2 * rows
+
+
+def test_layer_keeps_its_ops_where_the_kernel_cannot_or_a_hook_must_see_an_output(monkeypatch):
+    import model
+    gen = torch.Generator().manual_seed(0)
+    args, block = layer_block(torch.float32, 64, gen)
+    x = torch.randn(1, 1, 128, generator=gen)
+    positions = torch.tensor([20])
+    rope = model.rope_rows(model.rope_cache(args, 40), positions)
+    mask = model.causal_mask(positions, torch.arange(21))
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {("torch.float32", False): "kernel"})
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ran_kernel(lambda: block.block(x, rope, mask, positions), "layer")[1]
+    seen = []
+    handle = block.feed_forward.w2.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    try:
+        _, used = ran_kernel(lambda: block.block(x, rope, mask, positions), "layer")
+    finally:
+        handle.remove()
+    assert not used and len(seen) == 1  # tp.py's all-reduce is such a hook
+    monkeypatch.setattr(model, "LAYER_IN_ONE_CALL", False)
+    assert not ran_kernel(lambda: block.block(x, rope, mask, positions), "layer")[1]
+    monkeypatch.setattr(model, "LAYER_IN_ONE_CALL", True)
+    block.feed_forward.w1, _ = int8_module(192, 128, gen, torch.float32)  # a quantized linear: its class's ops
+    assert not ran_kernel(lambda: block.block(x, rope, mask, positions), "layer")[1]
+    a, cache = block.attention, block.attention.kv_cache
+    call = dict(x=x, attn_norm=block.attention_norm.weight, ffn_norm=block.ffn_norm.weight, cos=rope[0], sin=rope[1],
+                input_pos=positions, k_cache=cache.k_cache, v_cache=cache.v_cache, mask=mask, eps=1e-5,
+                wq=a.wq.weight, wk=a.wk.weight, wv=a.wv.weight, wo=a.wo.weight, w1=a.wq.weight[:192],
+                w3=a.wq.weight[:192], w2=torch.randn(128, 192))
+    torch.ops.flexfast.layer(**call)
+    with pytest.raises(RuntimeError, match="position 40 is outside the cache's 40 slots"):
+        torch.ops.flexfast.layer(**dict(call, input_pos=torch.tensor([40])))
+    with pytest.raises(RuntimeError, match="weights must be fp32 or bf16"):
+        torch.ops.flexfast.layer(**dict(call, wq=a.wq.weight.to(torch.int8), wk=a.wk.weight.to(torch.int8),
+                                        wv=a.wv.weight.to(torch.int8)))
+
+
+def test_compiled_decode_with_the_layer_op_matches_eager_and_self_speculation_is_plain_greedy(monkeypatch):
+    """A model of head_dim 64 (the layer op's), fp32, its linears the kernel: compiled decode gives eager's logits
+    through one layer op per layer, and self-speculation (the verify's 4 rows through it too) gives plain greedy."""
+    import model
+    from steps import compile_steps, forward_last
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {("torch.float32", False): "kernel"})
+    monkeypatch.setattr(model, "FEW_ROW_LINEAR", {"torch.float32": "kernel"})
+    torch.manual_seed(0)
+    args = model.ModelArgs(vocab_size=128, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=64,
+                           intermediate_size=192)
+    net = model.Transformer(args).eval().requires_grad_(False)
+    prompt = torch.tensor([1, 7, 42, 9])
+    plain, _ = greedy(net, prompt, 10)
+    try:
+        steps = compile_steps("cpu", False, one_token_kind="kernel")
+        net.setup_caches(1, 16)
+        for pos, token in enumerate([5, 17, 99, 3]):
+            x, input_pos = torch.tensor([[token]]), torch.tensor([pos])
+            want = forward_last(net, x, input_pos)
+            steps.decode(net, x, input_pos)  # compiles at the first
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                got = steps.decode(net, x, input_pos)
+            assert [e.name for e in prof.events()].count("flexfast::layer") == 3
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        spec, used = ran_kernel(lambda: greedy(net, prompt, 10, steps, early_exit=1, speculate_k=3), "layer")
+        assert used and spec[0] == plain
+    finally:
+        torch._dynamo.reset()
 
 
 def test_compiled_flexidepth_with_kernel_matches_eager(monkeypatch):
