@@ -997,10 +997,67 @@ void rope_one(const Y* x, const float* cos, const float* sin, int64_t D, Y* to) 
   }
 }
 
-// The pointers and sizes of one plain layer (layer): activations Y, dense weights W [rows, columns], the caches
-// [B, KV, slots, D] of Y (batch 0 written and read, head_stride and slot_stride apart), the mask [T, S]
-template <typename W, typename Y>
+// How run_layer reads a weight format, per thread: prepare(rows, M, K) makes fp32 rows [M, K] what the format's
+// kernel reads (in this thread's buffers), block(w, local, m0, mc, out) leaves RB rows of w from row local against
+// the prepared rows m0 to m0 + mc - 1 in out[r * mc + m]. Dense: W fp32 or bf16, the rows as they are.
+template <typename W>
+struct DenseFormat {
+  static constexpr int RB = R;
+  struct Weight {
+    const W* w;
+  };
+  const float* x = nullptr;
+  int64_t K = 0;
+  void prepare(const float* rows, int64_t, int64_t columns) { x = rows, K = columns; }
+  void block(const Weight& w, int64_t local, int64_t m0, int mc, float* out) const {
+    dispatch_dot(mc, w.w + local * K, K, x + m0 * K, out);
+  }
+};
+
+// int8 with a scale per row (of S): the rows rounded to int16
+template <typename S>
+struct Int8Format {
+  static constexpr int RB = R;
+  struct Weight {
+    const int8_t* w;
+    const S* scales;
+  };
+  Int16Buffers buffers;
+  Int16Rows xr{};
+  int64_t K = 0;
+  void prepare(const float* rows, int64_t M, int64_t columns) { K = columns, xr = int16_rows(rows, M, K, buffers); }
+  void block(const Weight& w, int64_t local, int64_t m0, int mc, float* out) const {
+    int8_block(w.w, w.scales, K, local, xr, m0, mc, out);
+  }
+};
+
+// int4 nibbles as interleave_int4 lays them out, with their scales_zeros (of S) in `groups` groups a row: the rows
+// rounded to int8 per 32 columns
+template <typename S>
+struct Int4Format {
+  static constexpr int RB = INT4_ROWS;
+  struct Weight {
+    const uint8_t* w;
+    const S* sz;
+    int64_t groups;
+  };
+  Int8Buffers buffers;
+  Int8Rows xr{};
+  int64_t K = 0;
+  void prepare(const float* rows, int64_t M, int64_t columns) {
+    K = columns, xr = buffers.rows(M, K);
+    for (int64_t m = 0; m < M; ++m) quantize_blocks(rows, K, m, 0, xr.blocks, xr);
+  }
+  void block(const Weight& w, int64_t local, int64_t m0, int mc, float* out) const {
+    int4_block(w.w, w.sz, K, w.groups, local, xr, m0, mc, out);
+  }
+};
+
+// The pointers and sizes of one plain layer (layer): activations Y, weights of Format, the caches [B, KV, slots, D]
+// of Y (batch 0 written and read, head_stride and slot_stride apart), the mask [T, S]
+template <typename Format, typename Y>
 struct Layer {
+  using Weight = typename Format::Weight;
   const Y *x, *attn_norm, *ffn_norm;
   const float *cos, *sin;  // [T, D]
   const int64_t* pos;      // [T]
@@ -1008,7 +1065,7 @@ struct Layer {
   int64_t head_stride, slot_stride;
   const bool* mask;
   int64_t S;
-  const W *wq, *wk, *wv, *wo, *w1, *w3, *w2;
+  Weight wq, wk, wv, wo, w1, w3, w2;
   int64_t T, dim, H, KV, D, F;
   float eps;
 };
@@ -1020,9 +1077,11 @@ struct Layer {
 // share) and writes its share of the KV heads into the caches; after another, its attention units; then its share of
 // wo's rows and their residual, the ffn norm of h (again its own), its share of w1/w3's rows and the activation, and
 // its share of w2's rows and their residual: five barriers, where as three ops a layer forked and joined the
-// threads three times with inductor's kernels between them on one thread (BENCHMARKS.md).
-template <typename W, typename Y>
-void run_layer(const Layer<W, Y>& l, Y* out) {
+// threads three times with inductor's kernels between them on one thread (BENCHMARKS.md). Each thread prepares
+// the rows each part reads for its format itself (a few microseconds), where the ops shared that work out.
+template <typename Format, typename Y>
+void run_layer(const Layer<Format, Y>& l, Y* out) {
+  constexpr int RB = Format::RB;
   const int64_t T = l.T, dim = l.dim, D = l.D, F = l.F, NQ = l.H * D, NK = l.KV * D, N = NQ + 2 * NK;
   static thread_local std::vector<Y> projected_buffer, q_buffer, h_buffer;
   static thread_local std::vector<float> attended_buffer, hidden_buffer;
@@ -1035,13 +1094,16 @@ void run_layer(const Layer<W, Y>& l, Y* out) {
   {
     const int t = omp_get_thread_num(), threads = omp_get_num_threads();
     static thread_local std::vector<float> normed_buffer;
+    static thread_local Format format;
     float* normed = aligned(normed_buffer, T * dim);
     rms_norm_rows(l.x, l.attn_norm, T, dim, l.eps, normed);
-    const auto [b0, b1] = share(N / R, t, threads);
-    blocks_into<R>(b0, b1, T, N, projected, [&](int64_t b, int64_t m0, int mc, float* o) {
-      const int64_t row = b * R;  // N_q and N_k are multiples of R: a block lies in one weight
-      const W* w = row < NQ ? l.wq + row * dim : row < NQ + NK ? l.wk + (row - NQ) * dim : l.wv + (row - NQ - NK) * dim;
-      dispatch_dot(mc, w, dim, normed + m0 * dim, o);
+    format.prepare(normed, T, dim);
+    const auto [b0, b1] = share(N / RB, t, threads);
+    blocks_into<RB>(b0, b1, T, N, projected, [&](int64_t b, int64_t m0, int mc, float* o) {
+      const int64_t row = b * RB;  // N_q and N_k are multiples of RB: a block lies in one weight
+      if (row < NQ) format.block(l.wq, row, m0, mc, o);
+      else if (row < NQ + NK) format.block(l.wk, row - NQ, m0, mc, o);
+      else format.block(l.wv, row - NQ - NK, m0, mc, o);
       return row;
     });
 #pragma omp barrier
@@ -1061,51 +1123,57 @@ void run_layer(const Layer<W, Y>& l, Y* out) {
     if (D == 64) attend_units<4>(q, l.k_cache, l.v_cache, l.head_stride, l.mask, l.H, l.KV, T, l.S, t, threads, attended);
     else attend_units<8>(q, l.k_cache, l.v_cache, l.head_stride, l.mask, l.H, l.KV, T, l.S, t, threads, attended);
 #pragma omp barrier
-    const auto [o0, o1] = share(dim / R, t, threads);  // this thread's columns of h and of out
-    blocks_into<R>(o0, o1, T, dim, h, [&](int64_t b, int64_t m0, int mc, float* o) {
-      dispatch_dot(mc, l.wo + b * R * NQ, NQ, attended + m0 * NQ, o);
-      return b * R;
+    format.prepare(attended, T, NQ);
+    const auto [o0, o1] = share(dim / RB, t, threads);  // this thread's columns of h and of out
+    blocks_into<RB>(o0, o1, T, dim, h, [&](int64_t b, int64_t m0, int mc, float* o) {
+      format.block(l.wo, b * RB, m0, mc, o);
+      return b * RB;
     });
-    for (int64_t m = 0; m < T; ++m) add_into(l.x + m * dim + o0 * R, h + m * dim + o0 * R, (o1 - o0) * R);
+    for (int64_t m = 0; m < T; ++m) add_into(l.x + m * dim + o0 * RB, h + m * dim + o0 * RB, (o1 - o0) * RB);
 #pragma omp barrier
     rms_norm_rows(h, l.ffn_norm, T, dim, l.eps, normed);
-    alignas(64) float gate[R * 4], up[R * 4];
-    const auto [g0, g1] = share(F / R, t, threads);
+    format.prepare(normed, T, dim);
+    alignas(64) float gate[RB * 4], up[RB * 4];
+    const auto [g0, g1] = share(F / RB, t, threads);
     for (int64_t b = g0; b < g1; ++b)
       for (int64_t m0 = 0; m0 < T; m0 += 4) {
         const int mc = static_cast<int>(std::min<int64_t>(4, T - m0));
-        dispatch_dot(mc, l.w1 + b * R * dim, dim, normed + m0 * dim, gate);
-        dispatch_dot(mc, l.w3 + b * R * dim, dim, normed + m0 * dim, up);
-        silu_times<Y>(gate, up, R * mc);
-        for (int r = 0; r < R; ++r)
-          for (int m = 0; m < mc; ++m) hidden[(m0 + m) * F + b * R + r] = gate[r * mc + m];
+        format.block(l.w1, b * RB, m0, mc, gate);
+        format.block(l.w3, b * RB, m0, mc, up);
+        silu_times<Y>(gate, up, RB * mc);
+        for (int r = 0; r < RB; ++r)
+          for (int m = 0; m < mc; ++m) hidden[(m0 + m) * F + b * RB + r] = gate[r * mc + m];
       }
 #pragma omp barrier
-    blocks_into<R>(o0, o1, T, dim, out, [&](int64_t b, int64_t m0, int mc, float* o) {
-      dispatch_dot(mc, l.w2 + b * R * F, F, hidden + m0 * F, o);
-      return b * R;
+    format.prepare(hidden, T, F);
+    blocks_into<RB>(o0, o1, T, dim, out, [&](int64_t b, int64_t m0, int mc, float* o) {
+      format.block(l.w2, b * RB, m0, mc, o);
+      return b * RB;
     });
-    for (int64_t m = 0; m < T; ++m) add_into(h + m * dim + o0 * R, out + m * dim + o0 * R, (o1 - o0) * R);
+    for (int64_t m = 0; m < T; ++m) add_into(h + m * dim + o0 * RB, out + m * dim + o0 * RB, (o1 - o0) * RB);
   }
 }
 
 }  // namespace
 
-// A plain layer of dense weights for x [1, T <= MAX_M, dim] in one call (run_layer), writing this step's keys and
-// values into k_cache and v_cache [B, KV, slots, D] (batch 0) at input_pos; attention reads the mask's S slots.
-// cos and sin: the rope's rows [T, D] at input_pos (model.rope_rows). Checks what the linear, attention and swiglu
-// ops check, on tensors of the shapes they would be given.
+// A plain layer for x [1, T <= MAX_M, dim] in one call (run_layer), writing this step's keys and values into
+// k_cache and v_cache [B, KV, slots, D] (batch 0) at input_pos; attention reads the mask's S slots. cos and sin: the
+// rope's rows [T, D] at input_pos (model.rope_rows). The weights' format is their dtype: fp32 or bf16; int8 with
+// row scales sq, ...; uint8, int4 as linear_int4 takes it, with scales_zeros sq, .... Checks what the linear,
+// attention and swiglu ops check, on tensors of the shapes they would be given.
 at::Tensor layer(const at::Tensor& x_any, const at::Tensor& attn_norm, const at::Tensor& ffn_norm,
                  const at::Tensor& cos_any, const at::Tensor& sin_any, const at::Tensor& input_pos,
                  at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& mask, double eps, const at::Tensor& wq,
                  const at::Tensor& wk, const at::Tensor& wv, const at::Tensor& wo, const at::Tensor& w1,
-                 const at::Tensor& w3, const at::Tensor& w2) {
+                 const at::Tensor& w3, const at::Tensor& w2, const std::optional<at::Tensor>& sq,
+                 const std::optional<at::Tensor>& sk, const std::optional<at::Tensor>& sv,
+                 const std::optional<at::Tensor>& so, const std::optional<at::Tensor>& s1,
+                 const std::optional<at::Tensor>& s3, const std::optional<at::Tensor>& s2) {
   const char* what = "flexfast::layer";
   const at::Tensor x = x_any.contiguous();
   const auto dtype = x.scalar_type(), w_dtype = wq.scalar_type();
-  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1, what, ": x must be [1, T, dim]");
-  checked_rows(x, {wq, wk, wv}, what);  // x fp32 or bf16 of at most MAX_M rows, the weights' K
-  TORCH_CHECK(w_dtype == at::kFloat || w_dtype == at::kBFloat16, what, ": weights must be fp32 or bf16");
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.size(1) <= MAX_M && (dtype == at::kFloat || dtype == at::kBFloat16),
+              what, ": x must be fp32 or bf16 [1, T <= ", MAX_M, ", dim]");
   for (const at::Tensor* n : {&attn_norm, &ffn_norm})
     TORCH_CHECK(n->is_contiguous() && n->numel() == x.size(2) && n->scalar_type() == dtype, what,
                 ": norm weights must be [dim] of x's dtype");
@@ -1113,16 +1181,14 @@ at::Tensor layer(const at::Tensor& x_any, const at::Tensor& attn_norm, const at:
                   k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
                   k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
               what, ": caches must be [B, KV, slots, D] of x's dtype, each head's slots contiguous, one layout");
-  const int64_t T = x.size(1), dim = x.size(2), KV = k_cache.size(1), D = k_cache.size(3), F = w1.size(0);
-  TORCH_CHECK((D == 64 || D == 128) && wq.size(0) % D == 0 && (wq.size(0) / D) % KV == 0 &&
-                  wk.size(0) == KV * D && wv.size(0) == KV * D,
-              what, ": wq [H D, dim], wk and wv [KV D, dim] for the cache's KV heads, D 64 or 128");
-  const int64_t H = wq.size(0) / D;
-  checked_rows(at::empty({T, H * D}, x.options()), {wo}, what);
-  checked_rows(x, {w1, w3}, what);
-  check_swiglu_shapes(x, w1, w3, w2, F, what);
-  checked_rows(at::empty({T, F}, x.options()), {w2}, what);
-  TORCH_CHECK(wo.scalar_type() == w_dtype && w1.scalar_type() == w_dtype, what, ": weights of one dtype");
+  const bool int4 = w_dtype == at::kByte;
+  const int64_t T = x.size(1), dim = x.size(2), KV = k_cache.size(1), D = k_cache.size(3);
+  const int64_t NQ = wq.size(0), F = w1.size(0), unpacked = int4 ? 2 : 1;
+  TORCH_CHECK((D == 64 || D == 128) && NQ % D == 0 && (NQ / D) % KV == 0 && wk.size(0) == KV * D &&
+                  wv.size(0) == KV * D && wo.dim() == 2 && wo.size(1) * unpacked == NQ && w2.dim() == 2 &&
+                  w2.size(1) * unpacked == F && w1.dim() == 2 && w3.sizes() == w1.sizes() && w2.size(0) == dim,
+              what, ": wq [H D, dim], wk and wv [KV D, dim] for the cache's KV heads (D 64 or 128), wo [dim, H D], "
+              "w1 and w3 [F, dim], w2 [dim, F]");
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.numel() == T * mask.size(-1) &&
                   mask.size(-1) <= k_cache.size(2),
               what, ": mask must be bool [..., T, S], S at most the cache's slots");
@@ -1135,20 +1201,68 @@ at::Tensor layer(const at::Tensor& x_any, const at::Tensor& attn_norm, const at:
     TORCH_CHECK(pos.data_ptr<int64_t>()[m] >= 0 && pos.data_ptr<int64_t>()[m] < k_cache.size(2), what,
                 ": position ", pos.data_ptr<int64_t>()[m], " is outside the cache's ", k_cache.size(2), " slots");
   const at::Tensor mask_rows = mask.reshape({T, mask.size(-1)}).contiguous();
+  // the rows each weight reads, for the ops' own checks
+  const at::Tensor attended = at::empty({T, NQ}, x.options()), hidden = at::empty({T, F}, x.options());
   at::Tensor out = at::empty(x.sizes(), x.options());
-  with_type(w_dtype, [&](auto w) {
+  auto run = [&](auto format, auto wq_, auto wk_, auto wv_, auto wo_, auto w1_, auto w3_, auto w2_) {
+    using Format = decltype(format);
     with_type(dtype, [&](auto y) {
-      using W = decltype(w);
       using Y = decltype(y);
-      const Layer<W, Y> l{x.data_ptr<Y>(), attn_norm.data_ptr<Y>(), ffn_norm.data_ptr<Y>(), cos.data_ptr<float>(),
-                          sin.data_ptr<float>(), pos.data_ptr<int64_t>(), k_cache.data_ptr<Y>(),
-                          v_cache.data_ptr<Y>(), k_cache.stride(1), k_cache.stride(2), mask_rows.data_ptr<bool>(),
-                          mask.size(-1), wq.data_ptr<W>(), wk.data_ptr<W>(), wv.data_ptr<W>(), wo.data_ptr<W>(),
-                          w1.data_ptr<W>(), w3.data_ptr<W>(), w2.data_ptr<W>(), T, dim, H, KV, D, F,
-                          static_cast<float>(eps)};
+      const Layer<Format, Y> l{x.data_ptr<Y>(), attn_norm.data_ptr<Y>(), ffn_norm.data_ptr<Y>(),
+                               cos.data_ptr<float>(), sin.data_ptr<float>(), pos.data_ptr<int64_t>(),
+                               k_cache.data_ptr<Y>(), v_cache.data_ptr<Y>(), k_cache.stride(1), k_cache.stride(2),
+                               mask_rows.data_ptr<bool>(), mask.size(-1), wq_, wk_, wv_, wo_, w1_, w3_, w2_, T, dim,
+                               NQ / D, KV, D, F, static_cast<float>(eps)};
       run_layer(l, out.data_ptr<Y>());
       return 0;
     });
+  };
+  if (w_dtype == at::kFloat || w_dtype == at::kBFloat16) {
+    for (const auto& [rows, ws] : {std::pair{x, std::vector<at::Tensor>{wq, wk, wv}}, std::pair{attended, std::vector<at::Tensor>{wo}},
+                                   std::pair{x, std::vector<at::Tensor>{w1, w3}}, std::pair{hidden, std::vector<at::Tensor>{w2}}})
+      checked_rows(rows, ws, what);
+    TORCH_CHECK(wo.scalar_type() == w_dtype && w1.scalar_type() == w_dtype, what, ": weights of one dtype");
+    with_type(w_dtype, [&](auto w) {
+      using W = decltype(w);
+      using Weight = typename DenseFormat<W>::Weight;
+      run(DenseFormat<W>{}, Weight{wq.data_ptr<W>()}, Weight{wk.data_ptr<W>()}, Weight{wv.data_ptr<W>()},
+          Weight{wo.data_ptr<W>()}, Weight{w1.data_ptr<W>()}, Weight{w3.data_ptr<W>()}, Weight{w2.data_ptr<W>()});
+      return 0;
+    });
+    return out;
+  }
+  TORCH_CHECK(w_dtype == at::kChar || int4, what, ": weights must be fp32, bf16, int8 or uint8 (int4 nibbles)");
+  TORCH_CHECK(sq && sk && sv && so && s1 && s3 && s2, what, ": quantized weights need their scales");
+  const std::vector<std::pair<const at::Tensor*, const at::Tensor*>> pairs{
+      {&wq, &*sq}, {&wk, &*sk}, {&wv, &*sv}, {&wo, &*so}, {&w1, &*s1}, {&w3, &*s3}, {&w2, &*s2}};
+  const auto s_dtype = sq->scalar_type();
+  for (size_t j = 0; j < pairs.size(); ++j) {
+    const at::Tensor& rows = j < 3 || j == 4 || j == 5 ? x : j == 3 ? attended : hidden;
+    const at::Tensor &w = *pairs[j].first, &s = *pairs[j].second;
+    if (int4) {
+      check_int4(rows, w, s, rows.size(-1), groups_of(s), s_dtype, what);
+    } else {
+      checked_rows(rows, {w}, what);
+      TORCH_CHECK(w.scalar_type() == at::kChar && s.is_contiguous() && s.numel() == w.size(0) &&
+                      s.scalar_type() == s_dtype && (s_dtype == at::kFloat || s_dtype == at::kBFloat16),
+                  what, ": int8 weights with N contiguous fp32 or bf16 scales, one dtype for all");
+    }
+  }
+  with_type(s_dtype, [&](auto scale) {
+    using S = decltype(scale);
+    if (int4) {
+      auto weight = [](const at::Tensor& w, const at::Tensor& sz) {
+        return typename Int4Format<S>::Weight{w.data_ptr<uint8_t>(), sz.data_ptr<S>(), sz.size(1)};
+      };
+      run(Int4Format<S>{}, weight(wq, *sq), weight(wk, *sk), weight(wv, *sv), weight(wo, *so), weight(w1, *s1),
+          weight(w3, *s3), weight(w2, *s2));
+    } else {
+      auto weight = [](const at::Tensor& w, const at::Tensor& s) {
+        return typename Int8Format<S>::Weight{w.data_ptr<int8_t>(), s.data_ptr<S>()};
+      };
+      run(Int8Format<S>{}, weight(wq, *sq), weight(wk, *sk), weight(wv, *sv), weight(wo, *so), weight(w1, *s1),
+          weight(w3, *s3), weight(w2, *s2));
+    }
     return 0;
   });
   return out;
@@ -1200,7 +1314,8 @@ TORCH_LIBRARY(flexfast, m) {
   m.def("swiglu_int4(Tensor x, Tensor w1, Tensor sz1, Tensor w3, Tensor sz3, Tensor w2, Tensor sz2) -> Tensor");
   m.def("layer(Tensor x, Tensor attn_norm, Tensor ffn_norm, Tensor cos, Tensor sin, Tensor input_pos, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor mask, float eps, Tensor wq, Tensor wk, Tensor wv, Tensor wo, "
-        "Tensor w1, Tensor w3, Tensor w2) -> Tensor");
+        "Tensor w1, Tensor w3, Tensor w2, Tensor? sq=None, Tensor? sk=None, Tensor? sv=None, Tensor? so=None, "
+        "Tensor? s1=None, Tensor? s3=None, Tensor? s2=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(flexfast, CPU, m) {

@@ -19,10 +19,10 @@ own (why: cpu_kernels.cpp); and per format the MLP, w2 @ (silu(w1 @ x) * (w3 @ x
     torch.ops.flexfast.swiglu(x, w1, w3, w2), swiglu_int8(x, w1, s1, w3, s3, w2, s2), swiglu_int4(x, w1, sz1, ...)
 and attention then wo in one call (model.Attention.attend_q; q [1, H, T, 64 or 128] against a cache's slots):
     torch.ops.flexfast.attention(q, k, v, mask, wo), attention_int8(..., wo, scales), attention_int4(..., wo, sz)
-and a whole plain layer of dense weights in one call, which writes this step's keys and values into the cache
-(model.whole_layer; takes_layer):
-    torch.ops.flexfast.layer(x, attention_norm, ffn_norm, cos, sin, input_pos, k_cache, v_cache, mask, eps,
-                             wq, wk, wv, wo, w1, w3, w2)
+and a whole plain layer in one call, which writes this step's keys and values into the cache (model.whole_layer):
+    layer(block, modules, weights, scales, x, rope, mask, input_pos), which calls torch.ops.flexfast.layer(x,
+    attention_norm, ffn_norm, cos, sin, input_pos, k_cache, v_cache, mask, eps, wq, wk, wv, wo, w1, w3, w2,
+    [their scales, for int8 or int4 weights])
 x is [..., K], fp32 or bf16, at most MAX_ROWS rows; the result has x's dtype. K must be a multiple of 32 and N of 4
 (supports()); for int4 N must be a multiple of INT4_ROWS, as quantize.py's int4 rule (model.INT4_ROW_MULTIPLE) makes it.
 """
@@ -31,6 +31,7 @@ import hashlib
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -61,17 +62,20 @@ def takes_attention(q: Tensor, k: Tensor, wo: list) -> bool:
             and supports(q[:, 0], wo, q.shape[1] * q.shape[-1]))
 
 
-def takes_layer(x: Tensor, block) -> bool:
-    """Whether the layer op takes a plain layer (model.TransformerBlock) of dense weights for x [1, T, dim]: the
-    linear, attention and swiglu ops take its parts, and its norms, weights and cache are of x's dtype."""
-    attention, mlp, cache = block.attention, block.feed_forward, block.attention.kv_cache
-    weights = [attention.wq.weight, attention.wk.weight, attention.wv.weight, attention.wo.weight, mlp.w1.weight,
-               mlp.w3.weight, mlp.w2.weight]
-    dtypes = {w.dtype for w in weights} | {block.attention_norm.weight.dtype, block.ffn_norm.weight.dtype}
-    return (cache is not None and x.shape[0] == 1 and attention.head_dim in (64, 128) and len(dtypes) == 1
-            and cache.k_cache.dtype == x.dtype and weights[0].dtype == x.dtype
-            and supports(x, weights[:3], x.shape[-1]) and supports(x, weights[3:4], weights[3].shape[1])
-            and supports(x, weights[4:6], x.shape[-1]) and supports(x, weights[6:], weights[6].shape[1]))
+def layer(block, modules: tuple, weights: list, scales: list, x: Tensor, rope: tuple, mask: Tensor,
+          input_pos: Tensor) -> Optional[Tensor]:
+    """block (a plain model.TransformerBlock) for x [1, T, dim] in one call of the layer op, which writes this
+    step's keys and values into its cache; modules: its linears wq, wk, wv, wo, w1, w3, w2, weights what the kernels
+    read of them, scales their scales (none for dense weights). None where the op does not take it: the linear,
+    attention and swiglu ops would not take its parts, or its norms or cache are not of x's dtype."""
+    attention, cache = block.attention, block.attention.kv_cache
+    if not (cache is not None and x.shape[0] == 1 and attention.head_dim in (64, 128)
+            and cache.k_cache.dtype == x.dtype == block.attention_norm.weight.dtype == block.ffn_norm.weight.dtype
+            and supports(x, weights[:3], modules[0].in_features) and supports(x, weights[3:4], modules[3].in_features)
+            and supports(x, weights[4:6], modules[4].in_features) and supports(x, weights[6:], modules[6].in_features)):
+        return None
+    return torch.ops.flexfast.layer(x, block.attention_norm.weight, block.ffn_norm.weight, rope[0], rope[1], input_pos,
+                                    cache.k_cache, cache.v_cache, mask, block.attention_norm.eps, *weights, *scales)
 
 
 def turned_off() -> bool:

@@ -243,16 +243,16 @@ class Linear(nn.Linear):
         return torch.ops.flexfast.attention(q, k, v, mask, wo.weight)
 
     @staticmethod
-    def layer(block: "TransformerBlock", x: Tensor, rope: tuple, mask: Tensor, input_pos: Tensor) -> Optional[Tensor]:
+    def layer(block: "TransformerBlock", modules: tuple, x: Tensor, rope: tuple, mask: Tensor,
+              input_pos: Tensor) -> Optional[Tensor]:
         """block.block(x, rope, mask, input_pos) from one kernel call (see whole_layer), or None where the linears
-        are not the kernel or it does not take the layer (cpu_kernels.takes_layer)."""
-        attention, mlp, cache = block.attention, block.feed_forward, block.attention.kv_cache
-        if few_row_kind(x, attention.wq.in_branch) != "kernel" or not cpu_kernels.takes_layer(x, block):
+        are not the kernel or it does not take the layer (cpu_kernels.layer)."""
+        if few_row_kind(x, modules[0].in_branch) != "kernel":
             return None
-        return torch.ops.flexfast.layer(x, block.attention_norm.weight, block.ffn_norm.weight, rope[0], rope[1],
-                                        input_pos, cache.k_cache, cache.v_cache, mask, block.attention_norm.eps,
-                                        attention.wq.weight, attention.wk.weight, attention.wv.weight,
-                                        attention.wo.weight, mlp.w1.weight, mlp.w3.weight, mlp.w2.weight)
+        weights = []
+        for m in modules:
+            weights.append(m.weight)
+        return cpu_kernels.layer(block, modules, weights, [], x, rope, mask, input_pos)
 
     @staticmethod
     def swiglu(x: Tensor, gate: "Linear", up: "Linear", down: "Linear") -> Optional[Tensor]:
@@ -466,13 +466,13 @@ LAYER_IN_ONE_CALL = True
 
 def whole_layer(block: "TransformerBlock", x: Tensor, rope: tuple, mask: Tensor, input_pos: Tensor) -> Optional[Tensor]:
     """block.block(x, rope, mask, input_pos) from one call where the layer's linears' class has a kernel for the
-    whole layer (its layer(): dense weights, few rows on CPU; the norms, the projections, the rope and the cache
-    write, attention with wo, the MLP and both residual adds in one parallel region, cpu_kernels.cpp), else None;
-    None also where a hook must see a linear's output (tp.py's all-reduce). As three ops (the projections,
-    attention with wo, the MLP) with inductor's kernels between them, a bf16 decode step was 2% slower
-    (BENCHMARKS.md)."""
+    whole layer (its layer(): Linear where the kernel is the kind, Int8Linear, Int4Linear; few rows on CPU; the
+    norms, the projections, the rope and the cache write, attention with wo, the MLP and both residual adds in one
+    parallel region, cpu_kernels.cpp), else None; None also where a hook must see a linear's output (tp.py's
+    all-reduce). As three ops (the projections, attention with wo, the MLP) with inductor's kernels between them a
+    decode step was slower (BENCHMARKS.md)."""
     attention, mlp = block.attention, block.feed_forward
-    modules = (attention.wq, attention.wk, attention.wv, attention.wo, mlp.w1, mlp.w3, mlp.w2)
+    modules = (attention.wq, attention.wk, attention.wv, attention.wo, mlp.w1, mlp.w3, mlp.w2)  # the op's order
     whole = getattr(modules[0], "layer", None)
     if not (LAYER_IN_ONE_CALL and FEW_TOKEN_ATTENTION and ATTENTION_WITH_WO and SWIGLU_IN_ONE_CALL
             and whole is not None):
@@ -480,7 +480,7 @@ def whole_layer(block: "TransformerBlock", x: Tensor, rope: tuple, mask: Tensor,
     for m in modules:
         if getattr(m, "layer", None) is not whole or m._forward_hooks:
             return None
-    return whole(block, x, rope, mask, input_pos)
+    return whole(block, modules, x, rope, mask, input_pos)
 
 
 class TransformerBlock(nn.Module):

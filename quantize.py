@@ -125,6 +125,16 @@ class Int8Linear(nn.Module):
         return torch.ops.flexfast.attention_int8(q, k, v, mask, wo.weight, wo.scales)
 
     @staticmethod
+    def layer(block, modules: tuple, x: Tensor, rope: tuple, mask: Tensor, input_pos: Tensor) -> Optional[Tensor]:
+        """A plain layer of these linears from one kernel call (model.whole_layer), or None where it does not take
+        it."""
+        weights, scales = [], []
+        for m in modules:
+            weights.append(m.weight)
+            scales.append(m.scales)
+        return cpu_kernels.layer(block, modules, weights, scales, x, rope, mask, input_pos)
+
+    @staticmethod
     def swiglu(x: Tensor, gate: "Int8Linear", up: "Int8Linear", down: "Int8Linear") -> Optional[Tensor]:
         """down(silu(gate(x)) * up(x)) from one kernel call (model.swiglu), or None where the kernel does not take
         it."""
@@ -208,6 +218,18 @@ class Int4Linear(nn.Module):
         if not (hasattr(wo, "nibbles") and cpu_kernels.takes_attention(q, k, [wo.nibbles])):
             return None
         return torch.ops.flexfast.attention_int4(q, k, v, mask, wo.nibbles, wo.kernel_scales_zeros)
+
+    @staticmethod
+    def layer(block, modules: tuple, x: Tensor, rope: tuple, mask: Tensor, input_pos: Tensor) -> Optional[Tensor]:
+        """A plain layer of these linears from one kernel call (model.whole_layer), or None where it does not take
+        it or they were packed for CUDA."""
+        weights, scales = [], []
+        for m in modules:
+            if not hasattr(m, "nibbles"):
+                return None
+            weights.append(m.nibbles)
+            scales.append(m.kernel_scales_zeros)
+        return cpu_kernels.layer(block, modules, weights, scales, x, rope, mask, input_pos)
 
     @staticmethod
     def swiglu(x: Tensor, gate: "Int4Linear", up: "Int4Linear", down: "Int4Linear") -> Optional[Tensor]:

@@ -333,9 +333,9 @@ def test_every_op_takes_only_what_the_cpp_wrappers_light_call_takes():
     assert CppWrapperCpu._compatible_with_stableivalue(torch.ops.flexfast.layer.default)
 
 
-def layer_block(dtype, D, gen):
-    """A plain layer of 4 query heads of D and 2 KV heads (dim 128, MLP 192), random weights, a cache of batch 2
-    and 40 slots filled with random history."""
+def layer_block(dtype, D, gen, mode="dense"):
+    """A plain layer of 4 query heads of D and 2 KV heads (dim 128, MLP 192), random weights (int8 or int4 linears
+    for those modes), a cache of batch 2 and 40 slots filled with random history."""
     import model
     args = model.ModelArgs(vocab_size=64, dim=128, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=D,
                            intermediate_size=192)
@@ -344,41 +344,58 @@ def layer_block(dtype, D, gen):
         p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if p.dim() > 1 else 1.0) + (p.dim() == 1))
     block = block.to(dtype)
     block.attention.kv_cache = model.KVCache(2, 39, 2, D, dtype)
+    if mode != "dense":
+        for parent, name in ((block.attention, "wq"), (block.attention, "wk"), (block.attention, "wv"),
+                             (block.attention, "wo"), (block.feed_forward, "w1"), (block.feed_forward, "w3"),
+                             (block.feed_forward, "w2")):
+            dense = getattr(parent, name)
+            quantized = (int8_module if mode == "int8" else int4_module)(dense.out_features, dense.in_features, gen,
+                                                                         dtype)[0]
+            setattr(parent, name, quantized)
     for cache in (block.attention.kv_cache.k_cache, block.attention.kv_cache.v_cache):
         cache.copy_(torch.randn(cache.shape, generator=gen))
     return args, block
 
 
+@pytest.mark.parametrize("mode", ["dense", "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", (1, 3, 8))
 @pytest.mark.parametrize("D", [64, 128])
-def test_layer_in_one_call_matches_the_layers_ops(monkeypatch, dtype, rows, D):
+def test_layer_in_one_call_matches_the_layers_ops(monkeypatch, mode, dtype, rows, D):
     """TransformerBlock.block where its linears are the kernel (one call, the layer op) against the same block as
-    torch's ops (eager): the output, and the cache, where only batch 0's slots at the step's positions change; the
-    mask covers 33 slots of 40, the step's rows at 30 - rows to 29 (each row sees the earlier ones, not the later)."""
+    its ops: torch's (eager) for dense weights; for int8 and int4 the layer's three kernel calls (the projections,
+    attention with wo, the MLP), which round the activations to integers as the layer op does. The output, and the
+    cache, where only batch 0's slots at the step's positions change; the mask covers 33 slots of 40, the step's
+    rows at 30 - rows to 29 (each row sees the earlier ones, not the later)."""
     import model
     gen = torch.Generator().manual_seed(rows * D)
-    args, block = layer_block(dtype, D, gen)
+    args, block = layer_block(dtype, D, gen, mode)
     x = torch.randn(1, rows, 128, generator=gen).to(dtype)
     positions = torch.arange(30 - rows, 30)
     rope = model.rope_rows(model.rope_cache(args, 40), positions)
     mask = model.causal_mask(positions, torch.arange(33))
     cache = block.attention.kv_cache
     before = cache.k_cache.clone(), cache.v_cache.clone()
-    want = block.block(x, rope, mask, positions)
+    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {(str(dtype), False): "kernel"})
+    monkeypatch.setattr(model, "FEW_ROW_LINEAR", {str(dtype): "kernel"})
+    if mode != "dense":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # few_row_kind: the compiled steps' kinds
+    monkeypatch.setattr(model, "LAYER_IN_ONE_CALL", False)
+    want, used = ran_kernel(lambda: block.block(x, rope, mask, positions), "layer")
+    assert not used
+    monkeypatch.setattr(model, "LAYER_IN_ONE_CALL", True)
     want_cache = cache.k_cache.clone(), cache.v_cache.clone()
     cache.k_cache.copy_(before[0])
     cache.v_cache.copy_(before[1])
-    monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {(str(dtype), False): "kernel"})
-    monkeypatch.setattr(model, "FEW_ROW_LINEAR", {str(dtype): "kernel"})
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # few_row_kind: the compiled steps' kinds
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     got, used = ran_kernel(lambda: block.block(x, rope, mask, positions), "layer")
     assert used and got.shape == want.shape and got.dtype == dtype
 
-    def close(got, want):  # bf16: the two round the intermediates apart, a few ulps of the largest value
-        if dtype == torch.float32:
+    def close(got, want):
+        if dtype == torch.float32 and mode == "dense":
             torch.testing.assert_close(got, want, **tolerance(dtype))
-        else:
+        else:  # bf16 rounds the intermediates apart, and a last-bit difference of an activation can round it to
+            # another integer (int8 to int16, int4 to int8 per 32 columns): a few ulps of the largest value
             assert (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
     close(got, want)
     for got_cache, want_cache_, old in zip((cache.k_cache, cache.v_cache), want_cache, before):
@@ -408,7 +425,7 @@ def test_layer_keeps_its_ops_where_the_kernel_cannot_or_a_hook_must_see_an_outpu
     monkeypatch.setattr(model, "LAYER_IN_ONE_CALL", False)
     assert not ran_kernel(lambda: block.block(x, rope, mask, positions), "layer")[1]
     monkeypatch.setattr(model, "LAYER_IN_ONE_CALL", True)
-    block.feed_forward.w1, _ = int8_module(192, 128, gen, torch.float32)  # a quantized linear: its class's ops
+    block.feed_forward.w1, _ = int8_module(192, 128, gen, torch.float32)  # linears of two classes: their ops
     assert not ran_kernel(lambda: block.block(x, rope, mask, positions), "layer")[1]
     a, cache = block.attention, block.attention.kv_cache
     call = dict(x=x, attn_norm=block.attention_norm.weight, ffn_norm=block.ffn_norm.weight, cos=rope[0], sin=rope[1],
@@ -418,14 +435,19 @@ def test_layer_keeps_its_ops_where_the_kernel_cannot_or_a_hook_must_see_an_outpu
     torch.ops.flexfast.layer(**call)
     with pytest.raises(RuntimeError, match="position 40 is outside the cache's 40 slots"):
         torch.ops.flexfast.layer(**dict(call, input_pos=torch.tensor([40])))
-    with pytest.raises(RuntimeError, match="weights must be fp32 or bf16"):
-        torch.ops.flexfast.layer(**dict(call, wq=a.wq.weight.to(torch.int8), wk=a.wk.weight.to(torch.int8),
-                                        wv=a.wv.weight.to(torch.int8)))
+    halves = {name: call[name].half() for name in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")}
+    with pytest.raises(RuntimeError, match="weights must be fp32, bf16, int8 or uint8"):
+        torch.ops.flexfast.layer(**dict(call, **halves))
+    int8 = {name: call[name].to(torch.int8) for name in halves}
+    with pytest.raises(RuntimeError, match="quantized weights need their scales"):
+        torch.ops.flexfast.layer(**dict(call, **int8))
 
 
-def test_compiled_decode_with_the_layer_op_matches_eager_and_self_speculation_is_plain_greedy(monkeypatch):
-    """A model of head_dim 64 (the layer op's), fp32, its linears the kernel: compiled decode gives eager's logits
-    through one layer op per layer, and self-speculation (the verify's 4 rows through it too) gives plain greedy."""
+@pytest.mark.parametrize("mode", ["dense", "int4"])
+def test_compiled_decode_with_the_layer_op_matches_eager_and_self_speculation_is_plain_greedy(monkeypatch, mode):
+    """A model of head_dim 64 (the layer op's), fp32, its linears the kernel (dense) or int4: compiled decode gives
+    eager's logits through one layer op per layer (the op writes the cache, which inductor must not copy), and
+    self-speculation (the verify's 4 rows through it too) gives plain greedy."""
     import model
     from steps import compile_steps, forward_last
     monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {("torch.float32", False): "kernel"})
@@ -434,6 +456,13 @@ def test_compiled_decode_with_the_layer_op_matches_eager_and_self_speculation_is
     args = model.ModelArgs(vocab_size=128, dim=128, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=64,
                            intermediate_size=192)
     net = model.Transformer(args).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(1)
+    for block in net.layers if mode == "int4" else ():
+        for parent, name in ((block.attention, "wq"), (block.attention, "wk"), (block.attention, "wv"),
+                             (block.attention, "wo"), (block.feed_forward, "w1"), (block.feed_forward, "w3"),
+                             (block.feed_forward, "w2")):
+            dense = getattr(parent, name)
+            setattr(parent, name, int4_module(dense.out_features, dense.in_features, gen, torch.float32)[0])
     prompt = torch.tensor([1, 7, 42, 9])
     plain, _ = greedy(net, prompt, 10)
     try:
