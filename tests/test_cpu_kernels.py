@@ -443,13 +443,17 @@ def test_layer_keeps_its_ops_where_the_kernel_cannot_or_a_hook_must_see_an_outpu
         torch.ops.flexfast.layer(**dict(call, **int8))
 
 
-@pytest.mark.parametrize("mode", ["dense", "int4"])
-def test_compiled_decode_with_the_layer_op_matches_eager_and_self_speculation_is_plain_greedy(monkeypatch, mode):
+@pytest.mark.parametrize("mode, options", [("dense", {}), ("int4", {}), ("dense", {"bounded": True}),
+                                           ("dense", {"regional": True})])
+def test_compiled_decode_with_the_layer_op_matches_eager_and_self_speculation_is_plain_greedy(monkeypatch, mode,
+                                                                                             options):
     """A model of head_dim 64 (the layer op's), fp32, its linears the kernel (dense) or int4: compiled decode gives
     eager's logits through one layer op per layer (the op writes the cache, which inductor must not copy), and
-    self-speculation (the verify's 4 rows through it too) gives plain greedy."""
+    self-speculation (the verify's 4 rows through it too) gives plain greedy. Bounded (the live slots a dynamic
+    size: chat, the server) the same; regional, the repeated block is the layer's ops (a nested compile region
+    refuses an op that writes its inputs)."""
     import model
-    from steps import compile_steps, forward_last
+    from steps import compile_steps, forward_last, live_slots
     monkeypatch.setattr(model, "ONE_TOKEN_LINEAR", {("torch.float32", False): "kernel"})
     monkeypatch.setattr(model, "FEW_ROW_LINEAR", {"torch.float32": "kernel"})
     torch.manual_seed(0)
@@ -466,18 +470,21 @@ def test_compiled_decode_with_the_layer_op_matches_eager_and_self_speculation_is
     prompt = torch.tensor([1, 7, 42, 9])
     plain, _ = greedy(net, prompt, 10)
     try:
-        steps = compile_steps("cpu", False, one_token_kind="kernel")
+        steps = compile_steps("cpu", False, one_token_kind="kernel", **options)
         net.setup_caches(1, 16)
-        for pos, token in enumerate([5, 17, 99, 3]):
+        for pos, token in enumerate([5, 17, 99, 3], start=2):  # bounded: a live-slot count of 1 would be specialized
             x, input_pos = torch.tensor([[token]]), torch.tensor([pos])
+            slots = live_slots(net, steps, pos + 1)
             want = forward_last(net, x, input_pos)
-            steps.decode(net, x, input_pos)  # compiles at the first
+            steps.decode(net, x, input_pos, slots=slots)  # compiles at the first
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                got = steps.decode(net, x, input_pos)
-            assert [e.name for e in prof.events()].count("flexfast::layer") == 3
+                got = steps.decode(net, x, input_pos, slots=slots)
+            layer_ops = [e.name for e in prof.events()].count("flexfast::layer")
+            assert layer_ops == (0 if options.get("regional") else 3)
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-        spec, used = ran_kernel(lambda: greedy(net, prompt, 10, steps, early_exit=1, speculate_k=3), "layer")
-        assert used and spec[0] == plain
+        if not options:
+            spec, used = ran_kernel(lambda: greedy(net, prompt, 10, steps, early_exit=1, speculate_k=3), "layer")
+            assert used and spec[0] == plain
     finally:
         torch._dynamo.reset()
 
