@@ -468,7 +468,7 @@ def whole_layer(block: "TransformerBlock", x: Tensor, rope: tuple, mask: Tensor,
     """block.block(x, rope, mask, input_pos) from one call where the layer's linears' class has a kernel for the
     whole layer (its layer(): Linear where the kernel is the kind, Int8Linear, Int4Linear; few rows on CPU; the
     norms, the projections, the rope and the cache write, attention with wo, the MLP and both residual adds in one
-    parallel region, cpu_kernels.cpp), else None; None also where a hook must see a linear's output (tp.py's
+    parallel region, cpu_kernels.cpp), else None; None also where a hook must see wo's or w2's output (tp.py's
     all-reduce). As three ops (the projections, attention with wo, the MLP) with inductor's kernels between them a
     decode step was slower (BENCHMARKS.md)."""
     attention, mlp = block.attention, block.feed_forward
@@ -478,8 +478,10 @@ def whole_layer(block: "TransformerBlock", x: Tensor, rope: tuple, mask: Tensor,
             and whole is not None):
         return None
     for m in modules:
-        if getattr(m, "layer", None) is not whole or m._forward_hooks:
+        if getattr(m, "layer", None) is not whole:
             return None
+    if attention.wo._forward_hooks or mlp.w2._forward_hooks:  # the ops skip the others' hooks too (linears, swiglu)
+        return None
     return whole(block, modules, x, rope, mask, input_pos)
 
 
