@@ -7,7 +7,9 @@
 // per group of columns, dequantized as (q - 8) * scale + zero, its rows interleaved 16 at a time (below). Each linear
 // op takes up to three weights of one K (wq/wk/wv, w1/w3) and returns their outputs side by side: one call, so one fork
 // and join of the threads, reads them all; the swiglu and attention ops run a layer's MLP, and its attention with wo,
-// each in one parallel region (run_then_down). tests/test_cpu_kernels.py checks each against the path it replaces.
+// each in one parallel region, and the layer op a whole layer. Every op reads its weights through one of three
+// format structs (DenseFormat, Int8Format, Int4Format), chosen by the weights' dtype (with_format).
+// tests/test_cpu_kernels.py checks each against the path it replaces.
 // The tensor class, empty() and the op registry only: the first build takes 9.8 s on 2 cores, against 12.9 s with
 // ATen/ATen.h (every ATen function) and 29 s with torch/extension.h (pybind, autograd, the whole C++ frontend), and
 // the ops need neither (they are registered with TORCH_LIBRARY, not as a module).
@@ -300,71 +302,6 @@ const float* float_rows(const at::Tensor& x, int64_t M, int64_t K) {
   return out;
 }
 
-void check_x(const at::Tensor& x, int64_t K, int64_t N) {
-  TORCH_CHECK(x.device().is_cpu(), "flexfast: x must be a CPU tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "flexfast: x must be fp32 or bf16");
-  TORCH_CHECK(x.size(-1) == K, "flexfast: x has ", x.size(-1), " columns, the weight ", K);
-  TORCH_CHECK(x.numel() / K <= MAX_M, "flexfast: at most ", MAX_M, " rows");
-  TORCH_CHECK(K % 32 == 0 && N % R == 0, "flexfast: K must be a multiple of 32 and N of ", R);
-}
-
-// f(float{}) for an fp32 dtype, f(at::BFloat16{}) for bf16 (the callers check it is one of them)
-template <typename F>
-auto with_type(at::ScalarType dtype, const F& f) {
-  return dtype == at::kFloat ? f(float{}) : f(at::BFloat16{});
-}
-
-at::Tensor output(const at::Tensor& x, int64_t N) {
-  auto shape = x.sizes().vec();
-  shape.back() = N;
-  return at::empty(shape, x.options());
-}
-
-// y [M, sum N_j] = x @ [W_0; W_1; ...]^T, each W_j [N_j, K] of type W.
-template <typename W>
-void run_dot(const at::Tensor& x, const std::vector<const W*>& ws, const std::vector<int64_t>& rows, int64_t K,
-             at::Tensor& y) {
-  const int64_t M = x.numel() / K;
-  const float* xf = float_rows(x, M, K);
-  run_parts(M, rows, y, [&](int j, int64_t local, int64_t m0, int mc, float* out) {
-    dispatch_dot(mc, ws[j] + local * K, K, xf + m0 * K, out);
-  });
-}
-
-}  // namespace
-
-// The weights' rows of one K, with pointers to them and (int8) to their scales, checked.
-template <typename W>
-std::vector<const W*> pointers(at::TensorList ws) {
-  std::vector<const W*> ptrs;
-  for (const auto& w : ws) ptrs.push_back(w.data_ptr<W>());
-  return ptrs;
-}
-
-std::vector<int64_t> checked_rows(const at::Tensor& x, at::TensorList ws, const char* what) {
-  TORCH_CHECK(!ws.empty(), what, ": no weights");
-  std::vector<int64_t> rows;
-  for (const auto& w : ws) {
-    TORCH_CHECK(w.dim() == 2 && w.size(1) == ws[0].size(1) && w.is_contiguous() &&
-                    w.scalar_type() == ws[0].scalar_type(),
-                what, ": weights must be contiguous [N, K] of one dtype and K");
-    check_x(x, w.size(1), w.size(0));
-    rows.push_back(w.size(0));
-  }
-  return rows;
-}
-
-at::Tensor linear(const at::Tensor& x_any, at::TensorList ws) {
-  const at::Tensor x = x_any.contiguous();
-  const std::vector<int64_t> rows = checked_rows(x, ws, "flexfast::linear");
-  const auto dtype = ws[0].scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "flexfast::linear: weights must be fp32 or bf16");
-  at::Tensor y = output(x, std::accumulate(rows.begin(), rows.end(), int64_t{0}));
-  if (dtype == at::kFloat) run_dot<float>(x, pointers<float>(ws), rows, ws[0].size(1), y);
-  else run_dot<at::BFloat16>(x, pointers<at::BFloat16>(ws), rows, ws[0].size(1), y);
-  return y;
-}
-
 // The memory of an Int16Rows, reused from call to call (the kernel reads it from every thread)
 struct Int16Buffers {
   std::vector<int16_t> xq;
@@ -404,35 +341,6 @@ void int8_block(const int8_t* w, const S* row_scales, int64_t K, int64_t local, 
     for (int m = 0; m < mc; ++m) out[r * mc + m] *= static_cast<float>(row_scales[local + r]);
 }
 
-// y [M, sum N_j] = x @ [W_0; W_1; ...]^T * row_scales, each W_j [N_j, K] int8 with row_scales[j] [N_j].
-template <typename S>
-void run_int8(const at::Tensor& x, const std::vector<const int8_t*>& ws, const std::vector<int64_t>& rows, int64_t K,
-              const std::vector<const S*>& row_scales, at::Tensor& y) {
-  const int64_t M = x.numel() / K;
-  static thread_local Int16Buffers buffers;
-  const Int16Rows xr = int16_rows(float_rows(x, M, K), M, K, buffers);
-  run_parts(M, rows, y, [&](int j, int64_t local, int64_t m0, int mc, float* out) {
-    int8_block(ws[j], row_scales[j], K, local, xr, m0, mc, out);
-  });
-}
-
-at::Tensor linear_int8(const at::Tensor& x_any, at::TensorList ws, at::TensorList scales) {
-  const at::Tensor x = x_any.contiguous();
-  const std::vector<int64_t> rows = checked_rows(x, ws, "flexfast::linear_int8");
-  TORCH_CHECK(ws[0].scalar_type() == at::kChar, "flexfast::linear_int8: weights must be int8");
-  TORCH_CHECK(scales.size() == ws.size(), "flexfast::linear_int8: one scales tensor per weight");
-  const auto s_dtype = scales[0].scalar_type();
-  for (size_t j = 0; j < ws.size(); ++j)
-    TORCH_CHECK(scales[j].is_contiguous() && scales[j].numel() == rows[j] && scales[j].scalar_type() == s_dtype &&
-                    (s_dtype == at::kFloat || s_dtype == at::kBFloat16),
-                "flexfast::linear_int8: scales must be N contiguous fp32 or bf16 values, one dtype for all");
-  at::Tensor y = output(x, std::accumulate(rows.begin(), rows.end(), int64_t{0}));
-  const int64_t K = ws[0].size(1);
-  if (s_dtype == at::kFloat) run_int8<float>(x, pointers<int8_t>(ws), rows, K, pointers<float>(scales), y);
-  else run_int8<at::BFloat16>(x, pointers<int8_t>(ws), rows, K, pointers<at::BFloat16>(scales), y);
-  return y;
-}
-
 // The memory of an Int8Rows, reused from call to call (the kernel reads it from every thread)
 struct Int8Buffers {
   std::vector<int32_t> lo, hi;
@@ -466,13 +374,6 @@ void quantize_blocks(const float* x, int64_t K, int64_t m, int64_t b0, int64_t b
   }
 }
 
-Int8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
-  static thread_local Int8Buffers buffers;
-  const Int8Rows xr = buffers.rows(M, K);
-  for (int64_t m = 0; m < M; ++m) quantize_blocks(x, K, m, 0, xr.blocks, xr);
-  return xr;
-}
-
 // One int4 weight's 16 rows from `local` (w and sz: the whole weight, K columns in `groups` groups) against the
 // activation rows m0 to m0 + mc - 1: out[r * mc + m]
 template <typename S>
@@ -488,59 +389,6 @@ void int4_block(const uint8_t* w, const S* sz, int64_t K, int64_t groups, int64_
     default: block_int4<S, 4>(wb, blocks_per_group, szb, xr, m0, out); break;
   }
 }
-
-template <typename S>
-void run_int4(const at::Tensor& x, at::TensorList ws, at::TensorList scales_zeros, at::Tensor& y) {
-  const int64_t K = ws[0].size(1) * 2, groups = scales_zeros[0].size(1);
-  const int64_t M = x.numel() / K;
-  std::vector<int64_t> rows;
-  std::vector<const uint8_t*> wps;
-  std::vector<const S*> szps;
-  for (size_t j = 0; j < ws.size(); ++j) {
-    rows.push_back(ws[j].size(0));
-    wps.push_back(ws[j].data_ptr<uint8_t>());
-    szps.push_back(scales_zeros[j].data_ptr<S>());
-  }
-  const Int8Rows xr = quantize_rows(float_rows(x, M, K), M, K);
-  run_parts<INT4_ROWS>(M, rows, y, [&](int j, int64_t local, int64_t m0, int mc, float* out) {
-    int4_block(wps[j], szps[j], K, groups, local, xr, m0, mc, out);
-  });
-}
-
-// One int4 weight and its scales_zeros checked against x: uint8 [N, K/2] and [N, K/groups, 2] of sz_dtype.
-void check_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz, int64_t K, int64_t groups,
-                at::ScalarType sz_dtype, const char* what) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte && w.size(1) * 2 == K, what,
-              ": weights must be uint8 [N, K/2] of one K");
-  TORCH_CHECK(sz.is_contiguous() && sz.dim() == 3 && sz.size(0) == w.size(0) && sz.size(1) == groups &&
-                  sz.size(2) == 2 && groups > 0 && K % groups == 0 && (K / groups) % 32 == 0 &&
-                  sz.scalar_type() == sz_dtype && (sz_dtype == at::kFloat || sz_dtype == at::kBFloat16),
-              what, ": scales_zeros must be fp32 or bf16 [N, K/groupsize, 2], one groupsize (a multiple of 32) and "
-              "dtype for all");
-  TORCH_CHECK(w.size(0) % INT4_ROWS == 0, what, ": N must be a multiple of ", INT4_ROWS);
-  check_x(x, K, w.size(0));
-}
-
-int64_t groups_of(const at::Tensor& sz) { return sz.dim() == 3 ? sz.size(1) : 0; }
-
-at::Tensor linear_int4(const at::Tensor& x_any, at::TensorList ws, at::TensorList scales_zeros) {
-  const at::Tensor x = x_any.contiguous();
-  TORCH_CHECK(!ws.empty() && ws.size() == scales_zeros.size(), "flexfast::linear_int4: one scales_zeros per weight");
-  TORCH_CHECK(ws[0].dim() == 2, "flexfast::linear_int4: weights must be uint8 [N, K/2]");
-  const int64_t K = ws[0].size(1) * 2, groups = groups_of(scales_zeros[0]);
-  const auto sz_dtype = scales_zeros[0].scalar_type();
-  int64_t N = 0;
-  for (size_t j = 0; j < ws.size(); ++j) {
-    check_int4(x, ws[j], scales_zeros[j], K, groups, sz_dtype, "flexfast::linear_int4");
-    N += ws[j].size(0);
-  }
-  at::Tensor y = output(x, N);
-  if (sz_dtype == at::kFloat) run_int4<float>(x, ws, scales_zeros, y);
-  else run_int4<at::BFloat16>(x, ws, scales_zeros, y);
-  return y;
-}
-
-namespace {
 
 // e^x to about one fp32 ulp, for the SwiGLU's sigmoid: 2^n e^r with n = round(x / ln 2) and |r| <= ln 2 / 2, e^r by
 // its Taylor polynomial to r^6 (next term under 1.2e-7 of it); vscalefps applies 2^n, overflowing to inf and
@@ -577,148 +425,6 @@ inline void silu_times(float* gate, const float* up, int n) {
     const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e));
     _mm512_mask_storeu_ps(gate + i, k, as<Y>(_mm512_mul_ps(silu, u)));
   }
-}
-
-// The second linear of a fused op, w [N, H] of one format, reading the hidden rows [M, H] the first part wrote:
-// prepare(hidden, M, t, T) is thread t of T's share of making them what the format's kernel reads (every thread calls
-// it, between two barriers); block(hidden, local, m0, mc, out) leaves RB rows of w from row local against the hidden
-// rows m0 to m0 + mc - 1 in out[r * mc + m].
-template <typename W>
-struct DenseDown {
-  static constexpr int RB = R;
-  const W* w;
-  int64_t H;
-  void prepare(const float*, int64_t, int, int) {}  // the kernel reads the hidden rows as they are
-  void block(const float* hidden, int64_t local, int64_t m0, int mc, float* out) const {
-    dispatch_dot(mc, w + local * H, H, hidden + m0 * H, out);
-  }
-};
-
-template <typename S>
-struct Int8Down {
-  static constexpr int RB = R;
-  const int8_t* w;
-  const S* scales;
-  int64_t H;
-  Int16Buffers& buffers;  // the first thread's, which it fills
-  Int16Rows rows{};
-  void prepare(const float* hidden, int64_t M, int t, int) {  // one scale per row: one thread
-    if (t == 0) rows = int16_rows(hidden, M, H, buffers);
-  }
-  void block(const float*, int64_t local, int64_t m0, int mc, float* out) const {
-    int8_block(w, scales, H, local, rows, m0, mc, out);
-  }
-};
-
-template <typename S>
-struct Int4Down {
-  static constexpr int RB = INT4_ROWS;
-  const uint8_t* w;
-  const S* scales_zeros;
-  int64_t H, groups;
-  Int8Rows rows;
-  void prepare(const float* hidden, int64_t M, int t, int T) {  // a scale per 32 columns: blocks shared out
-    const auto [first, last] = share(M * rows.blocks, t, T);
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t m = i / rows.blocks, b = i % rows.blocks;
-      quantize_blocks(hidden, H, m, b, b + 1, rows);
-    }
-  }
-  void block(const float*, int64_t local, int64_t m0, int mc, float* out) const {
-    int4_block(w, scales_zeros, H, groups, local, rows, m0, mc, out);
-  }
-};
-
-// y [M, N] = down(hidden [M, H]) where produce(hidden, t, T) writes thread t of T's share of the hidden rows, in one
-// parallel region: produce, a barrier, down's prepare, a barrier, each thread's share of down's rows. As separate
-// calls, each forked and joined the threads, and at a decode step's sizes a fork and join costs about as much as
-// reading a small weight.
-template <typename Y, typename Produce, typename Down>
-void run_then_down(int64_t M, int64_t H, int64_t N, Y* y, const Produce& produce, Down& down) {
-  static thread_local std::vector<float> hidden_buffer;
-  float* hidden = aligned(hidden_buffer, M * H);
-#pragma omp parallel num_threads(at::get_num_threads())
-  {
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    produce(hidden, t, T);
-#pragma omp barrier
-    down.prepare(hidden, M, t, T);
-#pragma omp barrier
-    const auto [first, last] = share(N / Down::RB, t, T);
-    blocks_into<Down::RB>(first, last, M, N, y, [&](int64_t b, int64_t m0, int mc, float* out) {
-      down.block(hidden, b * Down::RB, m0, mc, out);
-      return b * Down::RB;
-    });
-  }
-}
-
-// y [M, D] = w2 @ (silu(w1 @ x) * (w3 @ x)) for x [M, D], w1 and w3 [H, D], w2 [D, H] (down), in one parallel region
-// (run_then_down): each thread takes RB rows of w1 and of w3 at a time, gate_up(local, m0, mc, gate, up) leaving
-// their outputs for x's rows m0 to m0 + mc - 1 in [r * mc + m], and writes silu(gate) * up to the hidden rows.
-template <int RB, typename Y, typename GateUp, typename Down>
-void run_swiglu(int64_t M, int64_t D, int64_t H, Y* y, const GateUp& gate_up, Down& down) {
-  run_then_down(M, H, D, y, [&](float* hidden, int t, int T) {
-    alignas(64) float gate[RB * 4], up[RB * 4];
-    const auto [first, last] = share(H / RB, t, T);
-    for (int64_t b = first; b < last; ++b)
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
-        gate_up(b * RB, m0, mc, gate, up);
-        silu_times<Y>(gate, up, RB * mc);
-        for (int r = 0; r < RB; ++r)
-          for (int m = 0; m < mc; ++m) hidden[(m0 + m) * H + b * RB + r] = gate[r * mc + m];
-      }
-  }, down);
-}
-
-template <typename W, typename Y>
-void run_swiglu_dense(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
-                      at::Tensor& y) {
-  const int64_t D = x.size(-1), H = w1.size(0), M = x.numel() / D;
-  const W *gate_w = w1.data_ptr<W>(), *up_w = w3.data_ptr<W>();
-  const float* xf = float_rows(x, M, D);
-  DenseDown<W> down{w2.data_ptr<W>(), H};
-  run_swiglu<R>(M, D, H, y.data_ptr<Y>(), [&](int64_t local, int64_t m0, int mc, float* gate, float* up) {
-    dispatch_dot(mc, gate_w + local * D, D, xf + m0 * D, gate);
-    dispatch_dot(mc, up_w + local * D, D, xf + m0 * D, up);
-  }, down);
-}
-
-template <typename S, typename Y>
-void run_swiglu_int8(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& w3,
-                     const at::Tensor& s3, const at::Tensor& w2, const at::Tensor& s2, at::Tensor& y) {
-  const int64_t D = x.size(-1), H = w1.size(0), M = x.numel() / D;
-  const int8_t *gate_w = w1.data_ptr<int8_t>(), *up_w = w3.data_ptr<int8_t>();
-  const S *gate_s = s1.data_ptr<S>(), *up_s = s3.data_ptr<S>();
-  static thread_local Int16Buffers x_buffers, hidden_buffers;
-  const Int16Rows xr = int16_rows(float_rows(x, M, D), M, D, x_buffers);
-  Int8Down<S> down{w2.data_ptr<int8_t>(), s2.data_ptr<S>(), H, hidden_buffers};
-  run_swiglu<R>(M, D, H, y.data_ptr<Y>(), [&](int64_t local, int64_t m0, int mc, float* gate, float* up) {
-    int8_block(gate_w, gate_s, D, local, xr, m0, mc, gate);
-    int8_block(up_w, up_s, D, local, xr, m0, mc, up);
-  }, down);
-}
-
-// An int4 weight w [N, H/2] as the second linear of M hidden rows (its int8 rows in the calling thread's buffers)
-template <typename S>
-Int4Down<S> int4_down(const at::Tensor& w, const at::Tensor& sz, int64_t M) {
-  static thread_local Int8Buffers buffers;
-  const int64_t H = w.size(1) * 2;
-  return Int4Down<S>{w.data_ptr<uint8_t>(), sz.data_ptr<S>(), H, sz.size(1), buffers.rows(M, H)};
-}
-
-template <typename S, typename Y>
-void run_swiglu_int4(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& sz1, const at::Tensor& w3,
-                     const at::Tensor& sz3, const at::Tensor& w2, const at::Tensor& sz2, at::Tensor& y) {
-  const int64_t D = x.size(-1), H = w1.size(0), M = x.numel() / D, groups = sz1.size(1);
-  const uint8_t *gate_w = w1.data_ptr<uint8_t>(), *up_w = w3.data_ptr<uint8_t>();
-  const S *gate_sz = sz1.data_ptr<S>(), *up_sz = sz3.data_ptr<S>();
-  const Int8Rows xr = quantize_rows(float_rows(x, M, D), M, D);
-  Int4Down<S> down = int4_down<S>(w2, sz2, M);
-  run_swiglu<INT4_ROWS>(M, D, H, y.data_ptr<Y>(), [&](int64_t local, int64_t m0, int mc, float* gate, float* up) {
-    int4_block(gate_w, gate_sz, D, groups, local, xr, m0, mc, gate);
-    int4_block(up_w, up_sz, D, groups, local, xr, m0, mc, up);
-  }, down);
 }
 
 // Which of the (up to) 16 slots from `allowed` the mask allows
@@ -796,166 +502,6 @@ void attend_units(const Q* q, const Q* k, const Q* v, int64_t kv_stride, const b
   }
 }
 
-template <typename Q, typename Down>
-void run_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, Down& down,
-                   at::Tensor& y) {
-  const int64_t H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1), S = k.size(2);
-  const Q *qp = q.data_ptr<Q>(), *kp = k.data_ptr<Q>(), *vp = v.data_ptr<Q>();
-  const bool* mp = mask.data_ptr<bool>();
-  run_then_down(T, H * D, y.size(-1), y.data_ptr<Q>(), [&](float* hidden, int t, int threads) {
-    if (D == 64) attend_units<4>(qp, kp, vp, k.stride(1), mp, H, KV, T, S, t, threads, hidden);
-    else attend_units<8>(qp, kp, vp, k.stride(1), mp, H, KV, T, S, t, threads, hidden);
-  }, down);
-}
-
-}  // namespace
-
-// q, k, v and the mask of an attention_* call, checked: q [1, H, T <= MAX_M, D of 64 or 128] and the cache slots k,
-// v [1, KV, S, D] (a narrowed view of the cache taken as it is), the mask bool [..., T, S] as [T, S]; and rows
-// [T, H * D] of q's dtype (empty), the shape of what wo reads, for the checks the linear ops make of their x
-struct AttentionInputs {
-  at::Tensor q, k, v, mask, rows;
-};
-
-AttentionInputs attention_inputs(const at::Tensor& q_any, const at::Tensor& k_any, const at::Tensor& v_any,
-                                 const at::Tensor& mask_any, const char* what) {
-  const at::Tensor q = q_any.contiguous();
-  // each head's slots contiguous, the heads apart
-  auto slots = [](const at::Tensor& c) { return c.stride(3) == 1 && c.stride(2) == c.size(3) ? c : c.contiguous(); };
-  at::Tensor k = slots(k_any), v = slots(v_any);
-  if (k.strides() != v.strides()) k = k.contiguous(), v = v.contiguous();  // the kernel reads both with one stride
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == 1 && k.size(0) == 1 && k.sizes() == v.sizes() &&
-                  k.strides() == v.strides() && k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0 &&
-                  (q.size(3) == 64 || q.size(3) == 128) && q.size(2) <= MAX_M,
-              what, ": q [1, H, T <= ", MAX_M, ", D of 64 or 128] against k, v [1, KV, S, D], H a multiple of KV");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
-                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
-              what, ": q, k, v fp32 or bf16, of one dtype");
-  TORCH_CHECK(mask_any.scalar_type() == at::kBool && mask_any.numel() == q.size(2) * k.size(2) &&
-                  mask_any.size(-1) == k.size(2),
-              what, ": mask must be bool [..., T, S]");
-  return {q, k, v, mask_any.reshape({q.size(2), k.size(2)}).contiguous(),
-          at::empty({q.size(2), q.size(1) * q.size(3)}, q.options())};
-}
-
-// y [1, T, dim] for wo [dim, H * D] of any format (its Down)
-template <typename Down>
-at::Tensor attend_then(const AttentionInputs& a, int64_t dim, Down& down) {
-  at::Tensor y = at::empty({1, a.q.size(2), dim}, a.q.options());
-  with_type(a.q.scalar_type(), [&](auto q) { run_attention<decltype(q)>(a.q, a.k, a.v, a.mask, down, y); });
-  return y;
-}
-
-// y [1, T, dim] = wo(attention of q [1, H, T, D] against the cache slots k, v [1, KV, S, D] the mask [..., T, S]
-// allows), few_token_attention and the wo linear in one parallel region (run_attention): wo [dim, H * D] bf16 or fp32,
-// int8 with its row scales, or int4 with its scales_zeros (as the linear ops take them).
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                     const at::Tensor& wo) {
-  const char* what = "flexfast::attention";
-  const AttentionInputs a = attention_inputs(q, k, v, mask, what);
-  checked_rows(a.rows, {wo}, what);
-  TORCH_CHECK(wo.scalar_type() == at::kFloat || wo.scalar_type() == at::kBFloat16, what, ": wo must be fp32 or bf16");
-  return with_type(wo.scalar_type(), [&](auto w) {
-    using W = decltype(w);
-    DenseDown<W> down{wo.data_ptr<W>(), a.rows.size(1)};
-    return attend_then(a, wo.size(0), down);
-  });
-}
-
-at::Tensor attention_int8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                          const at::Tensor& wo, const at::Tensor& scales) {
-  const char* what = "flexfast::attention_int8";
-  const AttentionInputs a = attention_inputs(q, k, v, mask, what);
-  checked_rows(a.rows, {wo}, what);
-  TORCH_CHECK(wo.scalar_type() == at::kChar && scales.is_contiguous() && scales.numel() == wo.size(0) &&
-                  (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kBFloat16),
-              what, ": wo must be int8 with N contiguous fp32 or bf16 scales");
-  static thread_local Int16Buffers buffers;
-  return with_type(scales.scalar_type(), [&](auto scale) {
-    using S = decltype(scale);
-    Int8Down<S> down{wo.data_ptr<int8_t>(), scales.data_ptr<S>(), a.rows.size(1), buffers};
-    return attend_then(a, wo.size(0), down);
-  });
-}
-
-at::Tensor attention_int4(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                          const at::Tensor& wo, const at::Tensor& sz) {
-  const char* what = "flexfast::attention_int4";
-  const AttentionInputs a = attention_inputs(q, k, v, mask, what);
-  check_int4(a.rows, wo, sz, a.rows.size(1), groups_of(sz), sz.scalar_type(), what);
-  return with_type(sz.scalar_type(), [&](auto scale) {
-    Int4Down<decltype(scale)> down = int4_down<decltype(scale)>(wo, sz, a.q.size(2));
-    return attend_then(a, wo.size(0), down);
-  });
-}
-
-// w2 [D, H] against w1 [H, ...]: the shapes of a SwiGLU, checked for x [..., D] (columns: w2's as stored)
-void check_swiglu_shapes(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
-                         int64_t w2_columns, const char* what) {
-  TORCH_CHECK(w1.dim() == 2 && w3.dim() == 2 && w2.dim() == 2 && w3.size(0) == w1.size(0) &&
-                  w2.size(0) == x.size(-1) && w2.size(1) == w2_columns,
-              what, ": w1, w3 must be [H, D] and w2 [D, H]");
-}
-
-at::Tensor swiglu(const at::Tensor& x_any, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2) {
-  const at::Tensor x = x_any.contiguous();
-  const char* what = "flexfast::swiglu";
-  checked_rows(x, {w1, w3}, what);
-  check_swiglu_shapes(x, w1, w3, w2, w1.size(0), what);
-  checked_rows(at::empty({w1.size(0)}, x.options()), {w2}, what);
-  const auto dtype = w1.scalar_type();
-  TORCH_CHECK(w2.scalar_type() == dtype && (dtype == at::kFloat || dtype == at::kBFloat16), what,
-              ": weights must be fp32 or bf16, one dtype for all");
-  at::Tensor y = output(x, x.size(-1));
-  with_type(dtype, [&](auto w) {
-    with_type(x.scalar_type(), [&](auto out) { run_swiglu_dense<decltype(w), decltype(out)>(x, w1, w3, w2, y); });
-  });
-  return y;
-}
-
-at::Tensor swiglu_int8(const at::Tensor& x_any, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& w3,
-                       const at::Tensor& s3, const at::Tensor& w2, const at::Tensor& s2) {
-  const at::Tensor x = x_any.contiguous();
-  const char* what = "flexfast::swiglu_int8";
-  checked_rows(x, {w1, w3}, what);
-  check_swiglu_shapes(x, w1, w3, w2, w1.size(0), what);
-  checked_rows(at::empty({w1.size(0)}, x.options()), {w2}, what);
-  const auto s_dtype = s1.scalar_type();
-  TORCH_CHECK(w1.scalar_type() == at::kChar && w2.scalar_type() == at::kChar, what, ": weights must be int8");
-  for (const auto& [w, s] : {std::pair{w1, s1}, std::pair{w3, s3}, std::pair{w2, s2}})
-    TORCH_CHECK(s.is_contiguous() && s.numel() == w.size(0) && s.scalar_type() == s_dtype &&
-                    (s_dtype == at::kFloat || s_dtype == at::kBFloat16),
-                what, ": scales must be N contiguous fp32 or bf16 values, one dtype for all");
-  at::Tensor y = output(x, x.size(-1));
-  with_type(s_dtype, [&](auto scale) {
-    with_type(x.scalar_type(), [&](auto out) {
-      run_swiglu_int8<decltype(scale), decltype(out)>(x, w1, s1, w3, s3, w2, s2, y);
-    });
-  });
-  return y;
-}
-
-at::Tensor swiglu_int4(const at::Tensor& x_any, const at::Tensor& w1, const at::Tensor& sz1, const at::Tensor& w3,
-                       const at::Tensor& sz3, const at::Tensor& w2, const at::Tensor& sz2) {
-  const at::Tensor x = x_any.contiguous();
-  const char* what = "flexfast::swiglu_int4";
-  const int64_t D = x.size(-1), H = w1.dim() == 2 ? w1.size(0) : 0;
-  const auto sz_dtype = sz1.scalar_type();
-  check_int4(x, w1, sz1, D, groups_of(sz1), sz_dtype, what);
-  check_int4(x, w3, sz3, D, groups_of(sz1), sz_dtype, what);
-  check_swiglu_shapes(x, w1, w3, w2, H / 2, what);
-  check_int4(at::empty({H}, x.options()), w2, sz2, H, groups_of(sz2), sz_dtype, what);
-  at::Tensor y = output(x, D);
-  with_type(sz_dtype, [&](auto scale) {
-    with_type(x.scalar_type(), [&](auto out) {
-      run_swiglu_int4<decltype(scale), decltype(out)>(x, w1, sz1, w3, sz3, w2, sz2, y);
-    });
-  });
-  return y;
-}
-
-namespace {
-
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(at::BFloat16* p, __m512 v) {  // v rounded to bf16 already (as<at::BFloat16>)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
@@ -997,15 +543,46 @@ void rope_one(const Y* x, const float* cos, const float* sin, int64_t D, Y* to) 
   }
 }
 
-// How run_layer reads a weight format, per thread: prepare(rows, M, K) makes fp32 rows [M, K] what the format's
-// kernel reads (in this thread's buffers), block(w, local, m0, mc, out) leaves RB rows of w from row local against
-// the prepared rows m0 to m0 + mc - 1 in out[r * mc + m]. Dense: W fp32 or bf16, the rows as they are.
+// f(float{}) for an fp32 dtype, f(at::BFloat16{}) for bf16 (the callers check it is one of them)
+template <typename F>
+auto with_type(at::ScalarType dtype, const F& f) {
+  return dtype == at::kFloat ? f(float{}) : f(at::BFloat16{});
+}
+
+// x of K columns as the ops take it: CPU, fp32 or bf16, at most MAX_M rows
+void check_x(const at::Tensor& x, int64_t K, const char* what) {
+  TORCH_CHECK(x.device().is_cpu(), what, ": x must be a CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what, ": x must be fp32 or bf16");
+  TORCH_CHECK(x.dim() >= 1 && K > 0 && x.size(-1) == K && x.numel() / K <= MAX_M, what, ": x must be [..., ", K,
+              "] of at most ", MAX_M, " rows");
+}
+
+// w a contiguous [N, stored] of dtype that rows of K columns multiply (stored: K, or K / 2 for int4's nibbles), N a
+// multiple of the format's block rows
+void check_weight(const at::Tensor& w, at::ScalarType dtype, int64_t K, int64_t stored, int block_rows,
+                  const char* what) {
+  TORCH_CHECK(K % 32 == 0, what, ": K must be a multiple of 32, not ", K);
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == stored && w.is_contiguous() && w.scalar_type() == dtype, what,
+              ": weights must be contiguous [N, K] (int4: [N, K/2] bytes) of one dtype and K");
+  TORCH_CHECK(w.size(0) % block_rows == 0, what, ": N must be a multiple of ", block_rows);
+}
+
+// How the ops read a weight format. RB: the weight rows a block takes. Weight: one weight's pointers, from weight(w,
+// s, K, what), which checks the tensors first (w for rows of K columns, s its scales: none for dense weights).
+// prepare(rows, M, K): fp32 rows [M, K] made what the format's kernel reads, in this instance's buffers; inside a
+// parallel region each thread prepares its own (a few microseconds, where sharing the work out cost a barrier).
+// block(w, local, m0, mc, out): RB rows of w from row `local` against the prepared rows m0 to m0 + mc - 1, in
+// out[r * mc + m]. Dense: W fp32 or bf16, the rows read as they are.
 template <typename W>
 struct DenseFormat {
   static constexpr int RB = R;
   struct Weight {
     const W* w;
   };
+  static Weight weight(const at::Tensor& w, const at::Tensor*, int64_t K, const char* what) {
+    check_weight(w, c10::CppTypeToScalarType<W>::value, K, K, R, what);
+    return {w.data_ptr<W>()};
+  }
   const float* x = nullptr;
   int64_t K = 0;
   void prepare(const float* rows, int64_t, int64_t columns) { x = rows, K = columns; }
@@ -1022,6 +599,13 @@ struct Int8Format {
     const int8_t* w;
     const S* scales;
   };
+  static Weight weight(const at::Tensor& w, const at::Tensor* s, int64_t K, const char* what) {
+    check_weight(w, at::kChar, K, K, R, what);
+    TORCH_CHECK(s != nullptr, what, ": quantized weights need their scales");
+    TORCH_CHECK(s->is_contiguous() && s->numel() == w.size(0) && s->scalar_type() == c10::CppTypeToScalarType<S>::value,
+                what, ": int8 weights need N contiguous fp32 or bf16 scales, one dtype for all");
+    return {w.data_ptr<int8_t>(), s->data_ptr<S>()};
+  }
   Int16Buffers buffers;
   Int16Rows xr{};
   int64_t K = 0;
@@ -1041,6 +625,17 @@ struct Int4Format {
     const S* sz;
     int64_t groups;
   };
+  static Weight weight(const at::Tensor& w, const at::Tensor* sz, int64_t K, const char* what) {
+    check_weight(w, at::kByte, K, K / 2, INT4_ROWS, what);
+    TORCH_CHECK(sz != nullptr, what, ": quantized weights need their scales");
+    const int64_t groups = sz->dim() == 3 ? sz->size(1) : 0;
+    TORCH_CHECK(sz->is_contiguous() && sz->dim() == 3 && sz->size(0) == w.size(0) && sz->size(2) == 2 && groups > 0 &&
+                    K % groups == 0 && (K / groups) % BLOCK == 0 &&
+                    sz->scalar_type() == c10::CppTypeToScalarType<S>::value,
+                what, ": scales_zeros must be fp32 or bf16 [N, K/groupsize, 2], the groupsize a multiple of 32, one "
+                "dtype for all");
+    return {w.data_ptr<uint8_t>(), sz->data_ptr<S>(), groups};
+  }
   Int8Buffers buffers;
   Int8Rows xr{};
   int64_t K = 0;
@@ -1052,6 +647,184 @@ struct Int4Format {
     int4_block(w.w, w.sz, K, w.groups, local, xr, m0, mc, out);
   }
 };
+
+// f(Format{}) for the format of weights like w: fp32 or bf16 (dense); int8 with row scales s; uint8, int4 nibbles,
+// with scales_zeros s. s: nullptr for none.
+template <typename F>
+auto with_format(const at::Tensor& w, const at::Tensor* s, const char* what, const F& f) {
+  const auto dtype = w.scalar_type();
+  if (dtype == at::kFloat) return f(DenseFormat<float>{});
+  if (dtype == at::kBFloat16) return f(DenseFormat<at::BFloat16>{});
+  TORCH_CHECK(dtype == at::kChar || dtype == at::kByte, what, ": weights must be fp32, bf16, int8 or uint8 (int4 "
+              "nibbles)");
+  TORCH_CHECK(s != nullptr, what, ": quantized weights need their scales");
+  TORCH_CHECK(s->scalar_type() == at::kFloat || s->scalar_type() == at::kBFloat16, what,
+              ": scales must be fp32 or bf16");
+  if (dtype == at::kChar) return s->scalar_type() == at::kFloat ? f(Int8Format<float>{}) : f(Int8Format<at::BFloat16>{});
+  return s->scalar_type() == at::kFloat ? f(Int4Format<float>{}) : f(Int4Format<at::BFloat16>{});
+}
+
+at::Tensor output(const at::Tensor& x, int64_t N) {
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return at::empty(shape, x.options());
+}
+
+// What the threads of one parallel region do in turn. Each of these is thread t of `threads`' share.
+
+// y [M, N] = (the prepared rows) @ w^T, w of N rows: whole blocks of RB rows, so columns [first, last) of y, which it
+// returns (for a residual the caller adds to them)
+template <typename Format, typename Y>
+std::pair<int64_t, int64_t> share_of_rows(const Format& format, const typename Format::Weight& w, int64_t N, int64_t M,
+                                          int t, int threads, Y* y) {
+  constexpr int RB = Format::RB;
+  const auto [b0, b1] = share(N / RB, t, threads);
+  blocks_into<RB>(b0, b1, M, N, y, [&](int64_t b, int64_t m0, int mc, float* out) {
+    format.block(w, b * RB, m0, mc, out);
+    return b * RB;
+  });
+  return {b0 * RB, b1 * RB};
+}
+
+// hidden [M, F] = silu((the prepared rows) @ w1^T) * ((the prepared rows) @ w3^T), w1 and w3 of F rows
+template <typename Y, typename Format>
+void share_of_gate_up(const Format& format, const typename Format::Weight& w1, const typename Format::Weight& w3,
+                      int64_t F, int64_t M, int t, int threads, float* hidden) {
+  constexpr int RB = Format::RB;
+  alignas(64) float gate[RB * 4], up[RB * 4];
+  const auto [b0, b1] = share(F / RB, t, threads);
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int mc = static_cast<int>(std::min<int64_t>(4, M - m0));
+      format.block(w1, b * RB, m0, mc, gate);
+      format.block(w3, b * RB, m0, mc, up);
+      silu_times<Y>(gate, up, RB * mc);
+      for (int r = 0; r < RB; ++r)
+        for (int m = 0; m < mc; ++m) hidden[(m0 + m) * F + b * RB + r] = gate[r * mc + m];
+    }
+}
+
+// attend_units for head_dim D (64 or 128)
+template <typename Q>
+void share_of_attention(const Q* q, const Q* k, const Q* v, int64_t kv_stride, const bool* mask, int64_t H,
+                        int64_t KV, int64_t T, int64_t S, int64_t D, int t, int threads, float* hidden) {
+  if (D == 64) attend_units<4>(q, k, v, kv_stride, mask, H, KV, T, S, t, threads, hidden);
+  else attend_units<8>(q, k, v, kv_stride, mask, H, KV, T, S, t, threads, hidden);
+}
+
+// y [..., sum N_j] = x @ [W_0; W_1; ...]^T for weights of one format and K, their scales s_j (none for dense), in
+// one parallel region (run_parts); the rows are prepared once, on the calling thread.
+at::Tensor linear(const at::Tensor& x_any, const std::vector<at::Tensor>& ws, const std::vector<const at::Tensor*>& s,
+                  const char* what) {
+  const at::Tensor x = x_any.contiguous();
+  const int64_t K = x.dim() ? x.size(-1) : 0;
+  check_x(x, K, what);
+  return with_format(ws[0], s[0], what, [&](auto f) {
+    using Format = decltype(f);
+    std::vector<typename Format::Weight> weights;
+    std::vector<int64_t> rows;
+    for (size_t j = 0; j < ws.size(); ++j) {
+      weights.push_back(Format::weight(ws[j], s[j], K, what));
+      rows.push_back(ws[j].size(0));
+    }
+    at::Tensor y = output(x, std::accumulate(rows.begin(), rows.end(), int64_t{0}));
+    const int64_t M = x.numel() / K;
+    static thread_local Format calling_threads;
+    Format& format = calling_threads;  // what every thread reads (a thread_local named in the lambda is each one's own)
+    format.prepare(float_rows(x, M, K), M, K);
+    run_parts<Format::RB>(M, rows, y, [&](int j, int64_t local, int64_t m0, int mc, float* out) {
+      format.block(weights[j], local, m0, mc, out);
+    });
+    return y;
+  });
+}
+
+// y [..., D] = w2 @ (silu(w1 @ x) * (w3 @ x)) for x [..., D], w1 and w3 [H, D], w2 [D, H] of one format (scales s1,
+// s3, s2; none for dense), in one parallel region: each thread prepares x, takes its share of w1/w3's rows and the
+// activation, and after a barrier prepares the hidden rows and takes its share of w2's rows. As three calls, each
+// forked and joined the threads, and at a decode step's sizes a fork and join costs about as much as reading a small
+// weight.
+at::Tensor swiglu(const at::Tensor& x_any, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2,
+                  const at::Tensor* s1, const at::Tensor* s3, const at::Tensor* s2, const char* what) {
+  const at::Tensor x = x_any.contiguous();
+  const int64_t D = x.dim() ? x.size(-1) : 0;
+  check_x(x, D, what);
+  TORCH_CHECK(w1.dim() == 2 && w3.sizes() == w1.sizes() && w2.dim() == 2 && w2.size(0) == D, what,
+              ": w1, w3 must be [H, D] and w2 [D, H]");
+  const int64_t H = w1.size(0), M = x.numel() / D;
+  return with_format(w1, s1, what, [&](auto f) {
+    using Format = decltype(f);
+    const auto gate = Format::weight(w1, s1, D, what), up = Format::weight(w3, s3, D, what);
+    const auto down = Format::weight(w2, s2, H, what);
+    at::Tensor y = output(x, D);
+    with_type(x.scalar_type(), [&](auto y_type) {
+      using Y = decltype(y_type);
+      const float* xf = float_rows(x, M, D);
+      static thread_local std::vector<float> hidden_buffer;
+      float* hidden = aligned(hidden_buffer, M * H);
+#pragma omp parallel num_threads(at::get_num_threads())
+      {
+        const int t = omp_get_thread_num(), threads = omp_get_num_threads();
+        static thread_local Format format;
+        format.prepare(xf, M, D);
+        share_of_gate_up<Y>(format, gate, up, H, M, t, threads, hidden);
+#pragma omp barrier
+        format.prepare(hidden, M, H);
+        share_of_rows(format, down, D, M, t, threads, y.data_ptr<Y>());
+      }
+      return 0;
+    });
+    return y;
+  });
+}
+
+// y [1, T, dim] = wo(attention of q [1, H, T <= MAX_M, D of 64 or 128] against the cache slots k, v [1, KV, S, D],
+// a narrowed view of the cache taken as it is, the slots the mask [..., T, S] allows), wo [dim, H * D] of any format
+// (so: its scales, none for dense), in one parallel region: each thread's attention units, a barrier, then each
+// prepares the attended rows and takes its share of wo's rows.
+at::Tensor attention(const at::Tensor& q_any, const at::Tensor& k_any, const at::Tensor& v_any, const at::Tensor& mask,
+                     const at::Tensor& wo, const at::Tensor* so, const char* what) {
+  const at::Tensor q = q_any.contiguous();
+  // each head's slots contiguous, the heads apart
+  auto slots = [](const at::Tensor& c) { return c.stride(3) == 1 && c.stride(2) == c.size(3) ? c : c.contiguous(); };
+  at::Tensor k = slots(k_any), v = slots(v_any);
+  if (k.strides() != v.strides()) k = k.contiguous(), v = v.contiguous();  // the kernel reads both with one stride
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == 1 && k.size(0) == 1 && k.sizes() == v.sizes() &&
+                  k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0 && (q.size(3) == 64 || q.size(3) == 128) &&
+                  q.size(2) <= MAX_M,
+              what, ": q [1, H, T <= ", MAX_M, ", D of 64 or 128] against k, v [1, KV, S, D], H a multiple of KV");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              what, ": q, k, v fp32 or bf16, of one dtype");
+  const int64_t H = q.size(1), T = q.size(2), D = q.size(3), KV = k.size(1), S = k.size(2), NQ = H * D;
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.numel() == T * S && mask.size(-1) == S, what,
+              ": mask must be bool [..., T, S]");
+  const at::Tensor allowed = mask.reshape({T, S}).contiguous();
+  TORCH_CHECK(wo.dim() == 2, what, ": wo must be [dim, H * D]");
+  return with_format(wo, so, what, [&](auto f) {
+    using Format = decltype(f);
+    const auto w = Format::weight(wo, so, NQ, what);
+    const int64_t dim = wo.size(0);
+    at::Tensor y = at::empty({1, T, dim}, q.options());
+    with_type(q.scalar_type(), [&](auto q_type) {
+      using Q = decltype(q_type);
+      static thread_local std::vector<float> attended_buffer;
+      float* attended = aligned(attended_buffer, T * NQ);
+#pragma omp parallel num_threads(at::get_num_threads())
+      {
+        const int t = omp_get_thread_num(), threads = omp_get_num_threads();
+        share_of_attention(q.data_ptr<Q>(), k.data_ptr<Q>(), v.data_ptr<Q>(), k.stride(1), allowed.data_ptr<bool>(), H,
+                           KV, T, S, D, t, threads, attended);
+#pragma omp barrier
+        static thread_local Format format;
+        format.prepare(attended, T, NQ);
+        share_of_rows(format, w, dim, T, t, threads, y.data_ptr<Q>());
+      }
+      return 0;
+    });
+    return y;
+  });
+}
 
 // The pointers and sizes of one plain layer (layer): activations Y, weights of Format, the caches [B, KV, slots, D]
 // of Y (batch 0 written and read, head_stride and slot_stride apart), the mask [T, S]
@@ -1077,8 +850,7 @@ struct Layer {
 // share) and writes its share of the KV heads into the caches; after another, its attention units; then its share of
 // wo's rows and their residual, the ffn norm of h (again its own), its share of w1/w3's rows and the activation, and
 // its share of w2's rows and their residual: five barriers, where as three ops a layer forked and joined the
-// threads three times with inductor's kernels between them on one thread (BENCHMARKS.md). Each thread prepares
-// the rows each part reads for its format itself (a few microseconds), where the ops shared that work out.
+// threads three times with inductor's kernels between them on one thread (BENCHMARKS.md).
 template <typename Format, typename Y>
 void run_layer(const Layer<Format, Y>& l, Y* out) {
   constexpr int RB = Format::RB;
@@ -1120,37 +892,19 @@ void run_layer(const Layer<Format, Y>& l, Y* out) {
         std::copy_n(projected + row * N + NQ + NK + head * D, D, l.v_cache + slot);
       }
 #pragma omp barrier
-    if (D == 64) attend_units<4>(q, l.k_cache, l.v_cache, l.head_stride, l.mask, l.H, l.KV, T, l.S, t, threads, attended);
-    else attend_units<8>(q, l.k_cache, l.v_cache, l.head_stride, l.mask, l.H, l.KV, T, l.S, t, threads, attended);
+    share_of_attention(q, l.k_cache, l.v_cache, l.head_stride, l.mask, l.H, l.KV, T, l.S, D, t, threads, attended);
 #pragma omp barrier
     format.prepare(attended, T, NQ);
-    const auto [o0, o1] = share(dim / RB, t, threads);  // this thread's columns of h and of out
-    blocks_into<RB>(o0, o1, T, dim, h, [&](int64_t b, int64_t m0, int mc, float* o) {
-      format.block(l.wo, b * RB, m0, mc, o);
-      return b * RB;
-    });
-    for (int64_t m = 0; m < T; ++m) add_into(l.x + m * dim + o0 * RB, h + m * dim + o0 * RB, (o1 - o0) * RB);
+    const auto [c0, c1] = share_of_rows(format, l.wo, dim, T, t, threads, h);  // this thread's columns of h and out
+    for (int64_t m = 0; m < T; ++m) add_into(l.x + m * dim + c0, h + m * dim + c0, c1 - c0);
 #pragma omp barrier
     rms_norm_rows(h, l.ffn_norm, T, dim, l.eps, normed);
     format.prepare(normed, T, dim);
-    alignas(64) float gate[RB * 4], up[RB * 4];
-    const auto [g0, g1] = share(F / RB, t, threads);
-    for (int64_t b = g0; b < g1; ++b)
-      for (int64_t m0 = 0; m0 < T; m0 += 4) {
-        const int mc = static_cast<int>(std::min<int64_t>(4, T - m0));
-        format.block(l.w1, b * RB, m0, mc, gate);
-        format.block(l.w3, b * RB, m0, mc, up);
-        silu_times<Y>(gate, up, RB * mc);
-        for (int r = 0; r < RB; ++r)
-          for (int m = 0; m < mc; ++m) hidden[(m0 + m) * F + b * RB + r] = gate[r * mc + m];
-      }
+    share_of_gate_up<Y>(format, l.w1, l.w3, F, T, t, threads, hidden);
 #pragma omp barrier
     format.prepare(hidden, T, F);
-    blocks_into<RB>(o0, o1, T, dim, out, [&](int64_t b, int64_t m0, int mc, float* o) {
-      format.block(l.w2, b * RB, m0, mc, o);
-      return b * RB;
-    });
-    for (int64_t m = 0; m < T; ++m) add_into(h + m * dim + o0 * RB, out + m * dim + o0 * RB, (o1 - o0) * RB);
+    share_of_rows(format, l.w2, dim, T, t, threads, out);
+    for (int64_t m = 0; m < T; ++m) add_into(h + m * dim + c0, out + m * dim + c0, c1 - c0);
   }
 }
 
@@ -1159,8 +913,7 @@ void run_layer(const Layer<Format, Y>& l, Y* out) {
 // A plain layer for x [1, T <= MAX_M, dim] in one call (run_layer), writing this step's keys and values into
 // k_cache and v_cache [B, KV, slots, D] (batch 0) at input_pos; attention reads the mask's S slots. cos and sin: the
 // rope's rows [T, D] at input_pos (model.rope_rows). The weights' format is their dtype: fp32 or bf16; int8 with
-// row scales sq, ...; uint8, int4 as linear_int4 takes it, with scales_zeros sq, .... Checks what the linear,
-// attention and swiglu ops check, on tensors of the shapes they would be given.
+// row scales sq, ...; uint8, int4 as linear_int4 takes it, with scales_zeros sq, ....
 at::Tensor layer(const at::Tensor& x_any, const at::Tensor& attn_norm, const at::Tensor& ffn_norm,
                  const at::Tensor& cos_any, const at::Tensor& sin_any, const at::Tensor& input_pos,
                  at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& mask, double eps, const at::Tensor& wq,
@@ -1171,9 +924,10 @@ at::Tensor layer(const at::Tensor& x_any, const at::Tensor& attn_norm, const at:
                  const std::optional<at::Tensor>& s3, const std::optional<at::Tensor>& s2) {
   const char* what = "flexfast::layer";
   const at::Tensor x = x_any.contiguous();
-  const auto dtype = x.scalar_type(), w_dtype = wq.scalar_type();
+  const auto dtype = x.scalar_type();
   TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.size(1) <= MAX_M && (dtype == at::kFloat || dtype == at::kBFloat16),
               what, ": x must be fp32 or bf16 [1, T <= ", MAX_M, ", dim]");
+  check_x(x, x.size(2), what);
   for (const at::Tensor* n : {&attn_norm, &ffn_norm})
     TORCH_CHECK(n->is_contiguous() && n->numel() == x.size(2) && n->scalar_type() == dtype, what,
                 ": norm weights must be [dim] of x's dtype");
@@ -1181,12 +935,11 @@ at::Tensor layer(const at::Tensor& x_any, const at::Tensor& attn_norm, const at:
                   k_cache.stride(3) == 1 && k_cache.stride(2) == k_cache.size(3) &&
                   k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype,
               what, ": caches must be [B, KV, slots, D] of x's dtype, each head's slots contiguous, one layout");
-  const bool int4 = w_dtype == at::kByte;
   const int64_t T = x.size(1), dim = x.size(2), KV = k_cache.size(1), D = k_cache.size(3);
-  const int64_t NQ = wq.size(0), F = w1.size(0), unpacked = int4 ? 2 : 1;
-  TORCH_CHECK((D == 64 || D == 128) && NQ % D == 0 && (NQ / D) % KV == 0 && wk.size(0) == KV * D &&
-                  wv.size(0) == KV * D && wo.dim() == 2 && wo.size(1) * unpacked == NQ && w2.dim() == 2 &&
-                  w2.size(1) * unpacked == F && w1.dim() == 2 && w3.sizes() == w1.sizes() && w2.size(0) == dim,
+  const int64_t NQ = wq.dim() == 2 ? wq.size(0) : 0, F = w1.dim() == 2 ? w1.size(0) : 0;
+  TORCH_CHECK((D == 64 || D == 128) && NQ % D == 0 && (NQ / D) % KV == 0 && wk.dim() == 2 && wk.size(0) == KV * D &&
+                  wv.dim() == 2 && wv.size(0) == KV * D && wo.dim() == 2 && wo.size(0) == dim &&
+                  w3.sizes() == w1.sizes() && w2.dim() == 2 && w2.size(0) == dim,
               what, ": wq [H D, dim], wk and wv [KV D, dim] for the cache's KV heads (D 64 or 128), wo [dim, H D], "
               "w1 and w3 [F, dim], w2 [dim, F]");
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.numel() == T * mask.size(-1) &&
@@ -1201,78 +954,35 @@ at::Tensor layer(const at::Tensor& x_any, const at::Tensor& attn_norm, const at:
     TORCH_CHECK(pos.data_ptr<int64_t>()[m] >= 0 && pos.data_ptr<int64_t>()[m] < k_cache.size(2), what,
                 ": position ", pos.data_ptr<int64_t>()[m], " is outside the cache's ", k_cache.size(2), " slots");
   const at::Tensor mask_rows = mask.reshape({T, mask.size(-1)}).contiguous();
-  // the rows each weight reads, for the ops' own checks
-  const at::Tensor attended = at::empty({T, NQ}, x.options()), hidden = at::empty({T, F}, x.options());
+  auto scales = [](const std::optional<at::Tensor>& s) { return s ? &*s : nullptr; };
   at::Tensor out = at::empty(x.sizes(), x.options());
-  auto run = [&](auto format, auto wq_, auto wk_, auto wv_, auto wo_, auto w1_, auto w3_, auto w2_) {
-    using Format = decltype(format);
-    with_type(dtype, [&](auto y) {
+  with_format(wq, scales(sq), what, [&](auto f) {
+    using Format = decltype(f);
+    auto weight = [&](const at::Tensor& w, const std::optional<at::Tensor>& s, int64_t K) {
+      return Format::weight(w, scales(s), K, what);
+    };
+    const auto q = weight(wq, sq, dim), k = weight(wk, sk, dim), v = weight(wv, sv, dim), o = weight(wo, so, NQ);
+    const auto gate = weight(w1, s1, dim), up = weight(w3, s3, dim), down = weight(w2, s2, F);
+    return with_type(dtype, [&](auto y) {
       using Y = decltype(y);
       const Layer<Format, Y> l{x.data_ptr<Y>(), attn_norm.data_ptr<Y>(), ffn_norm.data_ptr<Y>(),
                                cos.data_ptr<float>(), sin.data_ptr<float>(), pos.data_ptr<int64_t>(),
                                k_cache.data_ptr<Y>(), v_cache.data_ptr<Y>(), k_cache.stride(1), k_cache.stride(2),
-                               mask_rows.data_ptr<bool>(), mask.size(-1), wq_, wk_, wv_, wo_, w1_, w3_, w2_, T, dim,
+                               mask_rows.data_ptr<bool>(), mask.size(-1), q, k, v, o, gate, up, down, T, dim,
                                NQ / D, KV, D, F, static_cast<float>(eps)};
       run_layer(l, out.data_ptr<Y>());
       return 0;
     });
-  };
-  if (w_dtype == at::kFloat || w_dtype == at::kBFloat16) {
-    for (const auto& [rows, ws] : {std::pair{x, std::vector<at::Tensor>{wq, wk, wv}}, std::pair{attended, std::vector<at::Tensor>{wo}},
-                                   std::pair{x, std::vector<at::Tensor>{w1, w3}}, std::pair{hidden, std::vector<at::Tensor>{w2}}})
-      checked_rows(rows, ws, what);
-    TORCH_CHECK(wo.scalar_type() == w_dtype && w1.scalar_type() == w_dtype, what, ": weights of one dtype");
-    with_type(w_dtype, [&](auto w) {
-      using W = decltype(w);
-      using Weight = typename DenseFormat<W>::Weight;
-      run(DenseFormat<W>{}, Weight{wq.data_ptr<W>()}, Weight{wk.data_ptr<W>()}, Weight{wv.data_ptr<W>()},
-          Weight{wo.data_ptr<W>()}, Weight{w1.data_ptr<W>()}, Weight{w3.data_ptr<W>()}, Weight{w2.data_ptr<W>()});
-      return 0;
-    });
-    return out;
-  }
-  TORCH_CHECK(w_dtype == at::kChar || int4, what, ": weights must be fp32, bf16, int8 or uint8 (int4 nibbles)");
-  TORCH_CHECK(sq && sk && sv && so && s1 && s3 && s2, what, ": quantized weights need their scales");
-  const std::vector<std::pair<const at::Tensor*, const at::Tensor*>> pairs{
-      {&wq, &*sq}, {&wk, &*sk}, {&wv, &*sv}, {&wo, &*so}, {&w1, &*s1}, {&w3, &*s3}, {&w2, &*s2}};
-  const auto s_dtype = sq->scalar_type();
-  for (size_t j = 0; j < pairs.size(); ++j) {
-    const at::Tensor& rows = j < 3 || j == 4 || j == 5 ? x : j == 3 ? attended : hidden;
-    const at::Tensor &w = *pairs[j].first, &s = *pairs[j].second;
-    if (int4) {
-      check_int4(rows, w, s, rows.size(-1), groups_of(s), s_dtype, what);
-    } else {
-      checked_rows(rows, {w}, what);
-      TORCH_CHECK(w.scalar_type() == at::kChar && s.is_contiguous() && s.numel() == w.size(0) &&
-                      s.scalar_type() == s_dtype && (s_dtype == at::kFloat || s_dtype == at::kBFloat16),
-                  what, ": int8 weights with N contiguous fp32 or bf16 scales, one dtype for all");
-    }
-  }
-  with_type(s_dtype, [&](auto scale) {
-    using S = decltype(scale);
-    if (int4) {
-      auto weight = [](const at::Tensor& w, const at::Tensor& sz) {
-        return typename Int4Format<S>::Weight{w.data_ptr<uint8_t>(), sz.data_ptr<S>(), sz.size(1)};
-      };
-      run(Int4Format<S>{}, weight(wq, *sq), weight(wk, *sk), weight(wv, *sv), weight(wo, *so), weight(w1, *s1),
-          weight(w3, *s3), weight(w2, *s2));
-    } else {
-      auto weight = [](const at::Tensor& w, const at::Tensor& s) {
-        return typename Int8Format<S>::Weight{w.data_ptr<int8_t>(), s.data_ptr<S>()};
-      };
-      run(Int8Format<S>{}, weight(wq, *sq), weight(wk, *sk), weight(wv, *sv), weight(wo, *so), weight(w1, *s1),
-          weight(w3, *s3), weight(w2, *s2));
-    }
-    return 0;
   });
   return out;
 }
 
 void set_prefetch_l2(bool l2) { prefetch_l2 = l2; }
 
-// The linear ops' entries take up to three weights of one K (wq/wk/wv) as arguments of their own, not a Tensor[]:
-// inductor's C++ wrapper calls an op whose arguments are all tensors through torch's stable C shim, and one with a
-// list through c10::IValue, whose headers cost every compile of a step that calls it 3-4 s on 2 cores (BENCHMARKS.md).
+// The ops' entries take up to three weights of one K (wq/wk/wv) as arguments of their own, not a Tensor[]: inductor's
+// C++ wrapper calls an op whose arguments are all tensors through torch's stable C shim, and one with a list through
+// c10::IValue, whose headers cost every compile of a step that calls it 3-4 s on 2 cores (BENCHMARKS.md). Each entry
+// takes one family of formats: its name says which.
 std::vector<at::Tensor> given(const at::Tensor& first, const std::optional<at::Tensor>& second,
                               const std::optional<at::Tensor>& third) {
   TORCH_CHECK(second.has_value() || !third.has_value(), "flexfast: a third weight or scale without a second");
@@ -1282,21 +992,87 @@ std::vector<at::Tensor> given(const at::Tensor& first, const std::optional<at::T
   return tensors;
 }
 
+std::vector<const at::Tensor*> addresses(const std::vector<at::Tensor>& tensors) {
+  std::vector<const at::Tensor*> out;
+  for (const auto& t : tensors) out.push_back(&t);
+  return out;
+}
+
+void expect(const at::Tensor& w, bool dense, at::ScalarType quantized, const char* what) {
+  const auto dtype = w.scalar_type();
+  TORCH_CHECK(dense ? dtype == at::kFloat || dtype == at::kBFloat16 : dtype == quantized, what, ": weights must be ",
+              dense ? "fp32 or bf16" : quantized == at::kChar ? "int8" : "uint8 (int4 nibbles)");
+}
+
 at::Tensor linear_entry(const at::Tensor& x, const at::Tensor& w0, const std::optional<at::Tensor>& w1,
                         const std::optional<at::Tensor>& w2) {
-  return linear(x, given(w0, w1, w2));
+  const char* what = "flexfast::linear";
+  expect(w0, true, at::kFloat, what);
+  const std::vector<at::Tensor> ws = given(w0, w1, w2);
+  return linear(x, ws, std::vector<const at::Tensor*>(ws.size(), nullptr), what);
+}
+
+at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& s0,
+                            const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& s1,
+                            const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& s2,
+                            at::ScalarType quantized, const char* what) {
+  expect(w0, false, quantized, what);
+  const std::vector<at::Tensor> ws = given(w0, w1, w2), s = given(s0, s1, s2);
+  TORCH_CHECK(s.size() == ws.size(), what, ": one scales tensor per weight");
+  return linear(x, ws, addresses(s), what);
 }
 
 at::Tensor linear_int8_entry(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& s0,
                              const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& s1,
                              const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& s2) {
-  return linear_int8(x, given(w0, w1, w2), given(s0, s1, s2));
+  return quantized_linear(x, w0, s0, w1, s1, w2, s2, at::kChar, "flexfast::linear_int8");
 }
 
 at::Tensor linear_int4_entry(const at::Tensor& x, const at::Tensor& w0, const at::Tensor& sz0,
                              const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& sz1,
                              const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& sz2) {
-  return linear_int4(x, given(w0, w1, w2), given(sz0, sz1, sz2));
+  return quantized_linear(x, w0, sz0, w1, sz1, w2, sz2, at::kByte, "flexfast::linear_int4");
+}
+
+at::Tensor swiglu_entry(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2) {
+  const char* what = "flexfast::swiglu";
+  expect(w1, true, at::kFloat, what);
+  return swiglu(x, w1, w3, w2, nullptr, nullptr, nullptr, what);
+}
+
+at::Tensor swiglu_int8_entry(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& w3,
+                             const at::Tensor& s3, const at::Tensor& w2, const at::Tensor& s2) {
+  const char* what = "flexfast::swiglu_int8";
+  expect(w1, false, at::kChar, what);
+  return swiglu(x, w1, w3, w2, &s1, &s3, &s2, what);
+}
+
+at::Tensor swiglu_int4_entry(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& sz1, const at::Tensor& w3,
+                             const at::Tensor& sz3, const at::Tensor& w2, const at::Tensor& sz2) {
+  const char* what = "flexfast::swiglu_int4";
+  expect(w1, false, at::kByte, what);
+  return swiglu(x, w1, w3, w2, &sz1, &sz3, &sz2, what);
+}
+
+at::Tensor attention_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                           const at::Tensor& wo) {
+  const char* what = "flexfast::attention";
+  expect(wo, true, at::kFloat, what);
+  return attention(q, k, v, mask, wo, nullptr, what);
+}
+
+at::Tensor attention_int8_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                                const at::Tensor& wo, const at::Tensor& scales) {
+  const char* what = "flexfast::attention_int8";
+  expect(wo, false, at::kChar, what);
+  return attention(q, k, v, mask, wo, &scales, what);
+}
+
+at::Tensor attention_int4_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                                const at::Tensor& wo, const at::Tensor& sz) {
+  const char* what = "flexfast::attention_int4";
+  expect(wo, false, at::kByte, what);
+  return attention(q, k, v, mask, wo, &sz, what);
 }
 
 TORCH_LIBRARY(flexfast, m) {
@@ -1322,11 +1098,11 @@ TORCH_LIBRARY_IMPL(flexfast, CPU, m) {
   m.impl("linear", &linear_entry);
   m.impl("linear_int8", &linear_int8_entry);
   m.impl("linear_int4", &linear_int4_entry);
-  m.impl("swiglu", &swiglu);
-  m.impl("attention", &attention);
-  m.impl("attention_int8", &attention_int8);
-  m.impl("attention_int4", &attention_int4);
-  m.impl("swiglu_int8", &swiglu_int8);
-  m.impl("swiglu_int4", &swiglu_int4);
+  m.impl("swiglu", &swiglu_entry);
+  m.impl("attention", &attention_entry);
+  m.impl("attention_int8", &attention_int8_entry);
+  m.impl("attention_int4", &attention_int4_entry);
+  m.impl("swiglu_int8", &swiglu_int8_entry);
+  m.impl("swiglu_int4", &swiglu_int4_entry);
   m.impl("layer", &layer);
 }

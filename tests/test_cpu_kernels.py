@@ -1,5 +1,7 @@
 """cpu_kernels.cpp against the paths it replaces: F.linear for bf16/fp32 weights, torch's int8 and int4 kernels and
 the dequantized weight for quantized ones; and compiled models that call it against eager ones."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -320,6 +322,8 @@ def test_unsupported_shapes_keep_torch_paths():
         cpu_kernels.linear_int8(torch.randn(1, 64), many[:2], [torch.ones(4)])
     with pytest.raises(RuntimeError, match="a third weight or scale without a second"):
         torch.ops.flexfast.linear(torch.randn(1, 64), many[0], None, many[1])
+    with pytest.raises(RuntimeError, match="flexfast::linear_int8: weights must be int8"):  # each op its formats
+        torch.ops.flexfast.linear_int8(torch.randn(1, 64), many[0], torch.ones(4))
 
 
 def test_every_op_takes_only_what_the_cpp_wrappers_light_call_takes():
@@ -435,6 +439,8 @@ def test_layer_keeps_its_ops_where_the_kernel_cannot_or_a_hook_must_see_an_outpu
     torch.ops.flexfast.layer(**call)
     with pytest.raises(RuntimeError, match="position 40 is outside the cache's 40 slots"):
         torch.ops.flexfast.layer(**dict(call, input_pos=torch.tensor([40])))
+    with pytest.raises(RuntimeError, match=re.escape("wo [dim, H D]")):  # more rows than h has columns
+        torch.ops.flexfast.layer(**dict(call, wo=torch.cat([call["wo"], call["wo"][:4]])))
     halves = {name: call[name].half() for name in ("wq", "wk", "wv", "wo", "w1", "w3", "w2")}
     with pytest.raises(RuntimeError, match="weights must be fp32, bf16, int8 or uint8"):
         torch.ops.flexfast.layer(**dict(call, **halves))
