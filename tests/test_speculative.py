@@ -156,7 +156,15 @@ def test_self_speculative_equals_greedy_default_model(default_model, early_exit,
     assert out == reference
 
 
-def test_self_speculative_compiled_equals_greedy_default_model(default_model):
+def test_self_speculative_compiled_equals_greedy_default_model(default_model, monkeypatch):
+    """The steps a user's machine with AVX-512 compiles, the kernels (a layer in one call) where they build. Without
+    them the verify's linears are F.linear in frozen graphs, which took 70 s a graph to compile on an AMD EPYC (frozen
+    graphs are not cached); the tiny models' tests cover that path."""
+    import cpu_kernels
+    import model as model_code
+    if cpu_kernels.load():
+        monkeypatch.setattr(model_code, "ONE_TOKEN_LINEAR", {("torch.float32", False): "kernel"})
+        monkeypatch.setattr(model_code, "FEW_ROW_LINEAR", {"torch.float32": "kernel"})
     model, prompt, reference = default_model
     steps = g.compile_steps("cpu", compile_prefill=False)
     for k in (2, 4):  # one E: each early exit is its own compiled graph (minutes on 2 cores)
