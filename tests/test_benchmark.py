@@ -135,8 +135,8 @@ def test_decode_ab_times_every_variant_in_each_round(tmp_path, capsys):
     from torch._inductor.codegen.cpp import CppScheduling
     from steps import KERNEL_GROUP_ARGS
     import torch._inductor.config as inductor_config
-    variants = ["gemv-regional", "kernel-separate" if cpu_kernels.load() else "gemv-frozen", "gemv-wide",
-                "gemv-bounded", "gemv-smallpages-recompute-pywrapper-mlp3-attn2-l2" if cpu_kernels.load()
+    variants = ["gemv-regional", "kernel-separate" if cpu_kernels.load() else "gemv-frozen", "gemv-wide-bounded",
+                "gemv-smallpages-recompute-pywrapper-mlp3-attn2-l2" if cpu_kernels.load()
                 else "gemv-smallpages-recompute-pywrapper-mlp3-attn2"]
     before = dict(model.ONE_TOKEN_LINEAR), model.linears
     prefetch_l2 = cpu_kernels.PREFETCH_L2
