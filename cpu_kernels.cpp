@@ -302,7 +302,7 @@ const float* float_rows(const at::Tensor& x, int64_t M, int64_t K) {
   return out;
 }
 
-// The memory of an Int16Rows, reused from call to call (the kernel reads it from every thread)
+// The memory of an Int16Rows, reused from call to call
 struct Int16Buffers {
   std::vector<int16_t> xq;
   std::vector<float> dx;
@@ -341,7 +341,7 @@ void int8_block(const int8_t* w, const S* row_scales, int64_t K, int64_t local, 
     for (int m = 0; m < mc; ++m) out[r * mc + m] *= static_cast<float>(row_scales[local + r]);
 }
 
-// The memory of an Int8Rows, reused from call to call (the kernel reads it from every thread)
+// The memory of an Int8Rows, reused from call to call
 struct Int8Buffers {
   std::vector<int32_t> lo, hi;
   std::vector<float> dx, dxsum;
@@ -523,10 +523,13 @@ void rms_norm_rows(const Y* x, const Y* w, int64_t M, int64_t D, float eps, floa
   }
 }
 
-// y = x + y for n values of Y, rounded as Y holds it. n = 16 k.
+// y = x + y for n values of Y, rounded as Y holds it (a thread's share of columns need not be whole vectors: 4-row
+// blocks split among 3 threads, say)
 template <typename Y>
 void add_into(const Y* x, Y* y, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) store16(y + i, as<Y>(_mm512_add_ps(load16(x + i), load16(y + i))));
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) store16(y + i, as<Y>(_mm512_add_ps(load16(x + i), load16(y + i))));
+  for (; i < n; ++i) y[i] = static_cast<Y>(static_cast<float>(x[i]) + static_cast<float>(y[i]));
 }
 
 // One head's row x [D] roped as model.apply_rope with its position's cos and sin [D] (the rope cache's sin carries
@@ -561,7 +564,7 @@ void check_x(const at::Tensor& x, int64_t K, const char* what) {
 // multiple of the format's block rows
 void check_weight(const at::Tensor& w, at::ScalarType dtype, int64_t K, int64_t stored, int block_rows,
                   const char* what) {
-  TORCH_CHECK(K % 32 == 0, what, ": K must be a multiple of 32, not ", K);
+  TORCH_CHECK(K > 0 && K % 32 == 0, what, ": K must be a positive multiple of 32, not ", K);
   TORCH_CHECK(w.dim() == 2 && w.size(1) == stored && w.is_contiguous() && w.scalar_type() == dtype, what,
               ": weights must be contiguous [N, K] (int4: [N, K/2] bytes) of one dtype and K");
   TORCH_CHECK(w.size(0) % block_rows == 0, what, ": N must be a multiple of ", block_rows);
@@ -790,7 +793,7 @@ at::Tensor attention(const at::Tensor& q_any, const at::Tensor& k_any, const at:
   at::Tensor k = slots(k_any), v = slots(v_any);
   if (k.strides() != v.strides()) k = k.contiguous(), v = v.contiguous();  // the kernel reads both with one stride
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == 1 && k.size(0) == 1 && k.sizes() == v.sizes() &&
-                  k.size(3) == q.size(3) && q.size(1) % k.size(1) == 0 && (q.size(3) == 64 || q.size(3) == 128) &&
+                  k.size(3) == q.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0 && (q.size(3) == 64 || q.size(3) == 128) &&
                   q.size(2) <= MAX_M,
               what, ": q [1, H, T <= ", MAX_M, ", D of 64 or 128] against k, v [1, KV, S, D], H a multiple of KV");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
@@ -903,7 +906,7 @@ void run_layer(const Layer<Format, Y>& l, Y* out) {
     share_of_gate_up<Y>(format, l.w1, l.w3, F, T, t, threads, hidden);
 #pragma omp barrier
     format.prepare(hidden, T, F);
-    share_of_rows(format, l.w2, dim, T, t, threads, out);
+    share_of_rows(format, l.w2, dim, T, t, threads, out);  // the same columns as wo's: c0 to c1
     for (int64_t m = 0; m < T; ++m) add_into(h + m * dim + c0, out + m * dim + c0, c1 - c0);
   }
 }
@@ -937,7 +940,7 @@ at::Tensor layer(const at::Tensor& x_any, const at::Tensor& attn_norm, const at:
               what, ": caches must be [B, KV, slots, D] of x's dtype, each head's slots contiguous, one layout");
   const int64_t T = x.size(1), dim = x.size(2), KV = k_cache.size(1), D = k_cache.size(3);
   const int64_t NQ = wq.dim() == 2 ? wq.size(0) : 0, F = w1.dim() == 2 ? w1.size(0) : 0;
-  TORCH_CHECK((D == 64 || D == 128) && NQ % D == 0 && (NQ / D) % KV == 0 && wk.dim() == 2 && wk.size(0) == KV * D &&
+  TORCH_CHECK((D == 64 || D == 128) && KV > 0 && NQ % D == 0 && (NQ / D) % KV == 0 && wk.dim() == 2 && wk.size(0) == KV * D &&
                   wv.dim() == 2 && wv.size(0) == KV * D && wo.dim() == 2 && wo.size(0) == dim &&
                   w3.sizes() == w1.sizes() && w2.dim() == 2 && w2.size(0) == dim,
               what, ": wq [H D, dim], wk and wv [KV D, dim] for the cache's KV heads (D 64 or 128), wo [dim, H D], "
@@ -998,16 +1001,14 @@ std::vector<const at::Tensor*> addresses(const std::vector<at::Tensor>& tensors)
   return out;
 }
 
-void expect(const at::Tensor& w, bool dense, at::ScalarType quantized, const char* what) {
-  const auto dtype = w.scalar_type();
-  TORCH_CHECK(dense ? dtype == at::kFloat || dtype == at::kBFloat16 : dtype == quantized, what, ": weights must be ",
-              dense ? "fp32 or bf16" : quantized == at::kChar ? "int8" : "uint8 (int4 nibbles)");
+void expect(const at::Tensor& w, at::ScalarType a, at::ScalarType b, const char* family, const char* what) {
+  TORCH_CHECK(w.scalar_type() == a || w.scalar_type() == b, what, ": weights must be ", family);
 }
 
 at::Tensor linear_entry(const at::Tensor& x, const at::Tensor& w0, const std::optional<at::Tensor>& w1,
                         const std::optional<at::Tensor>& w2) {
   const char* what = "flexfast::linear";
-  expect(w0, true, at::kFloat, what);
+  expect(w0, at::kFloat, at::kBFloat16, "fp32 or bf16", what);
   const std::vector<at::Tensor> ws = given(w0, w1, w2);
   return linear(x, ws, std::vector<const at::Tensor*>(ws.size(), nullptr), what);
 }
@@ -1016,7 +1017,7 @@ at::Tensor quantized_linear(const at::Tensor& x, const at::Tensor& w0, const at:
                             const std::optional<at::Tensor>& w1, const std::optional<at::Tensor>& s1,
                             const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& s2,
                             at::ScalarType quantized, const char* what) {
-  expect(w0, false, quantized, what);
+  expect(w0, quantized, quantized, quantized == at::kChar ? "int8" : "uint8 (int4 nibbles)", what);
   const std::vector<at::Tensor> ws = given(w0, w1, w2), s = given(s0, s1, s2);
   TORCH_CHECK(s.size() == ws.size(), what, ": one scales tensor per weight");
   return linear(x, ws, addresses(s), what);
@@ -1036,42 +1037,42 @@ at::Tensor linear_int4_entry(const at::Tensor& x, const at::Tensor& w0, const at
 
 at::Tensor swiglu_entry(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2) {
   const char* what = "flexfast::swiglu";
-  expect(w1, true, at::kFloat, what);
+  expect(w1, at::kFloat, at::kBFloat16, "fp32 or bf16", what);
   return swiglu(x, w1, w3, w2, nullptr, nullptr, nullptr, what);
 }
 
 at::Tensor swiglu_int8_entry(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& w3,
                              const at::Tensor& s3, const at::Tensor& w2, const at::Tensor& s2) {
   const char* what = "flexfast::swiglu_int8";
-  expect(w1, false, at::kChar, what);
+  expect(w1, at::kChar, at::kChar, "int8", what);
   return swiglu(x, w1, w3, w2, &s1, &s3, &s2, what);
 }
 
 at::Tensor swiglu_int4_entry(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& sz1, const at::Tensor& w3,
                              const at::Tensor& sz3, const at::Tensor& w2, const at::Tensor& sz2) {
   const char* what = "flexfast::swiglu_int4";
-  expect(w1, false, at::kByte, what);
+  expect(w1, at::kByte, at::kByte, "uint8 (int4 nibbles)", what);
   return swiglu(x, w1, w3, w2, &sz1, &sz3, &sz2, what);
 }
 
 at::Tensor attention_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                            const at::Tensor& wo) {
   const char* what = "flexfast::attention";
-  expect(wo, true, at::kFloat, what);
+  expect(wo, at::kFloat, at::kBFloat16, "fp32 or bf16", what);
   return attention(q, k, v, mask, wo, nullptr, what);
 }
 
 at::Tensor attention_int8_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                                 const at::Tensor& wo, const at::Tensor& scales) {
   const char* what = "flexfast::attention_int8";
-  expect(wo, false, at::kChar, what);
+  expect(wo, at::kChar, at::kChar, "int8", what);
   return attention(q, k, v, mask, wo, &scales, what);
 }
 
 at::Tensor attention_int4_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                                 const at::Tensor& wo, const at::Tensor& sz) {
   const char* what = "flexfast::attention_int4";
-  expect(wo, false, at::kByte, what);
+  expect(wo, at::kByte, at::kByte, "uint8 (int4 nibbles)", what);
   return attention(q, k, v, mask, wo, &sz, what);
 }
 

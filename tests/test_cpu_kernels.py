@@ -408,6 +408,18 @@ def test_layer_in_one_call_matches_the_layers_ops(monkeypatch, mode, dtype, rows
         assert changed[0][:, positions].all() and changed.sum() == 2 * rows
 
 
+def test_layer_in_one_call_on_three_threads(monkeypatch):
+    """Three threads split dim 128 into shares of 40, 44 and 44 columns (4-row blocks): a share's residual ends
+    inside a 16-value vector, where adding whole vectors ran into the next share and past the output's end."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        test_layer_in_one_call_matches_the_layers_ops(monkeypatch, "dense", torch.float32, 3, 64)
+        test_layer_in_one_call_matches_the_layers_ops(monkeypatch, "int8", torch.bfloat16, 1, 64)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_layer_keeps_its_ops_where_the_kernel_cannot_or_a_hook_must_see_an_output(monkeypatch):
     import model
     gen = torch.Generator().manual_seed(0)
