@@ -663,8 +663,9 @@ auto with_format(const at::Tensor& w, const at::Tensor* s, const char* what, con
   TORCH_CHECK(s != nullptr, what, ": quantized weights need their scales");
   TORCH_CHECK(s->scalar_type() == at::kFloat || s->scalar_type() == at::kBFloat16, what,
               ": scales must be fp32 or bf16");
-  if (dtype == at::kChar) return s->scalar_type() == at::kFloat ? f(Int8Format<float>{}) : f(Int8Format<at::BFloat16>{});
-  return s->scalar_type() == at::kFloat ? f(Int4Format<float>{}) : f(Int4Format<at::BFloat16>{});
+  const bool fp32 = s->scalar_type() == at::kFloat;
+  if (dtype == at::kChar) return fp32 ? f(Int8Format<float>{}) : f(Int8Format<at::BFloat16>{});
+  return fp32 ? f(Int4Format<float>{}) : f(Int4Format<at::BFloat16>{});
 }
 
 at::Tensor output(const at::Tensor& x, int64_t N) {
@@ -793,8 +794,8 @@ at::Tensor attention(const at::Tensor& q_any, const at::Tensor& k_any, const at:
   at::Tensor k = slots(k_any), v = slots(v_any);
   if (k.strides() != v.strides()) k = k.contiguous(), v = v.contiguous();  // the kernel reads both with one stride
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == 1 && k.size(0) == 1 && k.sizes() == v.sizes() &&
-                  k.size(3) == q.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0 && (q.size(3) == 64 || q.size(3) == 128) &&
-                  q.size(2) <= MAX_M,
+                  k.size(3) == q.size(3) && k.size(1) > 0 && q.size(1) % k.size(1) == 0 &&
+                  (q.size(3) == 64 || q.size(3) == 128) && q.size(2) <= MAX_M,
               what, ": q [1, H, T <= ", MAX_M, ", D of 64 or 128] against k, v [1, KV, S, D], H a multiple of KV");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type() &&
                   (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
@@ -928,9 +929,8 @@ at::Tensor layer(const at::Tensor& x_any, const at::Tensor& attn_norm, const at:
   const char* what = "flexfast::layer";
   const at::Tensor x = x_any.contiguous();
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1 && x.size(1) <= MAX_M && (dtype == at::kFloat || dtype == at::kBFloat16),
-              what, ": x must be fp32 or bf16 [1, T <= ", MAX_M, ", dim]");
-  check_x(x, x.size(2), what);
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == 1, what, ": x must be [1, T, dim]");
+  check_x(x, x.size(2), what);  // fp32 or bf16, T <= MAX_M
   for (const at::Tensor* n : {&attn_norm, &ffn_norm})
     TORCH_CHECK(n->is_contiguous() && n->numel() == x.size(2) && n->scalar_type() == dtype, what,
                 ": norm weights must be [dim] of x's dtype");
@@ -940,8 +940,8 @@ at::Tensor layer(const at::Tensor& x_any, const at::Tensor& attn_norm, const at:
               what, ": caches must be [B, KV, slots, D] of x's dtype, each head's slots contiguous, one layout");
   const int64_t T = x.size(1), dim = x.size(2), KV = k_cache.size(1), D = k_cache.size(3);
   const int64_t NQ = wq.dim() == 2 ? wq.size(0) : 0, F = w1.dim() == 2 ? w1.size(0) : 0;
-  TORCH_CHECK((D == 64 || D == 128) && KV > 0 && NQ % D == 0 && (NQ / D) % KV == 0 && wk.dim() == 2 && wk.size(0) == KV * D &&
-                  wv.dim() == 2 && wv.size(0) == KV * D && wo.dim() == 2 && wo.size(0) == dim &&
+  TORCH_CHECK((D == 64 || D == 128) && KV > 0 && NQ % D == 0 && (NQ / D) % KV == 0 && wk.dim() == 2 &&
+                  wk.size(0) == KV * D && wv.dim() == 2 && wv.size(0) == KV * D && wo.dim() == 2 && wo.size(0) == dim &&
                   w3.sizes() == w1.sizes() && w2.dim() == 2 && w2.size(0) == dim,
               what, ": wq [H D, dim], wk and wv [KV D, dim] for the cache's KV heads (D 64 or 128), wo [dim, H D], "
               "w1 and w3 [F, dim], w2 [dim, F]");
