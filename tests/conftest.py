@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-# The suite runs in two pytest-xdist workers (README), each computing on the machine's two threads: OpenMP's default
-# of spinning while it waits made a thread spin on the core the other worker needed (a default-model test took 73 s
-# against 14 s alone). Waiting threads sleep instead; set before torch loads OpenMP, and inherited by the scripts
-# the tests start.
+# The suite runs in two pytest-xdist workers (README), a module's tests in one, each computing on the machine's two
+# threads: OpenMP's default of spinning while it waits made a thread spin on the core the other worker needed (a
+# default-model test took 73 s against 14 s alone). Waiting threads sleep instead; set before torch loads OpenMP,
+# and inherited by the scripts the tests start.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
