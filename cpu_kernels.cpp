@@ -982,10 +982,9 @@ at::Tensor layer(const at::Tensor& x_any, const at::Tensor& attn_norm, const at:
 
 void set_prefetch_l2(bool l2) { prefetch_l2 = l2; }
 
-// The ops' entries take up to three weights of one K (wq/wk/wv) as arguments of their own, not a Tensor[]: inductor's
-// C++ wrapper calls an op whose arguments are all tensors through torch's stable C shim, and one with a list through
-// c10::IValue, whose headers cost every compile of a step that calls it 3-4 s on 2 cores (BENCHMARKS.md). Each entry
-// takes one family of formats: its name says which.
+// The ops' entries take up to three weights of one K (wq/wk/wv) as arguments of their own, not a Tensor[] (chosen
+// for inductor's C++ wrapper, which the compiled steps no longer use; steps.compile_one_token). Each entry takes one
+// family of formats: its name says which.
 std::vector<at::Tensor> given(const at::Tensor& first, const std::optional<at::Tensor>& second,
                               const std::optional<at::Tensor>& third) {
   TORCH_CHECK(second.has_value() || !third.has_value(), "flexfast: a third weight or scale without a second");

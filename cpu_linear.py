@@ -100,7 +100,7 @@ def time_kinds(kinds: list, dtype: torch.dtype, mode=None, rows: int = 1, graph:
     build (probe() builds them meanwhile). The kinds are timed in alternation and the best round counts, so that
     load from other processes, which only ever slows a round, touches them alike."""
     import torch._inductor.config as inductor_config
-    from steps import compile_few_rows, compile_one_token, forward_last, own_code, rows_in_cpp
+    from steps import compile_few_rows, compile_one_token, forward_last, own_code, rows_to_kernels
     probed = probe_model(dtype, routed=graph is not None)
     nbytes = weight_bytes(probed)
     x, input_pos = torch.full((1, rows), 5), torch.arange(PROBE_POS, PROBE_POS + rows)
@@ -127,7 +127,8 @@ def time_kinds(kinds: list, dtype: torch.dtype, mode=None, rows: int = 1, graph:
                     continue
                 step = own_code(forward_last, f"probe_{kind}")  # graphs of their own, none left on the model's code
                 if rows > 1:
-                    step = compile_few_rows(step, frozen_args, lambda m, tokens, *_: rows_in_cpp(m, tokens.shape[1]))
+                    step = compile_few_rows(step, frozen_args,
+                                            lambda m, tokens, *_: rows_to_kernels(m, tokens.shape[1]))
                 else:
                     step = compile_one_token(step, graph or kind, frozen_args)
                 set_kind(kind)

@@ -81,15 +81,6 @@ def live_slots(model: Transformer, steps: Steps, end: int) -> Optional[Tensor]:
 # each at every call: ~500 asserts a token for an int4 model, 5-8% of its decode (BENCHMARKS.md). Dynamo's guards
 # check the same sizes and strides before a graph first runs in a generation loop (steps.checked_once).
 UNFROZEN = {"freezing": False, "size_asserts": False}
-# inductor's C++ wrapper, for the steps whose linears call cpu_kernels' ops (cpp_wrapped): from the Python wrapper
-# each op call costs ~1.7 us of dispatch (its arguments parsed against the op's schema), and an int4 token makes
-# 121. In C++ the same int4 g32 step decoded 3.86 -> 3.50 ms, a bf16 one with the kernel 12.48 -> 12.06, and the
-# verify of a self-speculative step 12.40 -> 11.71 in bf16, 4.85 -> 4.25 in int4 (2-core Xeon; BENCHMARKS.md).
-# Built separately (the kernels in files of their own, shared across layers as before; the entry at -O1), a first
-# int4 compile took 38-43 s instead of 25 (84 s built as one file; later changes brought it to 22-23 s); a warm
-# one the same 4-4.5 s. Steps with the GEMV (no op calls) gained nothing (12.36 against 12.24 ms, bf16), so they keep
-# the Python wrapper and its shorter first compile.
-CPP_WRAPPER = {**UNFROZEN, "cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 KERNEL_GROUP_ARGS = 60  # see compile_steps
 CACHE_KEY_TAG = f" | flexfast: CPU kernel groups of {KERNEL_GROUP_ARGS} arguments, ended at each layer's end"
 COND_NAME = "torch.ops.higher_order.cond"  # torch.cond's name as inductor's unsafe_marked_cacheable_functions has it
@@ -136,14 +127,12 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
     weight from Python; BENCHMARKS.md), so it is the user's choice (generate.py --compile_regional). Dynamo reads
     inductor's process-wide freezing flag when it traces (frozen, weights become graph constants, and a region's
     weights must stay inputs), so a regional step runs with that flag off; options= alone reaches inductor only.
-    An unfrozen whole-graph step runs, call by call, in inductor's C++ wrapper where cpp_wrapped(model, kind) says so,
-    else in the Python one (compile_wrapped). Frozen and regional steps keep the Python wrapper."""
+    Every step runs in inductor's Python wrapper: its C++ wrapper, which once saved each kernel op call ~1.7 us of
+    dispatch, gains nothing since a plain layer is one call (~31 calls a token) and took ~10 s of a machine's first
+    compile (BENCHMARKS.md)."""
     compile_args = one_token_compile_args(kind, frozen_args)
-    if compile_args is frozen_args:
+    if compile_args is frozen_args or not regional:
         return torch.compile(step, **compile_args)
-    if not regional:
-        return compile_wrapped(step, torch.compile(step, **compile_args), compile_args,
-                               lambda model, *args, **kwargs: cpp_wrapped(model, kind))
     import torch._inductor.config as inductor_config
     # regional=True as the default of a function of its own: a functools.partial is compiled through one wrapper
     # frame that every such step shares, and dynamo then checks guards to tell them apart at every call
@@ -157,40 +146,26 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
     return call
 
 
-def compile_few_rows(step: Callable, frozen_args: dict, in_cpp_for: Callable) -> Callable:
+def compile_few_rows(step: Callable, frozen_args: dict, to_kernels: Callable) -> Callable:
     """A CPU step of few rows (the verify, a short prefill): frozen where F.linear takes the rows (freezing prepacks
-    its weights); unfrozen as the one-token steps are, in the C++ wrapper, for the calls where in_cpp_for(model,
-    *args, **kwargs) says the CPU kernels take them (rows_in_cpp)."""
-    return compile_wrapped(step, torch.compile(step, **frozen_args), one_token_compile_args("kernel", frozen_args),
-                           in_cpp_for)
-
-
-def compile_wrapped(step: Callable, otherwise: Callable, unfrozen_args: dict, in_cpp_for: Callable) -> Callable:
-    """step compiled unfrozen in inductor's C++ wrapper for the calls where in_cpp_for(model, *args, **kwargs) (the
-    step's own arguments), and `otherwise` (a compiled step in the Python wrapper) for the others; each is compiled
-    on its first call only."""
+    its weights); unfrozen, as the one-token steps are, for the calls where to_kernels(model, *args, **kwargs) says
+    the CPU kernels take them (rows_to_kernels). Each is compiled on its first call only."""
+    frozen = torch.compile(step, **frozen_args)
     # a code object of its own: dynamo keeps one cache per code object (own_code)
-    in_cpp = torch.compile(own_code(step, f"{step.__name__}_cpp_wrapper"), **{**unfrozen_args, "options": CPP_WRAPPER})
+    unfrozen = torch.compile(own_code(step, f"{step.__name__}_unfrozen"),
+                             **one_token_compile_args("kernel", frozen_args))
 
     def call(model, *args, **kwargs):
-        return (in_cpp if in_cpp_for(model, *args, **kwargs) else otherwise)(model, *args, **kwargs)
+        return (unfrozen if to_kernels(model, *args, **kwargs) else frozen)(model, *args, **kwargs)
     return call
 
 
-def rows_in_cpp(model: Transformer, rows: int) -> bool:
+def rows_to_kernels(model: Transformer, rows: int) -> bool:
     """Whether a step of `rows` rows (the verify) calls cpu_kernels' ops for its linears: at most MAX_ROWS of them,
     and quantized or of the kind (FEW_ROW_LINEAR, once probed) that the kernel is. Its last draft's rows below the
     exit are one row (ONE_TOKEN_LINEAR's kind), a small share of it."""
-    return rows <= cpu_kernels.MAX_ROWS and cpp_wrapped(
-        model, model_code.FEW_ROW_LINEAR.get(str(model.norm.weight.dtype)))
-
-
-def cpp_wrapped(model: Transformer, kind: Optional[str]) -> bool:
-    """Whether model's unfrozen CPU steps of few rows whose dense linears are of `kind` (ONE_TOKEN_LINEAR,
-    FEW_ROW_LINEAR) compile with CPP_WRAPPER (compile_wrapped): where its linears call cpu_kernels' ops, quantized
-    ones always. Not under tensor parallelism, whose collectives were not tried in the C++ wrapper."""
-    return (cpu_kernels.LOADED and ("quantization" in vars(model) or kind == "kernel")
-            and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+    kind = model_code.FEW_ROW_LINEAR.get(str(model.norm.weight.dtype))
+    return rows <= cpu_kernels.MAX_ROWS and cpu_kernels.LOADED and ("quantization" in vars(model) or kind == "kernel")
 
 
 def layer_of(node) -> Optional[int]:
@@ -254,7 +229,7 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         prefill_options = dict(fullgraph=True, dynamic=True)
         one_token = functools.partial(torch.compile, **options)
 
-        def few_row_step(step, in_cpp_for):
+        def few_row_step(step, to_kernels):
             return torch.compile(step, **options)
     else:
         # On CPU (BENCHMARKS.md): CUDA-graph mode only adds overhead. For the multi-token steps (verify, prefill)
@@ -304,8 +279,8 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         kind = one_token_kind or model_code.ONE_TOKEN_LINEAR.get((str(precision), False), "gemv")
         one_token = functools.partial(compile_one_token, kind=kind, frozen_args=options, regional=regional)
 
-        def few_row_step(step, in_cpp_for):
-            return compile_few_rows(step, options, in_cpp_for)
+        def few_row_step(step, to_kernels):
+            return compile_few_rows(step, options, to_kernels)
     # dynamic=False above: the fixed-shape steps get one graph per early exit E and skip threshold, which stay
     # Python constants (automatic dynamic shapes would turn a second E into a symbol the layer slicing cannot take)
     torch._dynamo.config.cache_size_limit = 64
@@ -327,10 +302,10 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         decode=one_token(forward_last),
         draft=one_token(draft_step),
         verify=before_first_call(few_rows, few_row_step(
-            verify_step, lambda model, last_draft, last_index, kept_hidden, input_pos, *_: rows_in_cpp(
+            verify_step, lambda model, last_draft, last_index, kept_hidden, input_pos, *_: rows_to_kernels(
                 model, input_pos.numel()))),
         verify_full=before_first_call(few_rows, few_row_step(
-            verify_full, lambda model, tokens, *_: rows_in_cpp(model, tokens.shape[1]))),
+            verify_full, lambda model, tokens, *_: rows_to_kernels(model, tokens.shape[1]))),
         compiled=True,
         bounded=bounded and not device.startswith("cuda"),
     )

@@ -19,9 +19,6 @@ compared; timed round by round in one process they can. A variant is a one-token
                                as before hugepages.py: 4 KiB where the kernel's THP policy is "madvise")
     ...-recompute              inductor's default realize threshold (compile_steps sets 8; at inductor's 50 a GEMV
                                recomputes its normed input for every weight row)
-    ...-pywrapper              inductor's Python wrapper also where the linears call the CPU kernels (quantized
-                               models, the kernel kind), which compile_one_token gives the C++ wrapper
-                               (steps.CPP_WRAPPER)
     ...-l1, ...-l2             the CPU kernels' software prefetches into the first- or second-level cache (neither:
                                the level cpu_kernels holds, L1 unless set: this script runs no probe)
     ...-attn2                  attention and wo as two calls (model.ATTENTION_WITH_WO off; on, the kernel kind,
@@ -59,12 +56,11 @@ import steps as steps_code  # noqa: E402
 from cli import cpu_model, main_guard  # noqa: E402
 from figures import weight_bytes  # noqa: E402
 from generate import DEFAULT_CHECKPOINT, PRECISIONS, generate, load_model  # noqa: E402
-from steps import (Steps, compile_one_token, compile_steps, forward_last,  # noqa: E402
-                   one_token_compile_args, own_code, warm_up)
+from steps import Steps, compile_one_token, compile_steps, forward_last, own_code, warm_up  # noqa: E402
 
 KINDS = ("gemv", "linear", "kernel")
-OPTIONS = ("separate", "frozen", "regional", "wide", "bounded", "smallpages", "recompute", "pywrapper", "mlp3", "l1",
-           "l2", "attn2", "layer3")
+OPTIONS = ("separate", "frozen", "regional", "wide", "bounded", "smallpages", "recompute", "mlp3", "l1", "l2",
+           "attn2", "layer3")
 
 
 def parse_variant(text: str) -> tuple:
@@ -72,8 +68,6 @@ def parse_variant(text: str) -> tuple:
     if kind not in KINDS or any(o not in OPTIONS for o in options):
         raise ValueError(f"unknown variant {text!r}: a kind ({', '.join(KINDS)}) and optional "
                          f"-{' -'.join(OPTIONS)}")
-    if {"pywrapper", "regional"} <= set(options):
-        raise ValueError(f"variant {text!r}: a regional step has the Python wrapper already; drop -pywrapper")
     return kind, set(options)
 
 
@@ -134,8 +128,6 @@ def run(args):
         decode = own_code(forward_last, f"decode_{i}")
         if "frozen" in options:
             decode = torch.compile(decode, **frozen_args)
-        elif "pywrapper" in options:
-            decode = torch.compile(decode, **one_token_compile_args(kind, frozen_args))
         else:
             decode = compile_one_token(decode, kind, frozen_args, regional="regional" in options)
         steps[v] = Steps(decode=decode, compiled=True, bounded="bounded" in options)

@@ -136,8 +136,8 @@ def test_decode_ab_times_every_variant_in_each_round(tmp_path, capsys):
     from steps import KERNEL_GROUP_ARGS
     import torch._inductor.config as inductor_config
     variants = ["gemv-regional", "kernel-separate" if cpu_kernels.load() else "gemv-frozen", "gemv-wide-bounded",
-                "gemv-smallpages-recompute-pywrapper-mlp3-attn2-l2" if cpu_kernels.load()
-                else "gemv-smallpages-recompute-pywrapper-mlp3-attn2"]
+                "gemv-smallpages-recompute-mlp3-attn2-l2" if cpu_kernels.load()
+                else "gemv-smallpages-recompute-mlp3-attn2"]
     before = dict(model.ONE_TOKEN_LINEAR), model.linears
     prefetch_l2 = cpu_kernels.PREFETCH_L2
     try:
@@ -165,8 +165,8 @@ def test_decode_ab_unknown_variant_is_one_error_line():
     import bench_decode_ab
     from conftest import assert_one_line_error
     assert_one_line_error(run_cli("scripts/bench_decode_ab.py", "--variants", "gemv", "fastest"), "unknown variant")
-    with pytest.raises(ValueError, match="drop -pywrapper"):  # a regional step has no C++ wrapper to take away
-        bench_decode_ab.parse_variant("kernel-regional-pywrapper")
+    with pytest.raises(ValueError, match="unknown variant"):
+        bench_decode_ab.parse_variant("kernel-pywrapper")
 
 
 def test_bench_compile_runs_each_mode_cold_then_warm_on_its_own_caches(monkeypatch, capsys):

@@ -326,17 +326,6 @@ def test_unsupported_shapes_keep_torch_paths():
         torch.ops.flexfast.linear_int8(torch.randn(1, 64), many[0], torch.ones(4))
 
 
-def test_every_op_takes_only_what_the_cpp_wrappers_light_call_takes():
-    # a Tensor[] argument made inductor's C++ wrapper box the call through c10::IValue, whose headers cost every
-    # compile of a kernel step 3-4 s (BENCHMARKS.md)
-    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
-    for kind in ("linear", "swiglu", "attention"):
-        for name in (kind, f"{kind}_int8", f"{kind}_int4"):
-            op = getattr(torch.ops.flexfast, name).default
-            assert CppWrapperCpu._compatible_with_stableivalue(op), name
-    assert CppWrapperCpu._compatible_with_stableivalue(torch.ops.flexfast.layer.default)
-
-
 def layer_block(dtype, D, gen, mode="dense"):
     """A plain layer of 4 query heads of D and 2 KV heads (dim 128, MLP 192), random weights (int8 or int4 linears
     for those modes), a cache of batch 2 and 40 slots filled with random history."""
@@ -517,7 +506,7 @@ def test_compiled_flexidepth_with_kernel_matches_eager(monkeypatch):
                         {("torch.float32", False): "kernel", ("torch.float32", True): "kernel"})
     tiny = tiny_model(routing_layers=[1, 2], router_dim=8, adapter_dim=12)
     tiny.setup_caches(1, 16)
-    steps = compile_steps("cpu", False, one_token_kind="kernel")  # in inductor's C++ wrapper, as a probe choosing it
+    steps = compile_steps("cpu", False, one_token_kind="kernel")
     try:
         ran, called = [], []
         for pos, token in enumerate([5, 17, 99, 3, 64, 42]):
@@ -526,7 +515,7 @@ def test_compiled_flexidepth_with_kernel_matches_eager(monkeypatch):
             ran += [bool(layer.ran[0, pos]) for layer in tiny.layers[1:]]
             if pos == 0:  # the first call compiles
                 got, code = run_and_get_code(steps.decode, tiny, x, input_pos)
-                assert len(code) == 1 and "inductor_entry_impl" in code[0]
+                assert len(code) == 1 and "torch.ops.flexfast" in code[0]
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 got = steps.decode(tiny, x, input_pos)
             names = [e.name for e in prof.events()]
@@ -541,8 +530,7 @@ def test_compiled_flexidepth_with_kernel_matches_eager(monkeypatch):
 @pytest.mark.parametrize("bounded", [False, True])
 def test_compiled_self_speculation_with_kernel_is_plain_greedy(monkeypatch, bounded):
     """Draft (one row) and verify (k + 1 rows) both through the kernel: fp32 greedy output equals plain decoding.
-    Both steps then run in inductor's C++ wrapper (steps.cpp_wrapped), which calls the kernels without Python;
-    bounded: reading only the live cache slots, a dynamic size (chat, the server)."""
+    Both steps are then compiled unfrozen (the verify's rows to the kernel: steps.rows_to_kernels); bounded: reading only the live cache slots, a dynamic size (chat, the server)."""
     import model
     from torch._inductor.utils import run_and_get_code
     from steps import compile_steps
@@ -556,12 +544,12 @@ def test_compiled_self_speculation_with_kernel_is_plain_greedy(monkeypatch, boun
         steps = compile_steps("cpu", False, one_token_kind="kernel", bounded=bounded)
         (spec, _), code = run_and_get_code(greedy, tiny, prompt, 12, steps, early_exit=1, speculate_k=3)
         assert spec == plain
-        assert len(code) == 2 and all("inductor_entry_impl" in c for c in code)  # draft and verify, in C++
+        assert len(code) == 2 and all("torch.ops.flexfast" in c and "_frozen_param" not in c for c in code)
         spec, used = ran_kernel(lambda: greedy(tiny, prompt, 12, steps, early_exit=1, speculate_k=3), "linear")
         assert used and spec[0] == plain
         # 9 rows, more than the kernel takes (cpu_kernels.MAX_ROWS): F.linear, so a frozen verify in Python
         (spec, _), code = run_and_get_code(greedy, tiny, prompt, 12, steps, early_exit=1, speculate_k=8)
         assert spec == plain
-        assert sum("inductor_entry_impl" not in c for c in code) == 1, len(code)
+        assert sum("_frozen_param" in c for c in code) == 1, len(code)  # the frozen verify
     finally:
         torch._dynamo.reset()

@@ -132,34 +132,6 @@ def test_compiled_decode_agrees_and_does_not_recompile(checkpoint, monkeypatch, 
     torch._dynamo.reset()
 
 
-def test_quantized_step_in_cpp_wrapper_matches_python_wrapper(checkpoint, monkeypatch):
-    """A quantized model's one-token step compiles with inductor's C++ wrapper (steps.cpp_wrapped); with FlexiDepth's
-    torch.cond and the bounded slots it gives exactly the logits and layers of the same step in the Python wrapper."""
-    import cpu_kernels
-    import torch._inductor.config as inductor_config
-    from quantize import quantize
-    from steps import cpp_wrapped, live_slots, one_token_compile_args, own_code
-    if not cpu_kernels.load():
-        pytest.skip("the C++ wrapper is for steps that call the CPU kernels")
-    monkeypatch.setattr(inductor_config, "freezing", inductor_config.freezing)  # compile_steps sets it; restore
-    int4 = quantize(checkpoint, "int4", 32)
-    in_cpp, in_python = fresh_model(int4), fresh_model(int4)
-    assert cpp_wrapped(in_cpp, "gemv")  # quantized: whatever dense linears take
-    tokens = greedy_tokens(fresh_model(int4))
-    torch._dynamo.reset()
-    steps = compile_steps("cpu", compile_prefill=False, bounded=True)
-    python_step = torch.compile(own_code(forward_last, "python_wrapped"), **one_token_compile_args("kernel", {}))
-
-    def decode(step):
-        return lambda model, x, pos: step(model, x, pos, slots=live_slots(model, steps, int(pos[-1]) + 1))
-    got = decode_logits(in_cpp, tokens, step=decode(steps.decode))
-    want = decode_logits(in_python, tokens, step=decode(python_step))
-    torch._dynamo.reset()
-    assert torch.equal(got, want)
-    positions = torch.arange(len(PROMPT), len(PROMPT) + STEPS)
-    assert torch.equal(in_cpp.layers_ran(positions), in_python.layers_ran(positions))
-
-
 def test_speculation_is_refused(checkpoint):
     model = fresh_model(checkpoint)
     with pytest.raises(ValueError, match="FlexiDepth"):
