@@ -26,10 +26,10 @@ and a whole plain layer in one call, which writes this step's keys and values in
 x is [..., K], fp32 or bf16, at most MAX_ROWS rows; the result has x's dtype. K must be a multiple of 32 and N of 4
 (supports()); for int4 N must be a multiple of INT4_ROWS, as quantize.py's int4 rule (model.INT4_ROW_MULTIPLE) makes it.
 """
-import functools
 import hashlib
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -45,6 +45,8 @@ MAX_WEIGHTS = 3  # weights one linear op takes (wq/wk/wv; the ops' schemas in cp
 INT4_ROWS = 16  # the int4 kernel's rows per interleaved block (cpu_kernels.cpp)
 LOADED = False  # set by load(); a plain global, which torch.compile reads as a constant at trace time
 PREFETCH_L2 = False  # where the kernels' software prefetches put the weights (set_prefetch_l2)
+_LOAD_LOCK = threading.Lock()
+_LOAD_RESULT = None  # load()'s answer, once it has one
 
 
 def supports(x: Tensor, weights: list, in_features: int) -> bool:
@@ -91,10 +93,18 @@ def will_try() -> bool:
     return not turned_off() and has_avx512()
 
 
-@functools.lru_cache(maxsize=None)
 def load() -> bool:
-    """Builds (first time on this machine: ~10 s on 2 cores) and loads the kernels; False, with one line on stderr,
-    if not. FLEXFAST_KERNELS=0 turns them off."""
+    """Builds (first time on this machine: ~20 s on 2 cores) and loads the kernels; False, with one line on stderr,
+    if not. FLEXFAST_KERNELS=0 turns them off. Once per process: a call while another thread builds (a compile's
+    setup: cpu_linear.machine_setup) waits for that build's answer."""
+    global _LOAD_RESULT
+    with _LOAD_LOCK:
+        if _LOAD_RESULT is None:
+            _LOAD_RESULT = build_and_load()
+        return _LOAD_RESULT
+
+
+def build_and_load() -> bool:
     global LOADED
     if turned_off():
         return False

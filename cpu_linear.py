@@ -89,15 +89,14 @@ def probe_model(dtype: torch.dtype, routed: bool) -> model.Transformer:
     return probed
 
 
-def time_kinds(kinds: list, dtype: torch.dtype, mode=None, rows: int = 1, graph: Optional[str] = None,
-               kernels_ready: Callable[[], bool] = cpu_kernels.load) -> dict:
+def time_kinds(kinds: list, dtype: torch.dtype, mode=None, rows: int = 1, graph: Optional[str] = None) -> dict:
     """{kind: microseconds per MB of weights, the mean of a step that reads the weights from memory and one right
     after it that finds what the cache kept} for probe_model's forward of `rows` tokens with its linears of each
     kind, compiled as compile_steps compiles a step of that many rows: one row as decode (compile_one_token: the
     GEMV and the kernel unfrozen, F.linear frozen), more as the verify (compile_few_rows). graph: the kinds are timed
     in FlexiDepth's torch.cond branches (every layer routed, every token running it) while the main graph's one-row
-    linears are `graph`. "kernel" comes last in `kinds` and is dropped if kernels_ready() says the kernels did not
-    build (probe() builds them meanwhile). The kinds are timed in alternation and the best round counts, so that
+    linears are `graph`. "kernel" comes last in `kinds` and is dropped if the kernels did not build (cpu_kernels.load
+    waits for machine_setup's build, which the kinds before it overlap). The kinds are timed in alternation and the best round counts, so that
     load from other processes, which only ever slows a round, touches them alike."""
     import torch._inductor.config as inductor_config
     from steps import compile_few_rows, compile_one_token, forward_last, own_code, rows_to_kernels
@@ -123,7 +122,7 @@ def time_kinds(kinds: list, dtype: torch.dtype, mode=None, rows: int = 1, graph:
         # the two settings compile_steps makes process-wide, for a caller that has not
         with inductor_config.patch({"freezing": True, "cpp.enable_concat_linear": True}), torch.no_grad():
             for kind in kinds:
-                if kind == "kernel" and not kernels_ready():
+                if kind == "kernel" and not cpu_kernels.load():
                     continue
                 step = own_code(forward_last, f"probe_{kind}")  # graphs of their own, none left on the model's code
                 if rows > 1:
@@ -186,21 +185,16 @@ def probe(dtype: torch.dtype, mode=None) -> dict:
     as in the graph and stream as fast (the kernel 50.7 / 51.0 us per MB, the GEMV 55.2 / 57.1, graph / branch, bf16
     on a 2-core Xeon), so a branch takes the graph's choice (probing it cost a first run 22 s there). prefetch_l2:
     the kernel's faster prefetch level in the graph. On a machine's first run the kernels build (one C++ compiler
-    process, ~10 s) on one core while the GEMV compiles on the other. F.linear is timed only where the kernels cannot
-    build: on both CPU kinds measured it took 1.4-2.3x the kernel's time per MB (AMD EPYC 36.0 against 25.0; Xeon
-    with AMX 78-90 against 33-56, 115 against 51 in a branch), and compiling it cost a machine's first run ~5 s."""
-    build = threading.Thread(target=cpu_kernels.load, daemon=True)
-    build.start()
-
-    def kernels_ready() -> bool:
-        build.join()
-        return cpu_kernels.load()  # cached: the thread's answer
-
+    process, ~20 s, started by machine_setup) on one core while the GEMV compiles on the other. F.linear is timed
+    only where the kernels cannot build: on both CPU kinds measured it took 1.4-2.3x the kernel's time per MB (AMD
+    EPYC 36.0 against 25.0; Xeon with AMX 78-90 against 33-56, 115 against 51 in a branch), and compiling it cost a
+    machine's first run ~5 s."""
+    machine_setup()
     kinds = ["gemv", "kernel"] if cpu_kernels.will_try() else ["gemv", "linear"]
-    us_per_mb = {"graph": time_kinds(kinds, dtype, mode, kernels_ready=kernels_ready)}
+    us_per_mb = {"graph": time_kinds(kinds, dtype, mode)}
     graph = branch = fastest(us_per_mb["graph"])
     if graph == "linear":
-        us_per_mb["branch"] = time_kinds(list(KINDS), dtype, mode, graph=graph, kernels_ready=kernels_ready)
+        us_per_mb["branch"] = time_kinds(list(KINDS), dtype, mode, graph=graph)
         branch = fastest(us_per_mb["branch"])
     return dict(graph=graph, branch=branch, prefetch_l2=prefers_l2(us_per_mb["graph"]), us_per_mb=us_per_mb)
 
@@ -278,6 +272,22 @@ def reuse_vector_isa_check(path: Path = ISA_CACHE_PATH) -> bool:
     if every_set:
         inductor_config.cpp.vec_isa_ok = True
     return every_set
+
+
+@functools.cache
+def machine_setup() -> list:
+    """Threads, started once per process, for what a CPU compile needs that no model does and a machine's first run
+    pays: inductor's vector-ISA check (4-5 s there; reuse_vector_isa_check) and the kernels' build (~20 s;
+    cpu_kernels.load, which the probe times and quantized linears call). generate.py and the server start them
+    before loading the model, so that a first run's load (about 5 s for the default model) overlaps them; the probe
+    compiles its GEMV step beside the build. compile_steps waits for both before it compiles anything, so that
+    whether the kernels loaded is settled when a graph is traced. On later runs they take well under a second."""
+    threads = [threading.Thread(target=reuse_vector_isa_check, daemon=True)]
+    if cpu_kernels.will_try():
+        threads.append(threading.Thread(target=cpu_kernels.load, daemon=True))
+    for thread in threads:
+        thread.start()
+    return threads
 
 
 def reuse_precompiled_header(path: Path = HEADER_CACHE_PATH) -> bool:

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+import cpu_linear
 import hugepages
 import tp
 from cli import main_guard
@@ -422,6 +423,8 @@ def run(args):
         torch.manual_seed(args.seed)
 
     precision = PRECISIONS[args.precision] if args.precision else default_precision(device)
+    if args.compile and not device.startswith("cuda"):
+        cpu_linear.machine_setup()  # a machine's first run: its compile's setup overlaps the load
     t0 = time.perf_counter()
     model = load_model(args.checkpoint_path, device, precision, tensor_parallel=world > 1)
     tokenizer = load_tokenizer(args.checkpoint_path.parent)

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import cli
+import cpu_linear
 from depth_view import depth_rgb
 from generate import (DEFAULT_CHECKPOINT, PRECISIONS, Steps, compile_steps, default_precision, generate, load_model,
                       warm_up)
@@ -493,6 +494,8 @@ def build_engine(args, torch_thread: TorchThread) -> Engine:
     if args.compile_regional and not args.compile:
         raise ValueError("--compile_regional does nothing without --compile")
     precision = PRECISIONS[args.precision] if args.precision else default_precision(args.device)
+    if args.compile and not args.device.startswith("cuda"):
+        cpu_linear.machine_setup()  # a machine's first run: its compile's setup overlaps the load
     model = load_model(args.checkpoint_path, args.device, precision)
     L = model.args.n_layers
     speculate_k = args.speculate_k if args.self_speculative else 0

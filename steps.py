@@ -268,12 +268,16 @@ def compile_steps(device: str, compile_prefill: bool, precision: Optional[torch.
         # are a GEMV inductor generates itself or F.linear, whichever cpu_linear's probe found faster on this machine.
         mode = "max-autotune-no-cudagraphs" if precision == torch.float32 else None
         import cpu_linear
-        cpu_linear.reuse_vector_isa_check()
+        isa_check, *build = cpu_linear.machine_setup()  # started before the model loaded, where the caller did
+        isa_check.join()
+        cpu_linear.reuse_vector_isa_check()  # the thread's answer (read back), or the user's flag
         cpu_linear.reuse_precompiled_header()
         if precision is not None:  # one-token linears: this machine's faster kernel (a probe cached on disk)
             cpu_linear.choose(precision, mode)
             # the verify's and short prefills' rows: probed only when such a step first runs (8 s on a new machine)
             few_rows = functools.partial(cpu_linear.choose_rows, precision, mode)
+        for thread in build:
+            thread.join()
         if mode:
             options["mode"] = mode
         kind = one_token_kind or model_code.ONE_TOKEN_LINEAR.get((str(precision), False), "gemv")
