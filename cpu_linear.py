@@ -96,8 +96,8 @@ def time_kinds(kinds: list, dtype: torch.dtype, mode=None, rows: int = 1, graph:
     GEMV and the kernel unfrozen, F.linear frozen), more as the verify (compile_few_rows). graph: the kinds are timed
     in FlexiDepth's torch.cond branches (every layer routed, every token running it) while the main graph's one-row
     linears are `graph`. "kernel" comes last in `kinds` and is dropped if the kernels did not build (cpu_kernels.load
-    waits for machine_setup's build, which the kinds before it overlap). The kinds are timed in alternation and the best round counts, so that
-    load from other processes, which only ever slows a round, touches them alike."""
+    waits for machine_setup's build, which the kinds before it overlap). The kinds are timed in alternation and the
+    best round counts, so that load from other processes, which only ever slows a round, touches them alike."""
     import torch._inductor.config as inductor_config
     from steps import compile_few_rows, compile_one_token, forward_last, own_code, rows_to_kernels
     probed = probe_model(dtype, routed=graph is not None)

@@ -128,8 +128,8 @@ def compile_one_token(step: Callable, kind: str, frozen_args: dict, regional: bo
     inductor's process-wide freezing flag when it traces (frozen, weights become graph constants, and a region's
     weights must stay inputs), so a regional step runs with that flag off; options= alone reaches inductor only.
     Every step runs in inductor's Python wrapper: its C++ wrapper, which once saved each kernel op call ~1.7 us of
-    dispatch, gains nothing since a plain layer is one call (~31 calls a token) and took ~10 s of a machine's first
-    compile (BENCHMARKS.md)."""
+    dispatch, gains nothing since a plain layer is one call (~31 calls a token), and its build cost every cold
+    compile 3-4 s and a machine's first run ~15 s (BENCHMARKS.md)."""
     compile_args = one_token_compile_args(kind, frozen_args)
     if compile_args is frozen_args or not regional:
         return torch.compile(step, **compile_args)
